@@ -1,0 +1,77 @@
+"""Data parallelism on torch.distributed: every statistic is reduced as a count-weighted sum.
+
+Single process (no initialized process group, or world size 1): every function is a no-op
+apart from the weighting, so the same code path serves both cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# Bytes sent by all-reduce / broadcast in this process since the last reset (per-step report).
+COMM = {"bytes": 0, "calls": 0}
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
+    """Sum ``tensors`` in place over all ranks, as one flat message per dtype."""
+    if not active() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        COMM["bytes"] += flat.numel() * flat.element_size()
+        COMM["calls"] += 1
+        start = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[start:start + n].view_as(t))
+            start += n
+
+
+def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
+    if not active():
+        return
+    for t in tensors:
+        dist.broadcast(t, src=src)
+        COMM["bytes"] += t.numel() * t.element_size()
+        COMM["calls"] += 1
+
+
+def weighted_mean(values: Sequence[Tensor], count: float, reduction: str = "mean"
+                  ) -> list[Tensor]:
+    """Combine per-rank statistics into the statistic of the union of all ranks' samples.
+
+    ``values`` are this rank's results computed with the loss' ``reduction`` on ``count``
+    samples. For ``'mean'`` the result is Σ_r count_r·value_r / Σ_r count_r, for ``'sum'``
+    it is Σ_r value_r. Returns new tensors; the inputs are not modified.
+    """
+    if not active():
+        return list(values)
+    if reduction == "sum":
+        out = [v.clone() for v in values]
+        all_reduce_sum_(out)
+        return out
+    total = torch.tensor([float(count)], dtype=torch.float64)
+    out = [v * count for v in values]
+    all_reduce_sum_(out + [total])
+    n = float(total.item())
+    return [v / n for v in out]

@@ -1,0 +1,212 @@
+"""Base of curvature estimators: bound to ``(model, loss_fn)``, evaluated on batches.
+
+A subclass implements the curvature of *one* batch, as if that batch were the whole data
+set (``_matvec``, and optionally ``_dense`` and the capability methods); the base turns
+that into the curvature of the loss over all samples of several batches and of all ranks:
+
+    C = Σ_b (N_b / N) C_b   for reduction "mean",      C = Σ_b C_b   for "sum",
+
+exactly what curvlinops does for a data loader, and what a data-parallel run needs.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from curvkit import distributed
+from curvkit.losses import batch_size, reduction_of
+from curvkit.params import check_like, flatten, trainable, unflatten
+from curvkit.parts import DENSE, MATVEC, Part
+
+Batch = tuple[Any, Tensor]
+
+
+@dataclass
+class KroneckerFactors:
+    """Kronecker factors of one Linear/Conv2d layer (the ``kronecker`` capability).
+
+    The layer's weight W is viewed as a matrix (d_out, d_in) — Conv2d's weight as
+    (out_channels, in_channels·kh·kw) — and, if the layer has a bias b that is trainable,
+    augmented to W̃ = [W | b] (d_out, d_in + 1): the bias is the last column. With vec_r
+    the row-major flattening (torch's ``reshape(-1)``), the layer's curvature block is
+
+        C[vec_r(W̃), vec_r(W̃)] ≈ G ⊗ A,   A: (d_in [+1], d_in [+1]),  G: (d_out, d_out),
+
+    so that (G ⊗ A)⁻¹ vec_r(∇W̃) = vec_r(G⁻¹ ∇W̃ A⁻¹). The scale of the loss (its reduction)
+    is carried by G; A is the mean over samples (and, for "expand", over positions) of the
+    augmented inputs' outer product. ``params`` are the full names of the parameters
+    covered (weight first, then bias if present).
+    """
+
+    module: str
+    params: tuple[str, ...]
+    A: Tensor
+    G: Tensor
+
+
+@dataclass
+class Summary:
+    """Partition summary (the ``summary`` capability), Wolinski's D^(1), D^(2), diag D^(3).
+
+    For a direction u and a partition of the parameters into S groups (u_s = u restricted
+    to group s), the derivatives at η = 0 of φ(η) = L(θ + Σ_s η_s u_s):
+
+        g[s]    = ∂φ/∂η_s           = u_sᵀ ∇L                 (S,)
+        H[s,t]  = ∂²φ/∂η_s∂η_t      = u_sᵀ C u_t               (S, S)  (C = H or the GGN)
+        D3[s]   = ∂³φ/∂η_s³         = ∇³L[u_s, u_s, u_s]       (S,)    or None
+
+    The step of Wolinski's method is θ ← θ − Σ_s η_s u_s with η = H⁻¹ g (or the cubic step).
+    """
+
+    g: Tensor
+    H: Tensor
+    D3: Tensor | None = None
+
+
+def partition_masks(partition: Sequence[Tensor], like: Sequence[Tensor], groups: int
+                    ) -> list[list[Tensor]]:
+    """Group ids (one integer tensor per parameter, shaped like it, or a scalar for the whole
+    tensor) → ``masks[s][i]``: the 0/1 mask of group s in parameter i, in the params' dtype."""
+    masks = []
+    for s in range(groups):
+        masks.append([(torch.as_tensor(ids, device=p.device).expand_as(p) == s).to(p.dtype)
+                      for ids, p in zip(partition, like)])
+    return masks
+
+
+def as_batches(batch: Batch | Iterable[Batch]) -> list[Batch]:
+    """``(X, y)`` → ``[(X, y)]``; an iterable of such pairs → a list of them."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor) \
+            and not isinstance(batch[0], (tuple, list)):
+        return [tuple(batch)]
+    batches = [tuple(b) for b in batch]
+    if not batches:
+        raise ValueError("empty batch iterable: curvature needs at least one (X, y) batch")
+    for i, b in enumerate(batches):
+        if len(b) != 2:
+            raise ValueError(f"batch {i} has {len(b)} entries; expected (X, y)")
+    return batches
+
+
+class CurvatureEstimator(Part, abc.ABC):
+    """How curvature is measured. Subclasses implement ``_matvec`` for one batch."""
+
+    kind = "estimator"
+    provides = frozenset({MATVEC, DENSE})
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 options: Any | None = None) -> None:
+        super().__init__(options)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.reduction = reduction_of(loss_fn)
+        # Monte Carlo parts seed their generator from (seed, draw); the optimizer advances
+        # `draw` once per step, so all products within a step see one and the same operator.
+        self.state = {"draw": 0}
+
+    # ------------------------------------------------------------- parameters
+    @property
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return trainable(self.model)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in trainable(self.model)]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def forward_fn(self) -> Callable[[Sequence[Tensor], Any], Tensor]:
+        """``f(params, X)``: the model output with the trainable parameters replaced."""
+        names = [n for n, _ in self.named_params]
+        model = self.model
+
+        def f(params: Sequence[Tensor], X: Any) -> Tensor:
+            return functional_call(model, dict(zip(names, params)), (X,))
+
+        return f
+
+    def loss_fn_of_params(self, X: Any, y: Tensor) -> Callable[[Sequence[Tensor]], Tensor]:
+        """``L(params)`` on the batch ``(X, y)``."""
+        f = self.forward_fn()
+        return lambda params: self.loss_fn(f(params, X), y)
+
+    # ------------------------------------------------------------- public API
+    def matvec(self, batch: Batch | Iterable[Batch], v: Sequence[Tensor]) -> list[Tensor]:
+        """C v for v shaped like the trainable parameters (a list of tensors)."""
+        params = self.params
+        check_like(v, params)
+        return self.accumulate(batch, lambda X, y: list(self._matvec(X, y, list(v))))
+
+    def dense(self, batch: Batch | Iterable[Batch]) -> Tensor:
+        """The P×P matrix C, parameters flattened in ``model.parameters()`` order."""
+        return self.accumulate(batch, lambda X, y: self._dense(X, y))
+
+    def advance(self) -> None:
+        """Start a new Monte Carlo draw (called by the optimizer once per step)."""
+        self.state["draw"] = int(self.state.get("draw", 0)) + 1
+
+    def generator(self, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A private generator for the current draw; never touches the global RNG."""
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed) * 1_000_003 + int(self.state.get("draw", 0)))
+        return g
+
+    # ------------------------------------------------------------- for subclasses
+    @abc.abstractmethod
+    def _matvec(self, X: Any, y: Tensor, v: list[Tensor]) -> list[Tensor]:
+        """C_b v for the batch ``(X, y)``, with the loss' own reduction over that batch."""
+
+    def _dense(self, X: Any, y: Tensor) -> Tensor:
+        """Default: P matrix-vector products with the unit vectors."""
+        params = self.params
+        P = sum(p.numel() for p in params)
+        ref = params[0]
+        cols = []
+        for i in range(P):
+            e = torch.zeros(P, dtype=ref.dtype, device=ref.device)
+            e[i] = 1.0
+            cols.append(flatten(self._matvec(X, y, unflatten(e, params))))
+        return torch.stack(cols, dim=1)
+
+    def accumulate(self, batch: Batch | Iterable[Batch], fn: Callable[[Any, Tensor], Any],
+                   reduction: str | None = None) -> Any:
+        """Combine ``fn(X, y)`` (a pytree of tensors, linear in the loss) over batches and ranks.
+
+        Each ``fn`` result is the quantity of that batch's loss under the loss' reduction.
+        """
+        reduction = reduction or self.reduction
+        batches = as_batches(batch)
+        if len(batches) == 1 and not distributed.active():
+            return fn(*batches[0])  # no reweighting: keeps single-batch results exact
+        total: list[Tensor] | None = None
+        spec = None
+        count = 0
+        for X, y in batches:
+            n = batch_size((X, y))
+            leaves, spec = tree_flatten(fn(X, y))
+            w = float(n) if reduction == "mean" else 1.0
+            if total is None:
+                total = [leaf * w for leaf in leaves]
+            else:
+                total = [t + leaf * w for t, leaf in zip(total, leaves)]
+            count += n
+        assert total is not None and spec is not None
+        if reduction == "mean":
+            count_t = torch.tensor([float(count)], dtype=torch.float64)
+            distributed.all_reduce_sum_(total + [count_t])
+            total = [t / float(count_t.item()) for t in total]
+        else:
+            distributed.all_reduce_sum_(total)
+        return tree_unflatten(total, spec)

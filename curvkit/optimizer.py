@@ -1,0 +1,171 @@
+"""The optimizer: one estimator, one preconditioner, one solver, as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import distributed
+from curvkit.config import OptimizerConfig, parse_optimizer
+from curvkit.losses import batch_size
+from curvkit.params import all_finite, trainable
+from curvkit.solvers.base import StepContext
+
+
+class CurvkitOptimizer(torch.optim.Optimizer):
+    """A second-order optimizer composed of three registered parts.
+
+    ``step((X, y))`` does the forward and backward pass it needs, refreshes the
+    preconditioner when due, asks the solver for a step and applies it, and returns the
+    loss before the step. A non-finite loss, gradient, statistic or step never reaches the
+    parameters: the step is skipped and counted in ``counters["nonfinite"]``.
+
+    The learning rate lives in ``param_groups[0]["lr"]`` (LR schedulers work); the state
+    of all three parts travels in ``state_dict()``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Any, config: OptimizerConfig) -> None:
+        named = trainable(model)
+        if not named:
+            raise ValueError("model has no trainable parameters")
+        super().__init__([p for _, p in named], {"lr": config.lr})
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config
+        self.names = [n for n, _ in named]
+        est, pre, sol = config.estimator, config.preconditioner, config.solver
+        self.estimator = est.spec.cls(model=model, loss_fn=loss_fn, options=est.options)
+        self.estimator.config_path = est.path
+        self.preconditioner = pre.spec.cls(model=model, options=pre.options)
+        self.preconditioner.config_path = pre.path
+        self.solver = sol.spec.cls(options=sol.options)
+        self.solver.config_path = sol.path
+        self.solver.bind(self)
+        self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
+        self.last_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ step
+    def _loss_and_grads(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        X, y = batch
+        params = self.param_groups[0]["params"]
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(X), y)
+            grads = list(torch.autograd.grad(loss, params))
+        loss = loss.detach()
+        if distributed.active():
+            reduced = distributed.weighted_mean([loss, *grads], batch_size(batch),
+                                                getattr(self.loss_fn, "reduction", "mean"))
+            loss, grads = reduced[0], reduced[1:]
+        return loss, grads
+
+    def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]
+        """One optimization step on ``batch = (X, y)``; returns the loss before the step."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError("step expects a batch (X, y); closures are not used by curvkit")
+        batch = tuple(batch)
+        t_start = time.perf_counter()
+        comm0 = distributed.COMM["bytes"]
+        step = self.counters["steps"]
+        info: dict[str, Any] = {"step": step}
+        self.counters["steps"] += 1
+        loss, grads = self._loss_and_grads(batch)
+        info["loss"] = float(loss)
+        if not (torch.isfinite(loss) and all_finite(grads)):
+            return self._skip(loss, info, "loss or gradient")
+
+        t_curv = time.perf_counter()
+        if self.preconditioner.should_update(step):
+            snapshot = self.preconditioner.state_dict()
+            self.preconditioner.update(self.estimator, batch, grads)
+            if not _state_finite(self.preconditioner.state):
+                self.preconditioner.load_state_dict(snapshot)
+                self.estimator.advance()
+                info["time_curvature"] = time.perf_counter() - t_curv
+                return self._skip(loss, info, "preconditioner statistics")
+            info.update(self.preconditioner.info())
+        info["time_curvature"] = time.perf_counter() - t_curv
+
+        group = self.param_groups[0]
+        ctx = StepContext(model=self.model, loss_fn=self.loss_fn, names=self.names,
+                          params=group["params"], batch=batch, loss=loss, grads=grads,
+                          estimator=self.estimator, preconditioner=self.preconditioner,
+                          lr=group["lr"], step=step, group=group)
+        result = self.solver.step(ctx)
+        self.estimator.advance()
+        info.update(result.info)
+        info["evaluations"] = ctx.evaluations
+        if result.accepted and not all_finite(result.direction):
+            return self._skip(loss, info, "step")
+        info["accepted"] = bool(result.accepted)
+        if result.accepted:
+            with torch.no_grad():
+                for p, d in zip(group["params"], result.direction):
+                    p.add_(d, alpha=result.alpha)
+        elif not info.get("nonfinite"):
+            self.counters["rejected"] += 1
+        else:
+            self.counters["nonfinite"] += 1
+        info["time_step"] = time.perf_counter() - t_start
+        info["comm_bytes"] = distributed.COMM["bytes"] - comm0
+        self.last_info = info
+        return loss
+
+    def _skip(self, loss: Tensor, info: dict[str, Any], what: str) -> Tensor:
+        self.counters["nonfinite"] += 1
+        info.update(accepted=False, nonfinite=1, skipped=f"non-finite {what}")
+        self.last_info = info
+        return loss
+
+    def structures(self) -> dict[str, str]:
+        """Parameter name → structure preconditioning it (fallbacks included)."""
+        return self.preconditioner.structures()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["curvkit"] = {
+            "config": self.config.as_dict(),
+            "counters": dict(self.counters),
+            "estimator": self.estimator.state_dict(),
+            "preconditioner": self.preconditioner.state_dict(),
+            "solver": self.solver.state_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        parts = state_dict.pop("curvkit", None)
+        super().load_state_dict(state_dict)
+        if parts is None:
+            return
+        self.counters.update(parts["counters"])
+        self.estimator.load_state_dict(parts["estimator"])
+        self.preconditioner.load_state_dict(parts["preconditioner"])
+        self.solver.load_state_dict(parts["solver"])
+
+
+def _state_finite(state: Any) -> bool:
+    if isinstance(state, Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, Mapping):
+        return all(_state_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(_state_finite(v) for v in state)
+    if isinstance(state, float):
+        return state == state and abs(state) != float("inf")
+    return True
+
+
+def build_optimizer(model: nn.Module, loss_fn: Any,
+                    config: Mapping[str, Any] | str | Path) -> CurvkitOptimizer:
+    """Validate ``config`` (dict or TOML path) and compose the optimizer.
+
+    All errors (unknown part, wrong option, incompatible parts, a model the parts
+    cannot handle) are raised here, before any training step.
+    """
+    return CurvkitOptimizer(model, loss_fn, parse_optimizer(config))

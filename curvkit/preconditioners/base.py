@@ -1,0 +1,65 @@
+"""Base of preconditioner structures: ``update`` from an estimator, ``apply`` to a direction.
+
+Contract
+--------
+* ``update(estimator, batch, grads)`` refreshes the structure's statistics from the
+  estimator's capability it ``needs`` (the optimizer calls it every ``update_every`` steps,
+  read from the options when the structure has that option).
+* ``apply(direction)`` returns P⁻¹ d as a new list of tensors shaped like the parameters.
+  It must not modify ``direction``.
+* Statistics live in ``self.state`` as tensors that are *replaced*, never modified in
+  place, so a shallow copy of ``state`` is a snapshot: the optimizer rolls an update back
+  if it produced a non-finite statistic. Keep statistics as means/sums that can be
+  all-reduced (see :mod:`curvkit.distributed`).
+* ``structures()`` says which parameter uses which structure (a structure that cannot
+  handle a parameter falls back to a configurable one and says so here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvkit.params import trainable
+from curvkit.parts import Part
+
+
+class Preconditioner(Part):
+    """Which structure approximates the curvature."""
+
+    kind = "preconditioner"
+
+    def __init__(self, model: nn.Module, options: Any | None = None) -> None:
+        super().__init__(options)
+        self.model = model
+        self.state = {"updates": 0}
+
+    @property
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return trainable(self.model)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in trainable(self.model)]
+
+    def should_update(self, step: int) -> bool:
+        """True on the steps where the statistics are refreshed (step counts from 0)."""
+        every = getattr(self.options, "update_every", 1)
+        return step % max(int(every), 1) == 0
+
+    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
+        """Refresh statistics. The default structure has none."""
+
+    def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
+        """P⁻¹ d. The base is the identity and returns ``direction`` itself."""
+        return list(direction)
+
+    def structures(self) -> dict[str, str]:
+        """Parameter name → the structure that preconditions it."""
+        return {n: self.name for n, _ in self.named_params}
+
+    def info(self) -> dict[str, Any]:
+        """Numbers worth logging after an update (override to add)."""
+        return {}

@@ -1,0 +1,11 @@
+"""``identity``: no preconditioning, P = I."""
+
+from __future__ import annotations
+
+from curvkit.preconditioners.base import Preconditioner
+
+
+class Identity(Preconditioner):
+    """No preconditioning (P = I): the direction passes through unchanged."""
+
+    name = "identity"

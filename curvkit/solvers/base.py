@@ -1,0 +1,85 @@
+"""Base of solvers: ``step(ctx) -> StepResult``; the optimizer applies the result.
+
+The optimizer applies ``p.add_(d, alpha=result.alpha)`` for every parameter when
+``result.accepted`` and the direction is finite (so identity + direct reproduces
+``torch.optim.SGD`` bitwise). A solver never writes to the parameters itself: a trial
+point is evaluated with :meth:`StepContext.loss_at`, which leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvkit import distributed
+from curvkit.losses import batch_size
+from curvkit.parts import Part
+
+
+@dataclass
+class StepResult:
+    """What a solver proposes: θ ← θ + alpha · direction, if ``accepted``."""
+
+    direction: list[Tensor]
+    alpha: float = 1.0
+    accepted: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything a solver may use for one step. ``loss`` and ``grads`` are at the current
+    parameters on ``batch`` (already reduced across ranks)."""
+
+    model: nn.Module
+    loss_fn: Any
+    names: list[str]
+    params: list[nn.Parameter]
+    batch: tuple[Any, Tensor]
+    loss: Tensor
+    grads: list[Tensor]
+    estimator: Any
+    preconditioner: Any
+    lr: float
+    step: int
+    group: dict[str, Any]
+    evaluations: int = 0
+
+    def loss_at(self, update: Sequence[Tensor] | None = None,
+                params: Sequence[Tensor] | None = None) -> Tensor:
+        """Loss on ``batch`` at θ + update (or at ``params``), without touching θ.
+
+        Reduced across ranks like the loss itself; counts as one evaluation.
+        """
+        X, y = self.batch
+        if params is None:
+            params = self.params if update is None else \
+                [p.detach() + u for p, u in zip(self.params, update)]
+        with torch.no_grad():
+            out = functional_call(self.model, dict(zip(self.names, params)), (X,))
+            value = self.loss_fn(out, y)
+        self.evaluations += 1
+        reduction = getattr(self.loss_fn, "reduction", "mean")
+        return distributed.weighted_mean([value.detach()], batch_size(self.batch), reduction)[0]
+
+
+class Solver(Part, abc.ABC):
+    """How the step is found."""
+
+    kind = "solver"
+
+    def __init__(self, options: Any | None = None) -> None:
+        super().__init__(options)
+
+    @abc.abstractmethod
+    def step(self, ctx: StepContext) -> StepResult:
+        """Propose an update for the parameters from the context of this step."""
+
+    def bind(self, optimizer: Any) -> None:
+        """Called once by the optimizer after all parts exist (validate against the model)."""
