@@ -20,8 +20,8 @@ from curvkit.errors import (  # noqa: E402
 )
 from curvkit.estimators.base import CurvatureEstimator  # noqa: E402
 from curvkit.hookspecs import hookimpl  # noqa: E402
-from curvkit.options import option  # noqa: E402
 from curvkit.optimizer import CurvkitOptimizer, build_optimizer  # noqa: E402
+from curvkit.options import option  # noqa: E402
 from curvkit.parts import Part  # noqa: E402
 from curvkit.preconditioners.base import Preconditioner  # noqa: E402
 from curvkit.registry import get_registry, reload_registry  # noqa: E402

@@ -8,11 +8,12 @@ is refused before any training with the part, the missing capability and its pro
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.options import build_options, option

@@ -91,7 +91,8 @@ def format_type(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         return " | ".join(format_type(a) for a in get_args(tp))
     if origin in (tuple, list, dict):
-        return f"{origin.__name__}[{', '.join(format_type(a) if a is not Ellipsis else '...' for a in get_args(tp))}]"
+        inner = ", ".join("..." if a is Ellipsis else format_type(a) for a in get_args(tp))
+        return f"{origin.__name__}[{inner}]"
     if tp is Any:
         return "any"
     return getattr(tp, "__name__", str(tp))

@@ -12,8 +12,8 @@ exactly what curvlinops does for a data loader, and what a data-parallel run nee
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
