@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+from curvkit.errors import CurvkitError
 
 # Bytes sent by all-reduce / broadcast in this process since the last reset (per-step report).
 COMM = {"bytes": 0, "calls": 0}
@@ -28,6 +30,31 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+class DistributedError(CurvkitError, RuntimeError):
+    """A collective failed: another rank crashed, diverged in control flow, or timed out."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the model itself).
+
+    curvkit reduces every statistic itself, weighted by each rank's sample count; DDP's
+    gradient hook averages with equal weights per rank, which is wrong for unequal shards,
+    and it fires on ``.backward()`` only. So curvkit works on the wrapped module; the
+    wrapper's job (identical initial parameters on every rank) is done at its construction.
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _collective(fn, what: str, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # gloo/NCCL raise RuntimeError subclasses with terse texts
+        raise DistributedError(
+            f"rank {dist.get_rank()}/{dist.get_world_size()}: {what} failed — another rank "
+            f"crashed, timed out or took a different code path ({type(err).__name__}: {err})"
+        ) from err
+
+
 def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     """Sum ``tensors`` in place over all ranks, as one flat message per dtype."""
     if not active() or not tensors:
@@ -37,7 +64,8 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _collective(dist.all_reduce, f"all-reduce of {flat.numel()} values", flat,
+                    op=dist.ReduceOp.SUM)
         COMM["bytes"] += flat.numel() * flat.element_size()
         COMM["calls"] += 1
         start = 0
@@ -51,7 +79,8 @@ def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
     if not active():
         return
     for t in tensors:
-        dist.broadcast(t, src=src)
+        _collective(dist.broadcast, f"broadcast of {t.numel()} values from rank {src}", t,
+                    src=src)
         COMM["bytes"] += t.numel() * t.element_size()
         COMM["calls"] += 1
 

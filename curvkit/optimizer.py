@@ -30,6 +30,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, loss_fn: Any, config: OptimizerConfig) -> None:
+        model = distributed.unwrap(model)
         named = trainable(model)
         if not named:
             raise ValueError("model has no trainable parameters")

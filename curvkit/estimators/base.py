@@ -107,7 +107,7 @@ class CurvatureEstimator(Part, abc.ABC):
         super().__init__(options)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = distributed.unwrap(model)
         self.loss_fn = loss_fn
         self.reduction = reduction_of(loss_fn)
         # Monte Carlo parts seed their generator from (seed, draw); the optimizer advances

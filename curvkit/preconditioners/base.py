@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from curvkit import distributed
 from curvkit.params import trainable
 from curvkit.parts import Part
 
@@ -33,7 +34,7 @@ class Preconditioner(Part):
 
     def __init__(self, model: nn.Module, options: Any | None = None) -> None:
         super().__init__(options)
-        self.model = model
+        self.model = distributed.unwrap(model) if model is not None else None
         self.state = {"updates": 0}
 
     @property

@@ -1,0 +1,115 @@
+"""Data parallelism: 2 ranks with (unequal) halves of each batch = 1 process on the batch.
+
+Processes are real (subprocesses, gloo on loopback, file-store rendezvous), bounded in
+time; float64 and tight tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvkit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dist_problem import make_problem, run_steps  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed not available")
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+
+
+def launch(case: dict, tmp_path: Path, world: int = 2, timeout: float = 120.0):
+    store = tmp_path / "store"
+    out = tmp_path / "rank0.pt"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(store),
+                               json.dumps(case), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            results.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results, out
+
+
+def single_process(case: dict):
+    model, loss_fn, batches = make_problem(case)
+    return run_steps(model, loss_fn, batches, case)
+
+
+def registered(*names: tuple[str, str]) -> bool:
+    comps = curvkit.components()
+    return all(name in comps[kind] for kind, name in names)
+
+
+CASES = {
+    "sgd-momentum": ({"lr": 0.1, "estimator": "hessian", "preconditioner": "identity",
+                      "solver": {"name": "direct", "momentum": 0.9, "weight_decay": 1e-3}},
+                     []),
+    "ggn+identity+trust_region": ({"lr": 1.0, "estimator": "ggn",
+                                   "preconditioner": "identity", "solver": "trust_region"},
+                                  [("estimator", "ggn"), ("solver", "trust_region")]),
+    "hessian+partition+cubic": ({"lr": 1.0, "estimator": "hessian",
+                                 "preconditioner": "partition",
+                                 "solver": {"name": "cubic", "lambda_int": 1.0}},
+                                [("estimator", "hessian"), ("preconditioner", "partition"),
+                                 ("solver", "cubic")]),
+    "fisher+kronecker+direct": ({"lr": 0.5, "estimator": {"name": "fisher", "mc_samples": 2},
+                                 "preconditioner": {"name": "kronecker", "damping": 1e-2},
+                                 "solver": "direct"},
+                                [("estimator", "fisher"), ("preconditioner", "kronecker")]),
+    "ef+lie_group+direct": ({"lr": 0.1, "estimator": "ef", "preconditioner": "lie_group",
+                             "solver": {"name": "direct", "momentum": 0.5}},
+                            [("estimator", "ef"), ("preconditioner", "lie_group")]),
+    "varpro": ({"lr": 0.1, "estimator": "ggn", "preconditioner": "identity",
+                "solver": "varpro"},
+               [("estimator", "ggn"), ("solver", "varpro")]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("loss,model", [("ce", "mlp"), ("mse", "cnn")])
+def test_two_ranks_equal_one_process(name, loss, model, tmp_path):
+    optimizer, needs = CASES[name]
+    if not registered(*needs):
+        pytest.skip(f"{name}: parts not registered")
+    if name == "varpro" and model == "cnn":
+        model = "mlp"
+    case = {"optimizer": optimizer, "steps": 5, "loss": loss, "model": model, "split": 0.25}
+    ref_losses, ref_params, _ = single_process(case)
+    results, out = launch(case, tmp_path)
+    for rank, (rc, _, stderr) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{stderr[-3000:]}"
+    got = torch.load(out, weights_only=True)
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-10, abs=1e-12)
+    for p, q in zip(got["params"], ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    assert sum(i.get("comm_bytes", 0) for i in got["infos"]) > 0
+
+
+@pytest.mark.parametrize("mode", ["crash", "hang"])
+def test_failing_rank_ends_the_run_with_a_clear_error_everywhere(mode, tmp_path):
+    case = {"optimizer": {"lr": 0.1, "estimator": "hessian", "solver": "direct"}, "steps": 4,
+            "loss": "ce",
+            "fail_rank_at_step": 2, "fail_mode": mode, "hang_seconds": 8, "timeout": 4}
+    results, _ = launch(case, tmp_path, timeout=90)
+    (rc0, _, err0), (rc1, _, err1) = results
+    assert rc1 != 0 and rc0 != 0
+    if mode == "crash":
+        assert "injected failure on rank 1" in err1
+    assert "DistributedError" in err0 and "another rank" in err0
