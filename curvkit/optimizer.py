@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import distributed
-from curvkit.config import OptimizerConfig, parse_optimizer
+from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
+from curvkit.errors import ConfigError
 from curvkit.losses import batch_size
 from curvkit.params import all_finite, trainable
 from curvkit.solvers.base import StepContext
@@ -40,13 +41,13 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.config = config
         self.names = [n for n, _ in named]
         est, pre, sol = config.estimator, config.preconditioner, config.solver
-        self.estimator = est.spec.cls(model=model, loss_fn=loss_fn, options=est.options)
-        self.estimator.config_path = est.path
-        self.preconditioner = pre.spec.cls(model=model, options=pre.options)
-        self.preconditioner.config_path = pre.path
-        self.solver = sol.spec.cls(options=sol.options)
-        self.solver.config_path = sol.path
-        self.solver.bind(self)
+        self.estimator = _construct(est, model=model, loss_fn=loss_fn)
+        self.preconditioner = _construct(pre, model=model)
+        self.solver = _construct(sol)
+        try:
+            self.solver.bind(self)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{sol.path}: {err}") from err
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
         self.last_info: dict[str, Any] = {}
 
@@ -56,7 +57,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         params = self.param_groups[0]["params"]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(X), y)
-            grads = list(torch.autograd.grad(loss, params))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        # a parameter the forward pass does not use has a zero gradient
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         loss = loss.detach()
         if distributed.active():
             reduced = distributed.weighted_mean([loss, *grads], batch_size(batch),
@@ -148,6 +151,18 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.estimator.load_state_dict(parts["estimator"])
         self.preconditioner.load_state_dict(parts["preconditioner"])
         self.solver.load_state_dict(parts["solver"])
+
+
+def _construct(choice: PartChoice, **context: Any) -> Any:
+    """Instantiate a configured part; a model it cannot handle is reported at its config path."""
+    try:
+        part = choice.spec.cls(options=choice.options, **context)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{choice.path}: {err}") from err
+    part.config_path = choice.path
+    return part
 
 
 def _state_finite(state: Any) -> bool:

@@ -114,3 +114,26 @@ def test_incompatibility_is_found_without_a_model():
         pytest.skip("needs the cubic solver")
     with pytest.raises(IncompatibleError, match="optimizer.solver: solver 'cubic' needs"):
         parse_optimizer({"estimator": "ggn", "preconditioner": "identity", "solver": "cubic"})
+
+
+def test_error_while_building_a_part_names_its_config_path(model):
+    from curvkit.errors import ConfigError
+    from curvkit.solvers.base import Solver
+
+    class Picky(Solver):
+        name = "picky"
+
+        def __init__(self, options=None):
+            super().__init__(options)
+            raise ValueError("this model has no layer named 'head'")
+
+        def step(self, ctx):
+            return None
+
+    from curvkit.config import PartChoice
+    from curvkit.optimizer import _construct
+    from curvkit.registry import PartSpec
+
+    spec = PartSpec("solver", "picky", Picky, "", (), frozenset(), frozenset(), "test", "test")
+    with pytest.raises(ConfigError, match=r"^optimizer\.solver: this model has no layer"):
+        _construct(PartChoice(spec, Picky.Options(), "optimizer.solver"))

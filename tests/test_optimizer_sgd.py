@@ -122,3 +122,21 @@ def test_step_rejects_closure():
     opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
     with pytest.raises(TypeError, match="batch"):
         opt.step(lambda: loss_fn(model(X), y))
+
+
+def test_parameter_unused_in_forward_gets_zero_gradient():
+    net, loss_fn, X, y = make_problem(4)
+
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = net, nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    before = model.unused.weight.detach().clone()
+    opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
+    opt.step((X, y))
+    assert torch.equal(model.unused.weight, before)
