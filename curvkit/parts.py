@@ -24,6 +24,9 @@ SUMMARY = "summary"
 # Provided by preconditioners that turn a summary into per-group rates (``partition``);
 # needed by the ``cubic`` solver.
 GROUP_SUMMARY = "group_summary"
+# Provided by estimators whose ``summary`` fills ``Summary.D3`` (the third-order diagonal);
+# needed by the ``cubic`` solver when its cubic term is on (lambda_int > 0).
+SUMMARY_D3 = "summary_d3"
 
 ESTIMATOR_CAPABILITIES = (MATVEC, DENSE, DIAGONAL, KRONECKER, SUMMARY)
 

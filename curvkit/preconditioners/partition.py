@@ -1,0 +1,327 @@
+"""``partition``: per-group learning rates from Wolinski's partition summary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import partitions
+from curvkit.estimators.base import Summary
+from curvkit.options import option
+from curvkit.params import check_like
+from curvkit.parts import GROUP_SUMMARY, SUMMARY
+from curvkit.preconditioners._running import blend, ema_weight
+from curvkit.preconditioners.base import Preconditioner
+
+DIRECTION_PATH = "optimizer.preconditioner.direction"
+# info() carries the S×S pseudo-Hessian and the group names only up to this S, so that a
+# per-step log of a discrete partition does not grow with P².
+INFO_MAX_GROUPS = 64
+
+# A rule turns the (averaged, damped) summary into η: it returns (η or None on failure,
+# JSON-able numbers to log). The default is the plain solve; the ``cubic`` solver installs
+# its root find through :meth:`Partition.set_eta_rule`.
+EtaRule = Callable[[Summary], "tuple[Tensor | None, dict[str, Any]]"]
+
+
+def plain_eta(summary: Summary) -> tuple[Tensor | None, dict[str, Any]]:
+    """η = H̄⁻¹ ḡ in float64 (H̄ already damped). A singular H̄ gives a non-finite η, which
+    the optimizer treats as a non-finite statistic (the update is rolled back, the step
+    skipped and counted)."""
+    H, g = summary.H.double(), summary.g.double()
+    try:
+        eta = torch.linalg.solve(H, g)
+    except RuntimeError:  # exactly singular: LinAlgError
+        return torch.full_like(g, math.nan), {"partition_singular": 1}
+    return eta, {}
+
+
+def _direction_choice(value: str | dict) -> Any:
+    """The inner preconditioner's validated :class:`~curvkit.config.PartChoice`, or None."""
+    if value == "gradient":
+        return None
+    from curvkit.config import parse_part
+
+    choice = parse_part("preconditioner", value, DIRECTION_PATH)
+    if choice.name == "partition":
+        raise ValueError("direction: cannot be another 'partition' preconditioner")
+    return choice
+
+
+class Partition(Preconditioner):
+    """Per-group learning rates η from the S×S partition summary (Wolinski).
+
+    For a partition of the parameters into S groups and a direction u (the gradient, or
+    another preconditioner's output P⁻¹g), with u_s = u restricted to group s, the
+    estimator's ``summary`` gives ḡ_s = u_sᵀ∇L, H̄_st = u_sᵀ C u_t and D3_s = ∇³L[u_s,u_s,u_s].
+    The second-order model of φ(η) = L(θ − Σ_s η_s u_s) is −ηᵀḡ + ½ηᵀH̄η, minimized by
+
+        η = (H̄ + damping·I)⁻¹ ḡ,     apply(d) = Σ_s η_s u_s(d),
+
+    so ``direct``'s step −lr·apply(g) is Wolinski's eq. (8) step (damping = 0). The trivial
+    partition (S = 1) gives Cauchy's steepest descent, the discrete one (S = P) Newton's.
+    The ``cubic`` solver replaces the solve by the anisotropic cubic-regularized η.
+
+    η is recomputed every ``update_every`` steps (the summary is then measured along the
+    current u); between recomputations the stored η scales the current direction.
+    """
+
+    name = "partition"
+    needs = frozenset({SUMMARY})
+    provides = frozenset({GROUP_SUMMARY})
+
+    @dataclass
+    class Options:
+        partition: Literal["canonical", "weights_biases", "blocks", "patterns", "trivial",
+                           "discrete"] = option(
+            "canonical", "how parameters are grouped: one group per tensor (canonical), all "
+                         "weights / all biases, consecutive blocks of layers, regex groups "
+                         "(patterns), one group (trivial), one group per scalar (discrete)")
+        groups: list[str | list[str]] | dict[str, str | list[str]] | None = option(
+            None, "partition = 'patterns': a list of groups (a regex or a list of regexes, "
+                  "re.search on parameter names, first match wins) or a table name → regexes")
+        unmatched: Literal["error", "rest", "own"] = option(
+            "error", "partition = 'patterns': parameters no pattern matches raise an error, "
+                     "form one group 'rest', or get a group each")
+        block_size: int = option(1, "partition = 'blocks': layers per group", min=1)
+        max_groups: int = option(4096, "refuse partitions with more groups (the summary "
+                                       "costs O(S) Hessian-vector products, H̄ is S×S)", min=1)
+        direction: str | dict = option(
+            "gradient", "u: 'gradient', or another preconditioner's output P⁻¹g given as a "
+                        "name or a table, e.g. {name='diagonal', power=0.5, ema=0.999}")
+        damping: float = option(0.0, "λ in η = (H̄ + λI)⁻¹ḡ (the plain rule; the cubic solver "
+                                     "adds it too). λ > 0 breaks the invariance under "
+                                     "per-group rescaling", min=0.0)
+        update_every: int = option(1, "recompute the summary and η every T steps", min=1)
+        eta_ema: float = option(0.0, "running average of η over recomputations, "
+                                     "η ← β·η_prev + (1−β)·η_new (the first η is taken as is)",
+                                min=0.0, max=1.0)
+        average_last: int = option(1, "H̄, ḡ, D3 are the mean of the last k summaries", min=1)
+
+        def __post_init__(self) -> None:
+            if self.eta_ema >= 1.0:
+                raise ValueError("eta_ema: must be < 1 (eta_ema = 1 would never take in a "
+                                 "new η)")
+            if self.partition == "patterns" and not self.groups:
+                raise ValueError("groups: required (and non-empty) with partition = "
+                                 "'patterns'")
+            if self.partition != "patterns" and self.groups is not None:
+                raise ValueError(f"groups: only used with partition = 'patterns', not "
+                                 f"{self.partition!r}")
+            if self.groups:
+                # regexes are checked here, so a typo is a config error before any model
+                partitions.compile_groups(self.groups)
+            _direction_choice(self.direction)  # validates a table/name at config time
+
+    def __init__(self, model: nn.Module, options: Options | None = None) -> None:
+        super().__init__(model, options)
+        o = self.options
+        try:
+            self.partition = partitions.build(
+                o.partition, self.model, self.named_params, groups=o.groups,
+                unmatched=o.unmatched, block_size=o.block_size, max_groups=o.max_groups)
+        except ValueError as err:
+            raise ValueError(f"preconditioner 'partition': {err}") from err
+        self.inner: Preconditioner | None = None
+        choice = _direction_choice(o.direction)
+        if choice is not None:
+            self.inner = choice.spec.cls(model=model, options=choice.options)
+            self.inner.config_path = DIRECTION_PATH
+            self.state["direction"] = self.inner.state
+        self.state["groups"] = self.partition.groups
+        self._rule: EtaRule = plain_eta
+        self._rule_info: dict[str, Any] = {}
+        self._step: int | None = None
+        self._ids: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def requirements(cls, options: Options) -> frozenset[str]:
+        """``summary``, plus whatever the direction's preconditioner needs."""
+        choice = _direction_choice(options.direction)
+        return cls.needs | (choice.needs if choice is not None else frozenset())
+
+    def set_eta_rule(self, rule: EtaRule | None) -> None:
+        """Replace how η is computed from the summary (None: back to the plain solve)."""
+        self._rule = rule or plain_eta
+
+    # ------------------------------------------------------------------ update
+    def should_update(self, step: int) -> bool:
+        own = step % self.options.update_every == 0
+        due = own or (self.inner is not None and self.inner.should_update(step))
+        # update() needs the step to tell whose refresh is due
+        self._step = step if due else None
+        return due
+
+    def direction_of(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """u: the gradient, or the inner preconditioner's P⁻¹g."""
+        return list(grads) if self.inner is None else self.inner.apply(grads)
+
+    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
+        """Refresh the inner direction (on its schedule) and, every ``update_every`` steps,
+        the summary along u and η. Called without :meth:`should_update` it does both."""
+        step, self._step = self._step, None
+        if self.inner is not None and (step is None or self.inner.should_update(step)):
+            self.inner.update(estimator, batch, grads)
+            self.state["direction"] = self.inner.state
+        if step is not None and step % self.options.update_every != 0:
+            return
+        u = [t.detach() for t in self.direction_of(grads)]
+        new = estimator.summary(batch, u, self.partition.ids, self.partition.groups)
+        S = self.partition.groups
+        if tuple(new.g.shape) != (S,) or tuple(new.H.shape) != (S, S) or \
+                (new.D3 is not None and tuple(new.D3.shape) != (S,)):
+            raise ValueError(f"estimator {getattr(estimator, 'name', '?')!r}: summary shapes "
+                             f"g {tuple(new.g.shape)}, H {tuple(new.H.shape)} do not match "
+                             f"the partition's S = {S}")
+        k = self.options.average_last
+        hist = {key: list(self.state.get(f"hist_{key}", []))[-(k - 1):] if k > 1 else []
+                for key in ("g", "H", "D3")}
+        hist["g"].append(new.g.detach().double())
+        hist["H"].append(new.H.detach().double())
+        if new.D3 is not None:
+            hist["D3"].append(new.D3.detach().double())
+        else:
+            hist["D3"] = []
+        g = torch.stack(hist["g"]).mean(0)
+        H = torch.stack(hist["H"]).mean(0)
+        H = 0.5 * (H + H.T)  # the mean of symmetric matrices, kept exactly symmetric
+        D3 = torch.stack(hist["D3"]).mean(0) if hist["D3"] else None
+
+        count = int(self.state.get("updates", 0)) + 1
+        eye = torch.eye(S, dtype=H.dtype, device=H.device)
+        damped = Summary(g=g, H=H + self.options.damping * eye, D3=D3)
+        eta_new, rule_info = self._rule(damped)
+        # Everything is computed before the state changes: a rule that raises (the cubic
+        # solver's StepError) leaves the preconditioner as it was.
+        state = dict(self.state)
+        state.update(g=g, H=H, updates=count, groups=S)
+        if D3 is None:
+            state.pop("D3", None)
+        else:
+            state["D3"] = D3
+        if k > 1:
+            state.update(hist_g=hist["g"], hist_H=hist["H"], hist_D3=hist["D3"])
+        if eta_new is not None:
+            eta_new = eta_new.detach().double()
+            solved = int(state.get("solved", 0)) + 1
+            old = state.get("eta")
+            w = ema_weight(solved, self.options.eta_ema, bias_correction=False)
+            state["eta"] = blend(old, eta_new, w)
+            state["eta_raw"] = eta_new
+            state["solved"] = solved
+            state["eta_valid"] = 1
+        else:
+            # keep the previous η for the running average; steps are skipped until the
+            # next successful computation
+            state["eta_valid"] = 0
+        self.state = state
+        self._rule_info = dict(rule_info)
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def eta_valid(self) -> bool:
+        """Whether the last computation produced an η (False after a cubic failure)."""
+        return bool(self.state.get("eta_valid", 0)) and "eta" in self.state
+
+    def group_summary(self, damped: bool = True) -> Summary:
+        """The current (averaged) summary; ``damped``: H̄ + damping·I. float64."""
+        if "H" not in self.state:
+            raise RuntimeError("preconditioner 'partition': no summary before the first "
+                               "update()")
+        H = self.state["H"]
+        if damped:
+            H = H + self.options.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        return Summary(g=self.state["g"], H=H, D3=self.state.get("D3"))
+
+    def combine(self, eta: Tensor, u: Sequence[Tensor]) -> list[Tensor]:
+        """Σ_s η_s u_s, as a list shaped like the parameters."""
+        if self._ids is None or self._ids[0].device != u[0].device:
+            self._ids = [ids.to(t.device) for ids, t in zip(self.partition.ids, u)]
+        eta = eta.to(device=u[0].device)
+        return [t * eta[ids].to(t.dtype) for ids, t in zip(self._ids, u)]
+
+    def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
+        """Σ_s η_s u_s(d) with the current η; u(d) = d or the inner preconditioner's P⁻¹d."""
+        if "eta" not in self.state:
+            raise RuntimeError("preconditioner 'partition': apply() before the first update()")
+        check_like(direction, self.params, "direction")
+        return self.combine(self.state["eta"], self.direction_of(direction))
+
+    # ------------------------------------------------------------------ reporting
+    def group_names(self) -> list[str]:
+        return list(self.partition.names)
+
+    def eta(self) -> list[float]:
+        """Current per-group learning rates η (after the running average)."""
+        eta = self.state.get("eta")
+        return [] if eta is None else [float(v) for v in eta]
+
+    def pseudo_hessian(self) -> list[list[float]]:
+        """H̄ (averaged, undamped) as a list of lists."""
+        H = self.state.get("H")
+        return [] if H is None else [[float(v) for v in row] for row in H]
+
+    def pseudo_gradient(self) -> list[float]:
+        g = self.state.get("g")
+        return [] if g is None else [float(v) for v in g]
+
+    def third_order(self) -> list[float] | None:
+        """diag D³ (averaged), or None when the estimator does not provide it."""
+        D3 = self.state.get("D3")
+        return None if D3 is None else [float(v) for v in D3]
+
+    def info(self) -> dict[str, Any]:
+        """η per group, ḡ, D3, and (for S ≤ 64) H̄ and the group names; JSON-able."""
+        if "H" not in self.state:
+            return {}
+        S = self.partition.groups
+        out: dict[str, Any] = {"partition_S": S, "partition_eta": self.eta(),
+                               "partition_eta_valid": int(self.eta_valid),
+                               "partition_g": self.pseudo_gradient()}
+        if "D3" in self.state:
+            out["partition_D3"] = self.third_order()
+        if S <= INFO_MAX_GROUPS:
+            out["partition_H"] = self.pseudo_hessian()
+            out["partition_groups"] = self.group_names()
+        out.update(self._rule_info)
+        if self.inner is not None:
+            out.update(self.inner.info())
+        return out
+
+    def structures(self) -> dict[str, str]:
+        inner = self.inner.structures() if self.inner is not None else {}
+        out = {}
+        for (n, _), where in zip(self.named_params, self.partition.param_groups):
+            label = f"partition:{where}"
+            if n in inner:
+                label += f" of {inner[n]}"
+            out[n] = label
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        sd = dict(self.state)
+        if self.inner is not None:
+            sd["direction"] = self.inner.state_dict()
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        groups = state.get("groups", self.partition.groups)
+        if int(groups) != self.partition.groups:
+            raise ValueError(f"preconditioner 'partition': checkpoint has S = {groups} "
+                             f"groups, the configured partition has {self.partition.groups}")
+        if self.inner is not None:
+            if "direction" not in state:
+                raise ValueError("preconditioner 'partition': checkpoint has no state for "
+                                 "the direction's preconditioner")
+            self.inner.load_state_dict(state["direction"])
+            state["direction"] = self.inner.state
+        self.state = state
+        self._rule_info = {}
