@@ -1,0 +1,286 @@
+"""``kronecker``: K-FAC (Martens & Grosse 2015), a Kronecker-factored block per layer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.estimators.base import KroneckerFactors
+from curvkit.options import option
+from curvkit.params import check_like
+from curvkit.parts import DIAGONAL, KRONECKER
+from curvkit.preconditioners._running import (
+    blend,
+    ema_weight,
+    nan_like,
+    psd_inverse,
+    working_dtype,
+)
+from curvkit.preconditioners.base import Preconditioner
+
+# Layers the estimators' ``kronecker`` capability is expected to cover; used only to
+# report structures before the first update. After an update the factors the estimator
+# actually returned decide.
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+class Kronecker(Preconditioner):
+    """K-FAC: per Linear/Conv2d layer the curvature block of vec_r([W | b]) is G ⊗ A.
+
+    With Ḡ, Ā the running averages (``ema``) of the factors the estimator's ``kronecker``
+    capability returns (see :class:`~curvkit.estimators.base.KroneckerFactors`: W̃ = [W | b]
+    is (d_out, d_in [+1]), vec_r row-major, block ≈ G ⊗ A) and M = ∇W̃ the layer's direction
+    as a matrix, the preconditioned direction is, for δ = ``damping``:
+
+    * ``damping_form = "factored"`` (Tikhonov on each factor, Martens & Grosse §6.3)::
+
+          (Ḡ + (√δ/π) I)⁻¹ M (Ā + π √δ I)⁻¹ = [(Ḡ + √δ/π I) ⊗ (Ā + π√δ I)]⁻¹ vec_r(M)
+
+      with π = 1, or with ``pi_correction`` π = √((tr Ā / dim Ā) / (tr Ḡ / dim Ḡ))
+      (π = 1 when a trace is zero or not finite). The two inverses are computed by
+      Cholesky (``inverse = "cholesky"``, eigh fallback if a damped factor is not positive
+      definite) or by eigendecomposition (``inverse = "eigh"``); both give the same matrix.
+    * ``damping_form = "exact"`` (needs ``inverse = "eigh"``): the damped Kronecker product
+      itself, (Ḡ ⊗ Ā + δ I)⁻¹ vec_r(M) = U_G [(U_Gᵀ M U_A) ⊘ (λ_G λ_Aᵀ + δ)] U_Aᵀ, with the
+      factors' eigenvalues clipped at 0 (they are PSD up to round-off).
+
+    Factors are measured every ``update_every`` steps and inverted every ``invert_every``
+    steps (a multiple of ``update_every``; 0, the default, inverts at every update), in
+    ``inv_dtype`` (float32 for a bfloat16 model under ``"auto"``); the averages are kept in
+    that dtype too and directions are cast back to the parameter dtype. Parameters no
+    factor covers (LayerNorm, Embedding, custom modules, …) use ``fallback``:
+    ``"diagonal"`` → d / (max(ŝ, 0) + δ) with ŝ the running average of the estimator's
+    diagonal, ``"identity"`` → d unchanged; ``structures()`` says which.
+    """
+
+    name = "kronecker"
+    needs = frozenset({KRONECKER})
+
+    @dataclass
+    class Options:
+        damping: float = option(1e-3, "Tikhonov damping δ (see damping_form)", min=0.0)
+        pi_correction: bool = option(False, "factored damping split between the factors by "
+                                            "π (Martens & Grosse §6.3)")
+        inverse: Literal["cholesky", "eigh"] = option(
+            "cholesky", "how factors are inverted: Cholesky or eigendecomposition")
+        damping_form: Literal["factored", "exact"] = option(
+            "factored", "factored: (G + √δ/π I) ⊗ (A + π√δ I); exact: G ⊗ A + δ I "
+                        "(eigen form, needs inverse = 'eigh')")
+        ema: float = option(0.95, "running average of the factors; 0 = no averaging",
+                            min=0.0, max=1.0)
+        bias_correction: bool = option(True, "divide the average by 1 − emaᵗ as Adam does")
+        update_every: int = option(1, "measure the factors every T steps", min=1)
+        invert_every: int = option(0, "invert the factors every T steps (a multiple of "
+                                      "update_every); 0 = at every update", min=0)
+        inv_dtype: Literal["auto", "float32", "float64"] = option(
+            "auto", "dtype of factor averages and inversions; auto = float32 for "
+                    "bfloat16/float16 models, the model dtype otherwise")
+        fallback: Literal["diagonal", "identity"] = option(
+            "diagonal", "structure of parameters no Kronecker factor covers")
+
+        def __post_init__(self) -> None:
+            if self.ema >= 1.0:
+                raise ValueError("ema: must be < 1 (ema = 1 would never take in a statistic)")
+            if self.invert_every and self.invert_every % self.update_every != 0:
+                raise ValueError(f"invert_every: must be a multiple of update_every "
+                                 f"({self.update_every}), got {self.invert_every}")
+            if self.damping_form == "exact" and self.inverse != "eigh":
+                raise ValueError("damping_form: 'exact' needs inverse = 'eigh' (the damped "
+                                 "Kronecker product is inverted through the factors' "
+                                 "eigendecompositions)")
+            if self.damping_form == "exact" and self.pi_correction:
+                raise ValueError("pi_correction: only applies to damping_form = 'factored'")
+
+    @classmethod
+    def requirements(cls, options: Any) -> frozenset[str]:
+        if options.fallback == "diagonal":
+            return frozenset({KRONECKER, DIAGONAL})
+        return frozenset({KRONECKER})
+
+    def __init__(self, model: nn.Module, options: Options | None = None) -> None:
+        super().__init__(model, options)
+        self._warned: set[str] = set()
+        self._last: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ coverage
+    def _predicted_layers(self) -> dict[str, list[str]]:
+        trainable_names = {n for n, _ in self.named_params}
+        layers: dict[str, list[str]] = {}
+        for mod_name, mod in self.model.named_modules():
+            if not isinstance(mod, KFAC_LAYERS):
+                continue
+            prefix = f"{mod_name}." if mod_name else ""
+            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
+            if prefix + "weight" in names:
+                layers[mod_name] = names
+        return layers
+
+    def _layers(self) -> dict[str, list[str]]:
+        return self.state.get("layers") or self._predicted_layers()
+
+    def structures(self) -> dict[str, str]:
+        covered = {p for names in self._layers().values() for p in names}
+        fallback = self.options.fallback
+        return {n: "kronecker" if n in covered else fallback for n, _ in self.named_params}
+
+    # ------------------------------------------------------------------ update
+    def _check_factors(self, kf: KroneckerFactors, shapes: dict[str, torch.Size]) -> None:
+        where = f"preconditioner 'kronecker': factors of module {kf.module!r}"
+        unknown = [p for p in kf.params if p not in shapes]
+        if unknown or not kf.params:
+            raise ValueError(f"{where} cover {list(kf.params)}, which are not all trainable "
+                             f"parameters of the model")
+        d_out = shapes[kf.params[0]][0]
+        cols = sum(math.prod(shapes[p]) // d_out for p in kf.params)
+        if kf.G.shape != (d_out, d_out) or kf.A.shape != (cols, cols):
+            raise ValueError(f"{where}: G has shape {tuple(kf.G.shape)} and A "
+                             f"{tuple(kf.A.shape)}; parameters {list(kf.params)} need "
+                             f"G ({d_out}, {d_out}) and A ({cols}, {cols})")
+
+    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
+        o = self.options
+        shapes = {n: p.shape for n, p in self.named_params}
+        dtypes = {n: p.dtype for n, p in self.named_params}
+        found = estimator.kronecker(batch)
+        layers: dict[str, list[str]] = {}
+        seen: dict[str, str] = {}
+        for kf in found.values():
+            self._check_factors(kf, shapes)
+            for p in kf.params:
+                if p in seen:
+                    raise ValueError(f"preconditioner 'kronecker': parameter {p!r} is covered "
+                                     f"by the factors of both {seen[p]!r} and {kf.module!r}")
+                seen[p] = kf.module
+            layers[kf.module] = list(kf.params)
+        self._warn_uncovered(layers)
+
+        count = int(self.state.get("updates", 0)) + 1
+        w = ema_weight(count, o.ema, o.bias_correction)
+        old = self.state.get("factors", {})
+        factors: dict[str, dict[str, Tensor]] = {}
+        for kf in found.values():
+            dt = working_dtype(dtypes[kf.params[0]], o.inv_dtype)
+            prev = old.get(kf.module, {})
+            factors[kf.module] = {
+                "A": blend(prev.get("A"), kf.A.detach().to(dt), w),
+                "G": blend(prev.get("G"), kf.G.detach().to(dt), w)}
+
+        covered = {p for names in layers.values() for p in names}
+        fallback_names = [n for n, _ in self.named_params if n not in covered]
+        if o.fallback == "diagonal" and fallback_names:
+            diag = estimator.diagonal(batch)
+            check_like(diag, self.params, what=f"{type(estimator).__name__}.diagonal(batch)")
+            by_name = dict(zip((n for n, _ in self.named_params), diag))
+            prev_diag = self.state.get("fallback_diag", {})
+            self.state["fallback_diag"] = {
+                n: blend(prev_diag.get(n),
+                         by_name[n].detach().to(working_dtype(dtypes[n], o.inv_dtype)), w)
+                for n in fallback_names}
+
+        # invert on updates 1, 1 + k, 1 + 2k, … with k = invert_every / update_every, i.e. on
+        # the steps divisible by invert_every; a layer seen for the first time is inverted now
+        period = max(o.invert_every // o.update_every, 1)
+        due = (count - 1) % period == 0
+        inverses = dict(self.state.get("inverses", {}))
+        pis = {}
+        for mod, f in factors.items():
+            if due or mod not in inverses:
+                inverses[mod], pis[mod] = self._invert(f["A"], f["G"])
+        self.state["inverses"] = {m: inverses[m] for m in factors}
+        self.state["factors"] = factors
+        self.state["layers"] = layers
+        self.state["updates"] = count
+        self._last = {"kfac_layers": len(factors), "kfac_inverted": len(pis),
+                      "kfac_fallback_params": len(fallback_names)}
+        if pis and o.pi_correction:
+            self._last["kfac_pi_mean"] = sum(pis.values()) / len(pis)
+
+    def _warn_uncovered(self, layers: dict[str, list[str]]) -> None:
+        for mod, names in self._predicted_layers().items():
+            if mod not in layers and mod not in self._warned:
+                self._warned.add(mod)
+                warnings.warn(f"preconditioner 'kronecker': the estimator returned no Kronecker "
+                              f"factors for {type(self.model.get_submodule(mod)).__name__} "
+                              f"module {mod!r}; its parameters {names} use the "
+                              f"{self.options.fallback!r} fallback", stacklevel=3)
+
+    def _invert(self, A: Tensor, G: Tensor) -> tuple[dict[str, Tensor], float]:
+        o = self.options
+        if not bool(torch.isfinite(A).all() and torch.isfinite(G).all()):
+            if o.damping_form == "exact":
+                return {"QA": nan_like(A), "lA": nan_like(A[0]), "QG": nan_like(G),
+                        "lG": nan_like(G[0])}, 1.0
+            return {"A": nan_like(A), "G": nan_like(G)}, 1.0
+        if o.damping_form == "exact":
+            lA, QA = torch.linalg.eigh(A)
+            lG, QG = torch.linalg.eigh(G)
+            return {"QA": QA, "lA": lA.clamp_min(0.0), "QG": QG, "lG": lG.clamp_min(0.0)}, 1.0
+        pi = pi_factor(A, G) if o.pi_correction else 1.0
+        root = math.sqrt(o.damping)
+        # factors are PSD, so "negative" never matters beyond round-off: clip
+        A_inv, _ = psd_inverse(A, pi * root, o.inverse, "clip", check_finite=False)
+        G_inv, _ = psd_inverse(G, root / pi, o.inverse, "clip", check_finite=False)
+        return {"A": A_inv, "G": G_inv}, pi
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
+        inverses = self.state.get("inverses")
+        if inverses is None:
+            raise RuntimeError("preconditioner 'kronecker': apply() before the first update()")
+        check_like(direction, self.params, what="direction")
+        names = [n for n, _ in self.named_params]
+        index = {n: i for i, n in enumerate(names)}
+        out: list[Tensor | None] = [None] * len(direction)
+        damping = self.options.damping
+        for mod, pnames in self.state["layers"].items():
+            inv = inverses[mod]
+            ds = [direction[index[p]] for p in pnames]
+            dt = (inv["A"] if "A" in inv else inv["QA"]).dtype
+            d_out = ds[0].shape[0]
+            M = torch.cat([d.reshape(d_out, -1).to(dt) for d in ds], dim=1)
+            if "QA" in inv:
+                V = inv["QG"].T @ M @ inv["QA"]
+                V = V / (torch.outer(inv["lG"], inv["lA"]) + damping)
+                R = inv["QG"] @ V @ inv["QA"].T
+            else:
+                R = inv["G"] @ M @ inv["A"]
+            start = 0
+            for p, d in zip(pnames, ds):
+                k = d.numel() // d_out
+                out[index[p]] = R[:, start:start + k].reshape(d.shape).to(d.dtype)
+                start += k
+        diag = self.state.get("fallback_diag", {})
+        for i, n in enumerate(names):
+            if out[i] is not None:
+                continue
+            d = direction[i]
+            if self.options.fallback == "diagonal":
+                s = diag.get(n)
+                if s is None:
+                    raise RuntimeError(f"preconditioner 'kronecker': no diagonal statistic for "
+                                       f"fallback parameter {n!r}")
+                out[i] = (d.to(s.dtype) / (s.clamp_min(0.0) + damping)).to(d.dtype)
+            else:
+                out[i] = d
+        return out  # type: ignore[return-value]
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._last)
+
+
+def pi_factor(A: Tensor, G: Tensor) -> float:
+    """π = √((tr A / dim A) / (tr G / dim G)) (Martens & Grosse §6.3); 1 if undefined."""
+    ta = float(torch.diagonal(A).sum()) / A.shape[0]
+    tg = float(torch.diagonal(G).sum()) / G.shape[0]
+    if not (ta > 0 and tg > 0 and math.isfinite(ta) and math.isfinite(tg)):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+__all__ = ["Kronecker", "pi_factor"]
