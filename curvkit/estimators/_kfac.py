@@ -1,0 +1,602 @@
+"""Kronecker factors (K-FAC) of Linear and Conv2d layers, shared by ``ggn``, ``fisher``, ``ef``.
+
+Convention (see :class:`curvkit.estimators.base.KroneckerFactors`): for a layer with weight
+W (d_out, d_in) — a Conv2d weight viewed as (C_out, C_in·kh·kw) — and a trainable bias b,
+W̃ = [W | b], and the curvature block over vec_r(W̃) is approximated by G ⊗ A.
+
+Per sample n the layer sees inputs ã_{n,t} (augmented by a trailing 1 when the bias is
+included) at T positions t (T = 1 for a Linear on (N, d_in) inputs; the leading extra dims
+of a Linear input, or the output pixels of a Conv2d, are weight-sharing positions). The
+curvature is C = Σ_n Σ_k (Σ_t g_{n,t,k} ⊗ ã_{n,t})(Σ_t g_{n,t,k} ⊗ ã_{n,t})ᵀ where
+g_{n,t,k} is the gradient w.r.t. the layer output at position t of the scalar ⟨f_n, s_{n,k}⟩,
+and the columns s_{n,k} of the output space satisfy Σ_k s_{n,k} s_{n,k}ᵀ = c·B_n with c the
+loss' reduction factor and B_n
+
+* ``"exact"`` (KFLR): the loss Hessian ∂²ℓ_n/∂f_n² (its symmetric square root's columns),
+* ``"mc"`` (KFAC): (1/M) Σ_m ∇ℓ(f_n, ŷ_m)∇ℓ(f_n, ŷ_m)ᵀ with ŷ_m ~ p(y | f_n),
+* ``"empirical"``: ∇ℓ(f_n, y_n)∇ℓ(f_n, y_n)ᵀ with the true labels.
+
+The two weight-sharing flavours of Eschenhagen et al. (2023):
+
+* ``"expand"``: positions are extra samples,
+  A = 1/(N·T) Σ_{n,t} ã_{n,t} ã_{n,t}ᵀ,   G = Σ_{n,t,k} g_{n,t,k} g_{n,t,k}ᵀ;
+* ``"reduce"``: positions are summed first,
+  A = 1/N Σ_n ā_n ā_nᵀ with ā_n = (1/T) Σ_t ã_{n,t},   G = Σ_{n,k} ĝ_{n,k} ĝ_{n,k}ᵀ with
+  ĝ_{n,k} = Σ_t g_{n,t,k}.
+
+Both coincide when T = 1. For a single sample and a single layer they are exact
+(``expand`` when the loss treats positions separately, ``reduce`` when the positions are
+summed before the loss).
+
+Module inputs and output gradients are captured with temporary forward hooks on the
+user's model, removed in ``finally``; each hook hands on a copy of the layer output, so a
+later in-place operation (``ReLU(inplace=True)``) cannot corrupt the captured tensor. A
+module called more than once, with several inputs, a grouped convolution or a tied
+parameter raises an error naming the module. As a guard against any other silently wrong
+factor, the weight gradient implied by the captured inputs and output gradients is compared
+with the true weight gradient (from the same backward pass); a mismatch (the weight also
+used outside the module's forward, a subclass with a different forward) raises too.
+
+The same capture gives exact diagonals (:func:`layer_diagonals`, BackPACK's algorithm for
+``DiagGGN*``/``SumGradSquared``), where such layers are left to the caller instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
+from curvkit.losses import batch_size, reduction_factor
+
+if TYPE_CHECKING:
+    from curvkit.estimators.base import CurvatureEstimator
+
+Statistic = Literal["exact", "mc", "empirical"]
+Approx = Literal["expand", "reduce"]
+GeneratorArg = torch.Generator | Callable[[int], torch.Generator] | None
+_CHUNK_ELEMENTS = 1 << 22  # output-gradient entries held at once by a batched backward
+
+
+__all__ = ["kronecker_factors", "kfac_layers", "factors_to_dense", "check_loss",
+           "output_gradients", "hessian_sqrt_columns", "sample_output_gradients",
+           "output_columns", "layer_diagonals"]
+
+
+# ============================================================================ losses
+def check_loss(loss_fn: Any, where: str) -> str:
+    """``"ce"`` or ``"mse"``; a clear error for a loss whose curvature curvkit cannot scale."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None:
+            raise ValueError(f"{where}: CrossEntropyLoss with class weights is not supported "
+                             f"(the loss is no longer a fixed multiple of Σ_n ℓ_n)")
+        return "ce"
+    if isinstance(loss_fn, nn.MSELoss):
+        return "mse"
+    raise TypeError(f"{where}: loss {type(loss_fn).__name__} is not supported; supported "
+                    f"losses are nn.CrossEntropyLoss and nn.MSELoss")
+
+
+def _check_targets(loss_fn: Any, out: Tensor, y: Tensor, where: str) -> None:
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if out.ndim < 2:
+            raise ValueError(f"{where}: CrossEntropyLoss needs batched logits (N, C, ...), "
+                             f"got shape {tuple(out.shape)}")
+        if not y.is_floating_point() and bool((y == loss_fn.ignore_index).any()):
+            raise ValueError(f"{where}: labels equal to ignore_index={loss_fn.ignore_index} "
+                             f"are not supported (they change the mean's normalisation)")
+
+
+def output_gradients(loss_fn: Any, out: Tensor, y: Tensor, where: str = "loss") -> Tensor:
+    """∇_{f_n} ℓ_n for every sample, shaped like ``out``: the per-sample loss (summed over
+    outputs) differentiated w.r.t. the model output; ``loss = c · Σ_n ℓ_n``."""
+    kind = check_loss(loss_fn, where)
+    _check_targets(loss_fn, out, y, where)
+    out = out.detach()
+    # closed forms for the common cases; autograd for the rest (soft labels, smoothing)
+    if kind == "mse" and y.shape == out.shape:
+        return 2.0 * (out - y.to(out.dtype))
+    if kind == "ce" and not y.is_floating_point() and loss_fn.label_smoothing == 0.0:
+        onehot = F.one_hot(y, out.shape[1]).movedim(-1, 1).to(out.dtype)
+        return torch.softmax(out, dim=1) - onehot
+    z = out.requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(z, y)
+    (g,) = torch.autograd.grad(loss, z)
+    return g / reduction_factor(loss_fn, out)
+
+
+def hessian_sqrt_columns(loss_fn: Any, out: Tensor, y: Tensor, where: str = "loss") -> Tensor:
+    """S (K, *out.shape) with Σ_k S_k[n] S_k[n]ᵀ = ∂²ℓ_n/∂f_n² for every sample n.
+
+    CrossEntropyLoss, logits (N, C, *spatial): per position, columns √p_k (e_k − p) since
+    Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − ppᵀ; one column per (class, position)
+    (K = C·∏spatial) because positions are separate loss terms. MSELoss: ℓ_n = ‖f_n − y_n‖²,
+    Hessian 2I, columns √2 e_d (K = number of outputs per sample).
+    """
+    kind = check_loss(loss_fn, where)
+    _check_targets(loss_fn, out, y, where)
+    out = out.detach()
+    N = out.shape[0]
+    if kind == "mse":
+        D = out[0].numel()
+        eye = torch.eye(D, dtype=out.dtype, device=out.device) * math.sqrt(2.0)
+        return eye.unsqueeze(1).expand(D, N, D).reshape(D, *out.shape)
+    C = out.shape[1]
+    p = torch.softmax(out, dim=1).reshape(N, C, -1)  # (N, C, R)
+    R = p.shape[2]
+    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    # cols[k, n, :, r] = √p_k (e_k − p) at position r
+    cols = p.sqrt().permute(1, 0, 2).unsqueeze(2) * (eye[:, None, :, None] - p.unsqueeze(0))
+    if R == 1:
+        return cols.reshape(C, *out.shape)
+    pos = torch.eye(R, dtype=out.dtype, device=out.device)  # column (k, r) lives at r only
+    full = cols.unsqueeze(1) * pos[None, :, None, None, :]  # (C, R, N, C, R)
+    return full.reshape(C * R, *out.shape)
+
+
+def sample_output_gradients(loss_fn: Any, out: Tensor, mc_samples: int,
+                            generator: torch.Generator, where: str = "loss") -> Tensor:
+    """(M, *out.shape): ∇_{f_n} ℓ(f_n, ŷ_m) with labels drawn from the model's predictive
+    distribution, so that E[s sᵀ] = ∂²ℓ_n/∂f_n² for each sample.
+
+    CrossEntropyLoss: ŷ ~ Categorical(softmax(f)) independently at every position,
+    s = p − onehot(ŷ). MSELoss (ℓ = ‖f − y‖²): ŷ ~ N(f, ½ I), s = 2(f − ŷ), whose
+    covariance 4·½ I = 2I is the loss Hessian. Draws only from ``generator``.
+    """
+    kind = check_loss(loss_fn, where)
+    out = out.detach()
+    if kind == "mse":
+        eps = torch.randn((mc_samples, *out.shape), generator=generator, dtype=out.dtype,
+                          device=out.device)
+        y_hat = out.unsqueeze(0) + math.sqrt(0.5) * eps
+        return 2.0 * (out.unsqueeze(0) - y_hat)
+    if out.ndim < 2:
+        raise ValueError(f"{where}: CrossEntropyLoss needs batched logits (N, C, ...), got "
+                         f"shape {tuple(out.shape)}")
+    C = out.shape[1]
+    p = torch.softmax(out, dim=1).movedim(1, -1)  # (N, *spatial, C)
+    flat = p.reshape(-1, C)
+    labels = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
+    onehot = F.one_hot(labels.T, C).to(out.dtype)  # (M, rows, C)
+    s = flat.unsqueeze(0) - onehot
+    return s.reshape(mc_samples, *p.shape).movedim(-1, 2)
+
+
+def output_columns(loss_fn: Any, out: Tensor, y: Tensor, statistic: Statistic,
+                   mc_samples: int = 1, generator: torch.Generator | None = None,
+                   where: str = "loss") -> Tensor:
+    """Columns s_k (K, *out.shape) with Σ_k s_k[n] s_k[n]ᵀ = c·B_n (see the module doc)."""
+    c = reduction_factor(loss_fn, out)
+    if statistic == "exact":
+        S = hessian_sqrt_columns(loss_fn, out, y, where)
+        return S * math.sqrt(c)
+    if statistic == "mc":
+        if generator is None:
+            raise ValueError(f"{where}: statistic 'mc' needs a generator (curvkit never draws "
+                             f"from the global RNG)")
+        _check_targets(loss_fn, out, y, where)
+        S = sample_output_gradients(loss_fn, out, mc_samples, generator, where)
+        return S * math.sqrt(c / mc_samples)
+    if statistic == "empirical":
+        return output_gradients(loss_fn, out, y, where).unsqueeze(0) * math.sqrt(c)
+    raise ValueError(f"{where}: statistic must be 'exact', 'mc' or 'empirical', got "
+                     f"{statistic!r}")
+
+
+# ============================================================================ layers
+@dataclass
+class KFACLayer:
+    """A Linear/Conv2d layer K-FAC covers: its name, the module, the parameters covered."""
+
+    name: str
+    module: nn.Module
+    params: tuple[str, ...]
+    bias: bool
+
+
+def kfac_layers(model: nn.Module, strict: bool = True) -> list[KFACLayer]:
+    """Every nn.Linear / nn.Conv2d whose weight is trainable, in module order.
+
+    A configuration whose factors would be wrong — a grouped convolution, or a weight/bias
+    that other modules also hold (tied) — raises a clear error naming the module, or, with
+    ``strict=False``, is left out.
+    """
+    holders: dict[int, set[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), set()).add(f"{mod_name}.{attr}" if mod_name else attr)
+    full_name = {id(p): n for n, p in model.named_parameters()}
+    layers: list[KFACLayer] = []
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)) or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        weight = mod.weight
+        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+            continue
+        label = f"{mod_name or '<model>'} ({type(mod).__name__})"
+        bias = mod.bias
+        use_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
+        problem = ""
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            problem = (f"has groups={mod.groups}; K-FAC factors are implemented for groups=1 "
+                       f"only")
+        for p in (weight, bias) if use_bias else (weight,):
+            where = holders.get(id(p), set())
+            if len(where) > 1:
+                problem = (f"holds a parameter shared by {', '.join(sorted(where))}; the "
+                           f"curvature of a tied parameter is not a per-layer Kronecker product")
+        if problem:
+            if strict:
+                raise ValueError(f"kronecker: module {label} {problem}")
+            continue
+        params = (full_name[id(weight)],) + ((full_name[id(bias)],) if use_bias else ())
+        layers.append(KFACLayer(mod_name, mod, params, use_bias))
+    return layers
+
+
+# ============================================================================ capture
+@dataclass
+class _Record:
+    calls: int = 0
+    inputs: Tensor | None = None
+    output: Tensor | None = None
+    problem: str = ""
+
+
+def _label(layer: KFACLayer) -> str:
+    return f"{layer.name or '<model>'} ({type(layer.module).__name__})"
+
+
+def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
+    """(N, T, d_in): the layer's inputs per sample and weight-sharing position (the bias'
+    constant 1 is not appended: it is accounted for in closed form, saving a copy)."""
+    mod = layer.module
+    if isinstance(mod, nn.Conv2d):
+        if x.ndim != 4:
+            raise ValueError(f"kronecker: module {_label(layer)} got input of shape "
+                             f"{tuple(x.shape)}; a batched (N, C, H, W) input is required")
+        if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            # the convolution pads explicitly in these cases (see nn.Conv2d._conv_forward)
+            mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+            x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+            padding: Any = 0
+        else:
+            padding = mod.padding
+        cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=padding,
+                        stride=mod.stride)  # (N, C_in·kh·kw, T)
+        a = cols.transpose(1, 2)
+    else:
+        if x.ndim < 2:
+            raise ValueError(f"kronecker: module {_label(layer)} got unbatched input of shape "
+                             f"{tuple(x.shape)}")
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    return a
+
+
+def _augmented_outer(a: Tensor, bias: bool, count: float) -> Tensor:
+    """Σ_r ã_r ã_rᵀ / count for the rows a (R, D), ã = [a, 1] if ``bias``."""
+    if not bias:
+        return (a.T @ a).div_(count)
+    D = a.shape[1]
+    A = a.new_empty(D + 1, D + 1)
+    A[:D, :D] = a.T @ a
+    s = a.sum(0)
+    A[:D, D] = s
+    A[D, :D] = s
+    A[D, D] = float(a.shape[0])
+    return A.div_(count)
+
+
+def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
+    """(K, N, T, d_out) from gradients (K, *output shape) w.r.t. the layer output."""
+    if isinstance(layer.module, nn.Conv2d):
+        return g.flatten(3).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+def _layer_params(layer: KFACLayer) -> list[Tensor]:
+    mod = layer.module
+    return [mod.weight, mod.bias] if layer.bias else [mod.weight]
+
+
+def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
+                          ) -> str:
+    """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message."""
+    W = layer.module.weight
+    parts = [torch.einsum("ntd,nte->de", g, a).reshape(W.shape)]
+    if layer.bias:
+        parts.append(g.sum((0, 1)))
+    tol = min(0.05, 1e4 * torch.finfo(a.dtype).eps)
+    for name, mine, ref in zip(layer.params, parts, true_grads):
+        err = float((mine - ref).norm())
+        scale = float(ref.norm()) + float(mine.norm())
+        if err > tol * scale:
+            return (f"the gradient of {name} is not explained by the module's own inputs and "
+                    f"output gradients (relative error {err / scale:.2e}): the parameter is "
+                    f"used outside the module's forward, or the module's forward is not a "
+                    f"plain {type(layer.module).__name__}")
+    return ""
+
+
+def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: bool
+                     ) -> tuple[Tensor, list[KFACLayer], dict[str, _Record], dict[str, str]]:
+    """Forward pass with temporary hooks: (output, layers captured, records, skipped layers
+    with the reason). With ``strict`` a layer that cannot be captured raises instead."""
+    records = {layer.name: _Record() for layer in layers}
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+            rec = records[name]
+            rec.calls += 1
+            if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+                rec.problem = "called with more than one input"
+                return output
+            rec.inputs = inputs[0].detach()
+            rec.output = output
+            # downstream code gets a copy: in-place ops on it leave `output` intact
+            return output.clone()
+
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+        with torch.enable_grad():
+            out = model(X)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(out, Tensor):
+        raise TypeError(f"kronecker: the model returned {type(out).__name__}; a tensor output "
+                        f"is required")
+    active: list[KFACLayer] = []
+    skipped: dict[str, str] = {}
+    for layer in layers:
+        rec = records[layer.name]
+        if rec.calls == 0 or (not rec.problem and rec.calls == 1
+                              and (rec.output is None or not rec.output.requires_grad)):
+            skipped[layer.name] = "not called in the forward pass (or not differentiated)"
+            continue
+        reason = rec.problem
+        if rec.calls > 1:
+            reason = (f"called {rec.calls} times in one forward pass (its weight is used more "
+                      f"than once)")
+        if reason:
+            if strict:
+                raise ValueError(f"kronecker: module {_label(layer)} is {reason}; K-FAC "
+                                 f"factors are defined for a layer applied once to one input")
+            skipped[layer.name] = reason
+            continue
+        active.append(layer)
+    return out, active, records, skipped
+
+
+def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
+                      records: dict[str, _Record], strict: bool,
+                      consume: Callable[[KFACLayer, Tensor, Tensor], None]
+                      ) -> tuple[list[KFACLayer], dict[str, Tensor], dict[str, str]]:
+    """Backpropagate ⟨out, s_k⟩ for every column s_k of ``cols`` (K, *out.shape) to the layer
+    outputs, calling ``consume(layer, a (N, T, D), g (K', N, T, d_out))`` per chunk of columns.
+
+    The largest column goes first, alone and together with the layers' parameters, to verify
+    every layer (the weight gradient implied by a and g must be the true one); a layer that
+    fails raises (``strict``) or is dropped and reported in the returned dict.
+    """
+    K = cols.shape[0]
+    A_in = {layer.name: _layer_inputs(layer, records[layer.name].inputs) for layer in active}
+    k0 = int(cols.reshape(K, -1).norm(dim=1).argmax())
+    outputs = [records[layer.name].output for layer in active]
+    params = [p for layer in active for p in _layer_params(layer)]
+    grads = torch.autograd.grad(out, outputs + params, grad_outputs=cols[k0],
+                                retain_graph=True, allow_unused=True)
+    kept: list[KFACLayer] = []
+    dropped: dict[str, str] = {}
+    pos = len(outputs)
+    for layer, g, o in zip(active, grads, outputs):
+        ps = _layer_params(layer)
+        true = [t if t is not None else torch.zeros_like(p)
+                for t, p in zip(grads[pos:pos + len(ps)], ps)]
+        pos += len(ps)
+        g = _layer_output_grads(layer, (g if g is not None else torch.zeros_like(o))
+                                .detach().unsqueeze(0))
+        msg = _weight_grad_mismatch(layer, A_in[layer.name], g[0], true)
+        if msg:
+            if strict:
+                raise ValueError(f"kronecker: module {_label(layer)}: {msg}. Its K-FAC factors "
+                                 f"would be wrong.")
+            dropped[layer.name] = msg
+            continue
+        kept.append(layer)
+        consume(layer, A_in[layer.name], g)
+    rest = [k for k in range(K) if k != k0]
+    outputs = [records[layer.name].output for layer in kept]
+    if not kept or not rest:
+        return kept, A_in, dropped
+    # columns per batched backward: bounded by the memory of the layer-output gradients
+    per_column = sum(o.numel() for o in outputs) + out.numel()
+    chunk = max(1, min(len(rest), _CHUNK_ELEMENTS // max(per_column, 1)))
+    batched = True
+    for start in range(0, len(rest), chunk):
+        idx = rest[start:start + chunk]
+        if batched:
+            try:
+                gs = torch.autograd.grad(out, outputs, grad_outputs=cols[idx], retain_graph=True,
+                                         allow_unused=True, is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: one column at a time
+                batched = False
+        if not batched:
+            per = [torch.autograd.grad(out, outputs, grad_outputs=cols[k], retain_graph=True,
+                                       allow_unused=True) for k in idx]
+            gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
+                  for i in range(len(outputs))]
+        for layer, g, o in zip(kept, gs, outputs):
+            if g is None:
+                g = torch.zeros((len(idx), *o.shape), dtype=o.dtype, device=o.device)
+            consume(layer, A_in[layer.name], _layer_output_grads(layer, g.detach()))
+    return kept, A_in, dropped
+
+
+def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: Tensor,
+                   statistic: Statistic, approx: Approx, mc_samples: int,
+                   generator: torch.Generator | None, sum_inputs: bool
+                   ) -> dict[str, tuple[Tensor, Tensor]]:
+    """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``)."""
+    out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
+    if not active:
+        return {}
+    cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
+                          f"estimator {est.name!r}")
+    G: dict[str, Tensor] = {}
+
+    def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
+        if approx == "reduce":
+            g = g.sum(2)
+        g = g.reshape(-1, g.shape[-1])
+        G[layer.name] = g.T @ g + G[layer.name] if layer.name in G else g.T @ g
+
+    kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True, consume=consume)
+    res: dict[str, tuple[Tensor, Tensor]] = {}
+    for layer in kept:
+        a = A_in[layer.name]
+        N, T = a.shape[0], a.shape[1]
+        if approx == "expand":
+            A = _augmented_outer(a.reshape(-1, a.shape[-1]), layer.bias, T)
+        else:
+            A = _augmented_outer(a.mean(1), layer.bias, 1.0)
+        res[layer.name] = (A if sum_inputs else A / N, G[layer.name])
+    return res
+
+
+def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor], Tensor]
+                    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """diag(Σ_n J_nᵀ (Σ_k s_{n,k} s_{n,k}ᵀ) J_n) for the parameters of the Linear/Conv2d layers
+    that can be captured, from their inputs and output gradients (BackPACK's algorithm):
+    per sample and column the weight gradient is Σ_t g_{n,t,k} ã_{n,t}ᵀ, squared and summed
+    (for T = 1 without forming it: (g²)ᵀ(ã²)).
+
+    ``columns(out)`` returns the columns (K, *out.shape). Returns ({parameter name: diagonal}
+    for the covered parameters, the model output, the columns). Layers that cannot be
+    captured exactly (called twice, tied, grouped, …) are left out: the caller computes their
+    parameters' diagonal another way.
+    """
+    layers = kfac_layers(est.model, strict=False)
+    out, active, records, _ = _forward_capture(est.model, layers, X, strict=False)
+    cols = columns(out.detach())
+    if not active:
+        return {}, out.detach(), cols
+    D: dict[str, list[Tensor]] = {}
+
+    def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
+        if a.shape[1] == 1:
+            g2 = g[:, :, 0] ** 2
+            d = [torch.einsum("knd,ne->de", g2, a[:, 0] ** 2)]
+            if layer.bias:
+                d.append(g2.sum((0, 1)))
+        else:
+            # per-sample gradients Σ_t g ãᵀ, a few columns at a time (bounded memory)
+            step = max(1, _CHUNK_ELEMENTS // (a.shape[0] * g.shape[-1] * a.shape[-1]))
+            d = [sum((torch.einsum("kntd,nte->knde", g[i:i + step], a) ** 2).sum((0, 1))
+                     for i in range(0, g.shape[0], step))]
+            if layer.bias:
+                d.append((g.sum(2) ** 2).sum((0, 1)))
+        old = D.get(layer.name)
+        D[layer.name] = d if old is None else [x + y for x, y in zip(old, d)]
+
+    kept, _, _ = _backprop_columns(out, cols, active, records, strict=False, consume=consume)
+    res: dict[str, Tensor] = {}
+    for layer in kept:
+        d = D[layer.name]
+        res[layer.params[0]] = d[0].reshape(layer.module.weight.shape)
+        if layer.bias:
+            res[layer.params[1]] = d[1]
+    return res, out.detach(), cols
+
+
+# ============================================================================ public
+def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch],
+                      statistic: Statistic, approx: Approx, mc_samples: int = 1,
+                      generator: GeneratorArg = None) -> dict[str, KroneckerFactors]:
+    """K-FAC factors {module name: KroneckerFactors} of every trainable Linear/Conv2d layer.
+
+    ``statistic``: ``"exact"`` (KFLR, G from the loss-Hessian square root), ``"mc"`` (KFAC,
+    ``mc_samples`` labels drawn per input from ``generator``), ``"empirical"`` (true labels).
+    ``approx``: ``"expand"`` or ``"reduce"`` (weight sharing, see the module doc).
+    ``generator``: a ``torch.Generator`` (drawn from batch after batch), or a callable
+    ``i ↦ Generator`` giving the generator of batch i.
+
+    Over several batches (and ranks) A is the count-weighted mean of the batches' A and G
+    combines like the loss: Σ_b (N_b/N) G_b for "mean", Σ_b G_b for "sum".
+    Modules that are not called in the forward pass are left out (their parameters fall
+    back to another structure); unsupported configurations raise an error naming the module.
+    """
+    if statistic not in ("exact", "mc", "empirical"):
+        raise ValueError(f"statistic must be 'exact', 'mc' or 'empirical', got {statistic!r}")
+    if approx not in ("expand", "reduce"):
+        raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
+    if int(mc_samples) < 1:
+        raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    if statistic == "mc" and generator is None:
+        raise ValueError("statistic 'mc' needs a generator (curvkit never draws from the "
+                         "global RNG)")
+    check_loss(estimator.loss_fn, f"estimator {estimator.name!r}")
+    layers = kfac_layers(estimator.model)
+    if not layers:
+        return {}
+    batches = as_batches(batch)
+    sum_red = estimator.reduction == "sum"
+    state = {"i": 0, "names": None}
+
+    def one(X: Any, y: Tensor) -> dict[str, Any]:
+        i = state["i"]
+        state["i"] += 1
+        gen = generator(i) if callable(generator) and not isinstance(
+            generator, torch.Generator) else generator
+        fac = _batch_factors(estimator, layers, X, y, statistic, approx, int(mc_samples),
+                             gen, sum_inputs=sum_red)
+        names = tuple(fac)
+        if state["names"] is None:
+            state["names"] = names
+        elif names != state["names"]:
+            raise ValueError(f"kronecker: the layers used in the forward pass differ between "
+                             f"batches ({state['names']} vs {names})")
+        out: dict[str, Any] = {"A": {n: a for n, (a, _) in fac.items()},
+                               "G": {n: g for n, (_, g) in fac.items()}}
+        if sum_red:
+            ref = next(iter(fac.values()))[0] if fac else torch.zeros(())
+            out["count"] = torch.tensor(float(batch_size((X, y))), dtype=ref.dtype,
+                                        device=ref.device)
+        return out
+
+    acc = estimator.accumulate(batches, one, reduction=estimator.reduction)
+    if sum_red:
+        acc["A"] = {n: a / acc["count"] for n, a in acc["A"].items()}
+    by_name = {layer.name: layer for layer in layers}
+    return {n: KroneckerFactors(module=n, params=by_name[n].params, A=acc["A"][n],
+                                G=acc["G"][n]) for n in acc["A"]}
+
+
+def factors_to_dense(factors: KroneckerFactors, shapes: dict[str, torch.Size]) -> Tensor:
+    """G ⊗ A rearranged to the flattening of the parameters themselves (weight flattened,
+    then bias): the block that a dense curvature matrix has for ``factors.params``.
+    ``shapes`` maps parameter names to shapes."""
+    K = torch.kron(factors.G, factors.A)  # over vec_r([W | b])
+    d_out = factors.G.shape[0]
+    d_aug = factors.A.shape[0]
+    w_name = factors.params[0]
+    d_in = int(torch.Size(shapes[w_name]).numel()) // d_out
+    idx = torch.arange(d_out * d_aug).reshape(d_out, d_aug)
+    order = [idx[:, :d_in].reshape(-1)]
+    if len(factors.params) > 1:
+        order.append(idx[:, d_in])
+    perm = torch.cat(order)
+    return K[perm][:, perm]

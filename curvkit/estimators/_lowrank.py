@@ -1,0 +1,161 @@
+"""Estimators C = Σ_n J_nᵀ B_n J_n with a low-rank output-space matrix B_n = Σ_k s_{n,k} s_{n,k}ᵀ.
+
+The empirical Fisher (``ef``: one column, √c ∇_f ℓ(f_n, y_n)) and the Monte Carlo Fisher
+(``fisher``: M columns √(c/M) ∇_f ℓ(f_n, ŷ_m)) share all their products; a subclass only
+supplies the columns (``_columns``) and its K-FAC statistic. J_n = ∂f_n/∂θ is the Jacobian of
+sample n's output, c the loss' reduction factor (:func:`curvkit.losses.reduction_factor`).
+
+* ``matvec``: one forward pass with forward-mode duals gives f and Jv, then
+  u_n = Σ_k s_{n,k} ⟨s_{n,k}, (Jv)_n⟩ and one backward gives Jᵀu — no per-sample gradients.
+* ``dense``: the Jacobian J (forward or reverse mode, whichever needs fewer passes), then
+  C = Σ_{n,k} (J_nᵀ s_{n,k})(J_nᵀ s_{n,k})ᵀ.
+* ``diagonal``: Linear/Conv2d parameters from the layers' inputs and output gradients
+  (:func:`curvkit.estimators._kfac.layer_diagonals`); all other parameters from per-sample
+  vector-Jacobian products (``torch.func.vmap`` over samples).
+* ``kronecker``: :func:`curvkit.estimators._kfac.kronecker_factors`.
+
+Several batches are combined by :meth:`CurvatureEstimator.accumulate`; each batch gets its
+index, so that Monte Carlo columns are drawn per batch from a generator seeded by that index
+(every product within one draw sees the same samples).
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.func import jacfwd, jacrev, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from curvkit.estimators._kfac import check_loss, layer_diagonals
+from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
+from curvkit.estimators.hessian import grad_with_zeros, leaves, require_trainable
+from curvkit.params import check_like
+from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC
+
+
+class LowRankOutputEstimator(CurvatureEstimator):
+    """C = Σ_n J_nᵀ (Σ_k s_{n,k} s_{n,k}ᵀ) J_n; subclasses define the columns s."""
+
+    provides = frozenset({MATVEC, DENSE, DIAGONAL, KRONECKER})
+
+    def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
+        super().__init__(model, loss_fn, options)
+        require_trainable(self)
+        check_loss(loss_fn, f"estimator {self.name!r}")
+
+    # ------------------------------------------------------------- for subclasses
+    @abc.abstractmethod
+    def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
+        """(K, *out.shape): the columns s_k of batch ``index`` (loss scaling included)."""
+
+    @abc.abstractmethod
+    def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
+        """K-FAC factors per Linear/Conv2d layer."""
+
+    def kronecker_roots(self, batch: Batch | Iterable[Batch]) -> dict[str, Any] | None:
+        """Square roots of ``kronecker``'s factors, A = A_rootᵀA_root, G = G_rootᵀG_root
+        (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
+        columns as ``kronecker``; see :mod:`curvkit.estimators._kfac_roots`."""
+        from curvkit.estimators._kfac_roots import kronecker_roots
+        return kronecker_roots(self, batch, self.options.kfac_approx, self._columns)
+
+    # ------------------------------------------------------------- batches
+    def _per_batch(self, batch: Batch | Iterable[Batch],
+                   fn: Callable[[Any, Tensor, int], Any]) -> Any:
+        counter = itertools.count()
+        return self.accumulate(as_batches(batch), lambda X, y: fn(X, y, next(counter)))
+
+    def matvec(self, batch: Batch | Iterable[Batch], v: Iterable[Tensor]) -> list[Tensor]:
+        v = list(v)
+        check_like(v, self.params)
+        return self._per_batch(batch, lambda X, y, i: self._matvec_at(X, y, v, i))
+
+    def dense(self, batch: Batch | Iterable[Batch]) -> Tensor:
+        return self._per_batch(batch, self._dense_at)
+
+    def diagonal(self, batch: Batch | Iterable[Batch]) -> list[Tensor]:
+        """diag(C), shaped like the parameters."""
+        return self._per_batch(batch, self._diagonal_at)
+
+    def _matvec(self, X: Any, y: Tensor, v: list[Tensor]) -> list[Tensor]:
+        return self._matvec_at(X, y, v, 0)
+
+    def _dense(self, X: Any, y: Tensor) -> Tensor:
+        return self._dense_at(X, y, 0)
+
+    # ------------------------------------------------------------- one batch
+    def _matvec_at(self, X: Any, y: Tensor, v: list[Tensor], index: int) -> list[Tensor]:
+        params = leaves(self)
+        f = self.forward_fn()
+        with torch.enable_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t.to(p.dtype)) for p, t in zip(params, v)]
+            out, jv = fwAD.unpack_dual(f(duals, X))
+        jv = torch.zeros_like(out) if jv is None else jv.detach()
+        cols = self._columns(out.detach(), y, index)
+        K, N = cols.shape[0], out.shape[0]
+        coef = (cols.reshape(K, N, -1) * jv.reshape(1, N, -1)).sum(2)  # ⟨s_{n,k}, (Jv)_n⟩
+        u = (coef.reshape(K, N, *([1] * (out.ndim - 1))) * cols).sum(0)
+        with torch.enable_grad():
+            res = grad_with_zeros([out], params, [u])
+        return [r.detach() for r in res]
+
+    def _dense_at(self, X: Any, y: Tensor, index: int) -> Tensor:
+        f = self.forward_fn()
+        params = tuple(p.detach() for p in self.params)
+        out = f(params, X).detach()
+        P = sum(p.numel() for p in params)
+        M = out.numel()
+
+        def fn(*ps: Tensor) -> Tensor:
+            return f(ps, X)
+
+        argnums = tuple(range(len(params)))
+        jac = (jacfwd if P <= M else jacrev)(fn, argnums=argnums)(*params)
+        N = out.shape[0]
+        J = torch.cat([j.reshape(M, -1) for j in jac], dim=1).reshape(N, M // N, P)
+        cols = self._columns(out, y, index)
+        W = torch.einsum("kno,nop->knp", cols.reshape(cols.shape[0], N, -1), J).reshape(-1, P)
+        return W.T @ W
+
+    def _diagonal_at(self, X: Any, y: Tensor, index: int) -> list[Tensor]:
+        for mod_name, mod in self.model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+                raise ValueError(
+                    f"estimator {self.name!r}: the diagonal needs per-sample quantities, but "
+                    f"module {mod_name or '<model>'} ({type(mod).__name__}) is in training "
+                    f"mode and couples the samples of a batch; call model.eval() first")
+        covered, out, cols = layer_diagonals(self, X, lambda o: self._columns(o, y, index))
+        named = self.named_params
+        rest = [i for i, (n, _) in enumerate(named) if n not in covered]
+        other = self._per_sample_diagonal(X, cols, rest) if rest else []
+        res = [covered[n] if n in covered else None for n, _ in named]
+        for i, d in zip(rest, other):
+            res[i] = d
+        return [r.detach() for r in res]
+
+    def _per_sample_diagonal(self, X: Any, cols: Tensor, idx: list[int]) -> list[Tensor]:
+        """Σ_{n,k} (J_nᵀ s_{n,k})² for the parameters ``idx``, one sample at a time (vmap)."""
+        f = self.forward_fn()
+        params = [p.detach() for p in self.params]
+
+        def per_sample(xn: Any, sn: Tensor) -> list[Tensor]:
+            x1 = tree_map(lambda t: t.unsqueeze(0), xn)
+
+            def fn(sub: list[Tensor]) -> Tensor:
+                ps = list(params)
+                for j, t in zip(idx, sub):
+                    ps[j] = t
+                return f(ps, x1).reshape(-1)
+
+            _, pull = vjp(fn, [params[j] for j in idx])
+            grads = vmap(pull)(sn.reshape(sn.shape[0], -1))[0]
+            return [(g ** 2).sum(0) for g in grads]
+
+        contrib = vmap(per_sample, randomness="different")(X, cols.transpose(0, 1))
+        return [c.sum(0) for c in contrib]
