@@ -196,12 +196,17 @@ def split_flat(theta: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
 def flat_forward(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     """``f(theta, X)``: the model output as a function of the flat trainable parameters.
 
-    Written independently of curvkit (``torch.func.functional_call`` only).
+    Written independently of curvkit (``torch.func.functional_call`` only); the model's
+    buffers are not modified.
     """
     names, shapes = param_shapes(model)
+    buffers = dict(model.named_buffers())
 
     def f(theta: Tensor, X: Tensor) -> Tensor:
-        return functional_call(model, dict(zip(names, split_flat(theta, shapes))), (X,))
+        state = dict(zip(names, split_flat(theta, shapes)))
+        # fresh buffer copies: BatchNorm in training mode updates them in place
+        state.update({n: b.clone() for n, b in buffers.items()})
+        return functional_call(model, state, (X,))
 
     return f
 

@@ -53,6 +53,26 @@ class KroneckerFactors:
 
 
 @dataclass
+class KroneckerRoots:
+    """Square roots of one layer's Kronecker factors (optional ``kronecker_roots`` method).
+
+    A = A_rootᵀ A_root and G = G_rootᵀ G_root for the :class:`KroneckerFactors` of the same
+    layer and batch, with A_root (m_A, d_in [+1]) the scaled augmented inputs (one row per
+    sample and, for "expand", position) and G_root (m_G, d_out) the scaled output gradients.
+    A consumer that only needs a structured part of Kᵀ A K (``lie_group``) forms it from
+    S = A_root K at the cost of products with A_root, without the d_in² · m_A of A itself.
+    Estimators may offer ``kronecker_roots(batch)`` returning ``{module: KroneckerRoots}``,
+    or ``None`` where roots cannot be combined (several ranks): callers then use
+    ``kronecker``.
+    """
+
+    module: str
+    params: tuple[str, ...]
+    A_root: Tensor
+    G_root: Tensor
+
+
+@dataclass
 class Summary:
     """Partition summary (the ``summary`` capability), Wolinski's D^(1), D^(2), diag D^(3).
 
@@ -128,12 +148,20 @@ class CurvatureEstimator(Part, abc.ABC):
         return sum(p.numel() for p in self.params)
 
     def forward_fn(self) -> Callable[[Sequence[Tensor], Any], Tensor]:
-        """``f(params, X)``: the model output with the trainable parameters replaced."""
+        """``f(params, X)``: the model output with the trainable parameters replaced.
+
+        Buffers are passed as fresh copies made inside ``f``: a forward that updates buffers
+        in place (BatchNorm running statistics in training mode) neither changes the user's
+        model nor trips ``torch.func`` transforms over a mutated captured tensor.
+        """
         names = [n for n, _ in self.named_params]
         model = self.model
+        buffers = dict(model.named_buffers())
 
         def f(params: Sequence[Tensor], X: Any) -> Tensor:
-            return functional_call(model, dict(zip(names, params)), (X,))
+            state = dict(zip(names, params))
+            state.update({n: b.clone() for n, b in buffers.items()})
+            return functional_call(model, state, (X,))
 
         return f
 
