@@ -1,0 +1,368 @@
+"""``lie_group``: SINGD (Lin et al., "Structured Inverse-Free Natural Gradient Descent", 2024).
+
+Per Linear/Conv2d layer the curvature block over vec_r(W̃), W̃ = [W | b] (d_out, d_K), is
+G ⊗ A (the estimator's ``kronecker`` capability; the factors' square roots from its optional
+``kronecker_roots`` when offered, which saves forming A and G). Instead of inverting the
+damped factors, SINGD keeps two structured factors K (d_K×d_K) and C (d_out×d_out) with
+
+    (A + λ·I)⁻¹ ≈ K Kᵀ,     (G + λ·I)⁻¹ ≈ C Cᵀ   (up to how λ is shared, see below),
+
+and moves them multiplicatively on a matrix Lie group, so they stay invertible and
+structured without a single inversion or decomposition (it runs in bfloat16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from curvkit import structures as structure_table
+from curvkit.estimators.base import KroneckerFactors, KroneckerRoots
+from curvkit.options import option
+from curvkit.params import check_like
+from curvkit.parts import DIAGONAL, KRONECKER
+from curvkit.preconditioners.base import Preconditioner
+from curvkit.structures.base import Structure
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+class LieGroup(Preconditioner):
+    """SINGD: inverse-free structured Kronecker factors updated on a matrix Lie group.
+
+    Every ``update_every`` steps, with A, G the layer's Kronecker factors from the estimator,
+    Π the projection onto each factor's structure and tr̄(X) = tr(X)/dim X::
+
+        H_K = Π(Kᵀ A K),                      H_C = Π(Cᵀ G C)
+        m_K ← α₁ m_K + s·( tr̄(H_C)·H_K + λ·tr̄(Π(CᵀC))·Π(KᵀK) − I )
+        m_C ← α₁ m_C + s·( tr̄(H_K)·H_C + λ·tr̄(Π(KᵀK))·Π(CᵀC) − I )
+        K ← K (I − β_K m_K),                  C ← C (I − β_C m_C)
+
+    with α₁ = ``alpha1``, λ = ``damping``, s = ½ (s = ½(1 − α₁) and β = β₁ / max(1,
+    max|m|) with ``normalize_lr_cov``; otherwise β = β₁ = ``lr_cov``). At a fixed point
+    (m_K = 0, dense K) K Kᵀ = (tr̄(CᵀGC)·A + λ·tr̄(CᵀC)·I)⁻¹ and symmetrically for C.
+    ``kfac_like`` replaces the traces by 1 (and needs α₁ = 0), the IKFAC update with fixed
+    point K Kᵀ = (A + λI)⁻¹, C Cᵀ = (G + λI)⁻¹. ``apply`` maps a layer's direction
+    M (d_out, d_K) to C Cᵀ M K Kᵀ. K and C start at ``init_scale``·I.
+
+    Structures (``structures`` = [K's, C's]): see :mod:`curvkit.structures`. Parameters no
+    Kronecker factor covers use ``fallback``: ``"identity"`` (unchanged) or ``"diagonal"``:
+    the same update with K = diag(k) on the estimator's diagonal h and C ≡ 1,
+    m ← α₁ m + s(k²(h + λ) − 1), k ← k(1 − β m), direction ↦ k² d.
+    """
+
+    name = "lie_group"
+    needs = frozenset({KRONECKER})
+
+    @dataclass
+    class Options:
+        lr_cov: float = option(1e-2, "β₁: step size of the factor updates K ← K(I − β₁ m_K)",
+                               min=0.0)
+        alpha1: float = option(0.5, "α₁: Riemannian momentum of m_K, m_C", min=0.0)
+        damping: float = option(1e-3, "λ: damping inside the factor updates", min=0.0)
+        update_every: int = option(10, "T: update K, C every T steps", min=1)
+        structures: tuple[str, str] = option(
+            ("dense", "dense"), "structures of K (input side, d_in [+1]) and C (output side): "
+                                + ", ".join(structure_table.STRUCTURES))
+        kfac_like: bool = option(False, "IKFAC-like update: the trace terms coupling K and C "
+                                        "are replaced by 1 (needs alpha1 = 0)")
+        normalize_lr_cov: bool = option(False, "normalized steps: β = lr_cov / max(1, max|m|) "
+                                               "and s = (1 − α₁)/2")
+        init_scale: float = option(1.0, "K and C start as init_scale·I (first "
+                                        "preconditioner init_scale⁴·I)", min=0.0)
+        block_size: int = option(30, "block size of 'block_diagonal'", min=1)
+        hierarchical_k1: int = option(15, "size of the dense top block of 'hierarchical'",
+                                      min=0)
+        hierarchical_k2: int = option(15, "size of the dense bottom-right block of "
+                                          "'hierarchical'", min=0)
+        toeplitz: Literal["lower", "upper"] = option(
+            "lower", "side of 'triangular_toeplitz' (singd's triltoeplitz / triutoeplitz)")
+        preconditioner_dtype: tuple[str, str] = option(
+            ("param", "param"), "dtypes of (K, m_K) and (C, m_C): 'param' (the weight's) or "
+                                + ", ".join(DTYPES))
+        fallback: Literal["identity", "diagonal"] = option(
+            "identity", "structure of parameters no Kronecker factor covers")
+
+        def __post_init__(self) -> None:
+            for i, s in enumerate(self.structures):
+                structure_table.get(s, where=f"structures[{i}]")
+            for i, d in enumerate(self.preconditioner_dtype):
+                if d != "param" and d not in DTYPES:
+                    raise ValueError(f"preconditioner_dtype[{i}]: expected 'param' or one of "
+                                     f"{', '.join(DTYPES)}, got {d!r}")
+            if self.kfac_like and self.alpha1 != 0.0:
+                raise ValueError(f"kfac_like: the IKFAC-like update has no Riemannian "
+                                 f"momentum; set alpha1 = 0 (got {self.alpha1})")
+            if self.init_scale <= 0.0:
+                raise ValueError("init_scale: must be > 0 (K and C must start invertible)")
+
+    @classmethod
+    def requirements(cls, options: Any) -> frozenset[str]:
+        if options.fallback == "diagonal":
+            return frozenset({KRONECKER, DIAGONAL})
+        return frozenset({KRONECKER})
+
+    def __init__(self, model: nn.Module, options: Options | None = None) -> None:
+        super().__init__(model, options)
+        o = self.options
+        self._classes = [structure_table.get(s) for s in o.structures]
+        self._configs = [self._config(c) for c in self._classes]
+        # K Kᵀ and C Cᵀ (for structures closed under transposition) between updates
+        self._outer: dict[tuple[str, int], Structure | None] = {}
+        self._last: dict[str, Any] = {}
+        layers = self._predicted_layers()
+        self.state["layers"] = layers
+        self.state["factors"] = {}
+        dims = {n: p for n, p in self.named_params}
+        for mod, names in layers.items():
+            W = dims[names[0]]
+            d_K = W[0].numel() + (1 if len(names) > 1 else 0)
+            self.state["factors"][mod] = self._initial(d_K, W.shape[0], W.dtype, W.device)
+        if o.fallback == "diagonal":
+            covered = {p for names in layers.values() for p in names}
+            self.state["fallback"] = {
+                n: {"k": torch.full_like(p, o.init_scale ** 2, dtype=self._dtype(0, p.dtype))}
+                for n, p in self.named_params if n not in covered}
+
+    # ------------------------------------------------------------------ structure helpers
+    def _config(self, cls: type[Structure]) -> dict[str, Any]:
+        o = self.options
+        values = {"block_size": o.block_size, "k1": o.hierarchical_k1,
+                  "k2": o.hierarchical_k2, "lower": o.toeplitz == "lower"}
+        return {k: values[k] for k in cls.CONFIG}
+
+    def _dtype(self, side: int, param_dtype: torch.dtype) -> torch.dtype:
+        choice = self.options.preconditioner_dtype[side]
+        return param_dtype if choice == "param" else DTYPES[choice]
+
+    def _structure(self, side: int, dim: int, data: dict[str, Tensor]) -> Structure:
+        return self._classes[side](dim, data, **self._configs[side])
+
+    def _initial(self, d_K: int, d_C: int, dtype: torch.dtype, device: torch.device
+                 ) -> dict[str, Any]:
+        entry: dict[str, Any] = {}
+        for side, (key, dim) in enumerate((("K", d_K), ("C", d_C))):
+            eye = self._classes[side].eye(dim, dtype=self._dtype(side, dtype), device=device,
+                                          scale=self.options.init_scale,
+                                          **self._configs[side])
+            entry[key] = eye.data
+            entry[f"dim_{key}"] = dim
+        return entry
+
+    # ------------------------------------------------------------------ coverage
+    def _predicted_layers(self) -> dict[str, list[str]]:
+        """Linear/Conv2d modules with a trainable weight: {module: [weight, (bias)]}."""
+        trainable_names = {n for n, _ in self.named_params}
+        layers: dict[str, list[str]] = {}
+        for mod_name, mod in self.model.named_modules():
+            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+                continue
+            prefix = f"{mod_name}." if mod_name else ""
+            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
+            if prefix + "weight" in names:
+                layers[mod_name] = names
+        return layers
+
+    def structures(self) -> dict[str, str]:
+        k, c = self.options.structures
+        label = f"lie_group[{k}, {c}]"
+        covered = {p for names in self.state["layers"].values() for p in names}
+        fallback = self.options.fallback
+        return {n: label if n in covered else fallback for n, _ in self.named_params}
+
+    # ------------------------------------------------------------------ update
+    @staticmethod
+    def _statistics(estimator: Any, batch: Any
+                    ) -> dict[str, KroneckerFactors] | dict[str, KroneckerRoots]:
+        """The factors' square roots if the estimator offers them, else the factors."""
+        roots = getattr(estimator, "kronecker_roots", None)
+        found = roots(batch) if callable(roots) else None
+        return estimator.kronecker(batch) if found is None else found
+
+    def _check_factors(self, kf: KroneckerFactors | KroneckerRoots,
+                       shapes: dict[str, torch.Size]) -> tuple[int, int]:
+        where = f"preconditioner 'lie_group': factors of module {kf.module!r}"
+        if not kf.params or any(p not in shapes for p in kf.params):
+            raise ValueError(f"{where} cover {list(kf.params)}, which are not all trainable "
+                             f"parameters of the model")
+        d_out = shapes[kf.params[0]][0]
+        cols = sum(shapes[p].numel() // d_out for p in kf.params)
+        if isinstance(kf, KroneckerRoots):
+            A, G, what = kf.A_root, kf.G_root, "A_root and G_root need {} and {} columns"
+            ok = A.ndim == 2 and G.ndim == 2 and A.shape[1] == cols and G.shape[1] == d_out
+        else:
+            A, G, what = kf.A, kf.G, "A and G need shapes ({0}, {0}) and ({1}, {1})"
+            ok = A.shape == (cols, cols) and G.shape == (d_out, d_out)
+        if not ok:
+            raise ValueError(f"{where}: got shapes {tuple(A.shape)} and {tuple(G.shape)}; for "
+                             f"parameters {list(kf.params)} " + what.format(cols, d_out))
+        return cols, d_out
+
+    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
+        o = self.options
+        named = dict(self.named_params)
+        shapes = {n: p.shape for n, p in named.items()}
+        found = self._statistics(estimator, batch)
+        layers = dict(self.state["layers"])
+        factors = dict(self.state["factors"])
+        seen: dict[str, str] = {}
+        dims = {}
+        for kf in found.values():
+            dims[kf.module] = self._check_factors(kf, shapes)
+            for p in kf.params:
+                if p in seen:
+                    raise ValueError(f"preconditioner 'lie_group': parameter {p!r} is covered "
+                                     f"by the factors of both {seen[p]!r} and {kf.module!r}")
+                seen[p] = kf.module
+            if layers.get(kf.module) != list(kf.params) or kf.module not in factors:
+                W = named[kf.params[0]]
+                layers[kf.module] = list(kf.params)
+                factors[kf.module] = self._initial(*dims[kf.module], W.dtype, W.device)
+        for kf in found.values():
+            factors[kf.module] = self._update_layer(factors[kf.module], kf)
+
+        if o.fallback == "diagonal":
+            self._update_fallback(estimator, batch, {p for ns in layers.values() for p in ns})
+        self.state["layers"] = layers
+        self.state["factors"] = factors
+        self.state["updates"] = int(self.state.get("updates", 0)) + 1
+        self._outer = {}
+        self._last = {"lie_group_layers": len(found),
+                      "lie_group_fallback_params": len(self.state.get("fallback", {}))}
+
+    def _momentum_step(self, X: Structure, m_new: Structure, m_old: Structure | None
+                       ) -> tuple[Structure, Structure]:
+        """m ← α₁ m_old + m_new; X ← X (I − β m)."""
+        o = self.options
+        m = m_new if m_old is None or o.alpha1 == 0.0 else m_new.add(m_old, alpha=o.alpha1)
+        beta: float | Tensor = o.lr_cov
+        if o.normalize_lr_cov:
+            beta = o.lr_cov / m.max_abs().clamp_min(1.0)
+        return X.add((X @ m).scale(-beta)), m
+
+    @staticmethod
+    def _projected(X: Structure, factor: Tensor, is_root: bool) -> Structure:
+        """Π(Xᵀ F X) for the factor F, or for F = RᵀR given its root R (m, d)."""
+        factor = factor.detach().to(X.dtype)
+        if not is_root:
+            return X.congruence(factor)
+        if X.DENSE_PRODUCTS and factor.shape[0] > 2 * X.dim:
+            # 2d²m for S = R X and SᵀS against d²m + 2d³ for F and Xᵀ F X
+            return X.congruence(factor.T @ factor)
+        return X.inner(factor.T)
+
+    def _update_layer(self, entry: dict[str, Any], kf: KroneckerFactors | KroneckerRoots
+                      ) -> dict[str, Any]:
+        o = self.options
+        K = self._structure(0, entry["dim_K"], entry["K"])
+        C = self._structure(1, entry["dim_C"], entry["C"])
+        roots = isinstance(kf, KroneckerRoots)
+        H_K = self._projected(K, kf.A_root if roots else kf.A, roots)
+        H_C = self._projected(C, kf.G_root if roots else kf.G, roots)
+        KtK, CtC = K.gram(), C.gram()
+        half = 0.5 * (1.0 - o.alpha1) if o.normalize_lr_cov else 0.5
+        if o.kfac_like:
+            m_K = H_K.add(KtK, alpha=o.damping)
+            m_C = H_C.add(CtC, alpha=o.damping)
+        else:
+            # the traces couple the factors: tr̄(H_C)·H_K is the K-side of Π(Cᵀ G C) ⊗ Π(Kᵀ A K)
+            m_K = H_K.scale(H_C.average_trace().to(K.dtype)).add(
+                KtK.scale(CtC.average_trace().to(K.dtype) * o.damping))
+            m_C = H_C.scale(H_K.average_trace().to(C.dtype)).add(
+                CtC.scale(KtK.average_trace().to(C.dtype) * o.damping))
+        m_K = m_K.add_identity(-1.0).scale(half)
+        m_C = m_C.add_identity(-1.0).scale(half)
+        old_K = self._structure(0, entry["dim_K"], entry["m_K"]) if "m_K" in entry else None
+        old_C = self._structure(1, entry["dim_C"], entry["m_C"]) if "m_C" in entry else None
+        K, m_K = self._momentum_step(K, m_K, old_K)
+        C, m_C = self._momentum_step(C, m_C, old_C)
+        new = {"K": K.data, "C": C.data, "dim_K": entry["dim_K"], "dim_C": entry["dim_C"]}
+        if o.alpha1 != 0.0:
+            new["m_K"], new["m_C"] = m_K.data, m_C.data
+        return new
+
+    def _update_fallback(self, estimator: Any, batch: Any, covered: set[str]) -> None:
+        o = self.options
+        names = [n for n, _ in self.named_params]
+        diag = estimator.diagonal(batch)
+        check_like(diag, self.params, what=f"{type(estimator).__name__}.diagonal(batch)")
+        old = self.state.get("fallback", {})
+        half = 0.5 * (1.0 - o.alpha1) if o.normalize_lr_cov else 0.5
+        new: dict[str, dict[str, Tensor]] = {}
+        for n, h in zip(names, diag):
+            if n in covered:
+                continue
+            prev = old.get(n)
+            k = prev["k"] if prev is not None else \
+                torch.full_like(h, o.init_scale ** 2, dtype=self._dtype(0, h.dtype))
+            m = half * (k.square() * (h.detach().to(k.dtype) + o.damping) - 1.0)
+            if prev is not None and "m" in prev and o.alpha1 != 0.0:
+                m = m + o.alpha1 * prev["m"]
+            beta: float | Tensor = o.lr_cov
+            if o.normalize_lr_cov:
+                beta = o.lr_cov / m.abs().max().clamp_min(1.0)
+            entry = {"k": k - beta * (k * m)}
+            if o.alpha1 != 0.0:
+                entry["m"] = m
+            new[n] = entry
+        self.state["fallback"] = new
+
+    # ------------------------------------------------------------------ apply
+    def _side(self, mod: str, side: int, entry: dict[str, Any], n_cols: int) -> Any:
+        """K (or C) as a structure, and K Kᵀ when one product is cheaper than two."""
+        key = "KC"[side]
+        X = self._structure(side, entry[f"dim_{key}"], entry[key])
+        cached = (mod, side)
+        if cached not in self._outer:
+            # K Kᵀ costs ~d³ once per update and saves ~d²·n_cols per step
+            worth = X.dim < self.options.update_every * n_cols
+            self._outer[cached] = X.outer() if worth else None
+        return X, self._outer[cached]
+
+    def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
+        check_like(direction, self.params, what="direction")
+        names = [n for n, _ in self.named_params]
+        index = {n: i for i, n in enumerate(names)}
+        out: list[Tensor | None] = [None] * len(direction)
+        for mod, pnames in self.state["layers"].items():
+            entry = self.state["factors"][mod]
+            ds = [direction[index[p]] for p in pnames]
+            d_out = ds[0].shape[0]
+            M = torch.cat([d.reshape(d_out, -1) for d in ds], dim=1)   # (d_out, d_K)
+            K, KKt = self._side(mod, 0, entry, d_out)
+            C, CCt = self._side(mod, 1, entry, M.shape[1])
+            Mt = M.T.to(K.dtype)
+            Y = KKt.mm(Mt) if KKt is not None else K.mm(K.tmm(Mt))    # K Kᵀ Mᵀ
+            Z = Y.T.to(C.dtype)
+            R = CCt.mm(Z) if CCt is not None else C.mm(C.tmm(Z))      # C Cᵀ M K Kᵀ
+            start = 0
+            for p, d in zip(pnames, ds):
+                k = d.numel() // d_out
+                out[index[p]] = R[:, start:start + k].reshape(d.shape).to(d.dtype)
+                start += k
+        fallback = self.state.get("fallback", {})
+        for i, n in enumerate(names):
+            if out[i] is not None:
+                continue
+            d = direction[i]
+            if n in fallback:
+                k = fallback[n]["k"]
+                out[i] = (k.square() * d.to(k.dtype)).to(d.dtype)
+            else:
+                out[i] = d
+        return out  # type: ignore[return-value]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._outer = {}
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._last)
+
+
+__all__ = ["LieGroup"]

@@ -1,0 +1,247 @@
+"""Base of the structured square matrices used by the ``lie_group`` (SINGD) preconditioner.
+
+A structure is a set 𝒮 of d×d matrices given by a sparsity and tying pattern (diagonal,
+block-diagonal, triangular, Toeplitz, ...) that is closed under addition, scaling and
+matrix products and contains the identity, so its invertible elements form a matrix Lie
+group and 𝒮 itself is that group's Lie algebra. SINGD keeps its Kronecker factors K, C in
+the group and the momenta m_K, m_C in the algebra; the update K ← K (I − β m_K) only
+multiplies and adds elements of 𝒮, so it never leaves the structure and never inverts.
+
+A subclass stores the free entries of its matrices in ``self.data`` (a dict of tensors)
+and implements four things:
+
+* ``to_dense()``: the d×d matrix;
+* ``_project(X, dim, config)``: the free entries of Π(X) (see below) for a dense X;
+* ``shapes(dim, **config)``: the shape of every stored tensor;
+* ``add_identity(c)``: M + c·I.
+
+Everything else (products with dense matrices and with other elements of 𝒮, the
+congruence Π(Kᵀ M K), the Gram matrix Π(Kᵀ K), traces, identity and zero matrices) has a
+correct default built from those, which subclasses override with structure-exploiting
+versions where it pays.
+
+The projection Π
+----------------
+The update needs the "structured part" of symmetric matrices such as Kᵀ A K. For a
+pattern P (the set of free positions (i, j)), Π first *folds* a matrix X onto P,
+
+    fold(X)[i, j] = X[i, j] + [ (j, i) ∉ P ] · X[j, i]      for (i, j) ∈ P, i ≠ j,
+    fold(X)[i, i] = X[i, i],
+
+(an off-diagonal entry whose mirror is not free collects both halves of the symmetric
+pair, e.g. 2·X[i, j] for triangular structures and a symmetric X), then averages the
+entries that a structure ties together (the diagonals of a Toeplitz matrix). This is the
+Π̂ of Lin et al. (2024, SINGD), it keeps the diagonal (so traces are preserved), and for an
+element S of 𝒮 it gives Π(S) = S, i.e. ``from_dense(S.to_dense()) == S``; Π is therefore
+idempotent.
+
+Elements are immutable: every operation returns a new object with new tensors (the
+preconditioner's state contract: tensors are replaced, never modified in place).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Structure(abc.ABC):
+    """A d×d matrix with a fixed structure; see the module docstring.
+
+    ``CONFIG`` maps each structure parameter (e.g. ``block_size``) to its default;
+    ``config`` of an instance holds the values it was built with.
+    """
+
+    name: ClassVar[str] = ""
+    CONFIG: ClassVar[dict[str, Any]] = {}
+    # True if products with a dense (d, n) matrix cost O(d²n) (no sparsity to exploit):
+    # then Π(Mᵀ A M) from a d×d A can be cheaper than ``inner`` with a tall root of A
+    DENSE_PRODUCTS: ClassVar[bool] = False
+
+    def __init__(self, dim: int, data: Mapping[str, Tensor], **config: Any) -> None:
+        self.dim = int(dim)
+        self.config = self.resolve_config(config)
+        expected = self.shapes(self.dim, **self.config)
+        data = dict(data)
+        if set(data) != set(expected):
+            raise ValueError(f"{self.name}: expected tensors {sorted(expected)}, "
+                             f"got {sorted(data)}")
+        for key, shape in expected.items():
+            if tuple(data[key].shape) != tuple(shape):
+                raise ValueError(f"{self.name}: tensor {key!r} of a {self.dim}×{self.dim} "
+                                 f"matrix must have shape {tuple(shape)}, got "
+                                 f"{tuple(data[key].shape)}")
+        self.data = data
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def resolve_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` completed with the defaults; unknown keys are an error."""
+        unknown = sorted(set(config) - set(cls.CONFIG))
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown structure parameter(s) {unknown}; "
+                             f"known: {sorted(cls.CONFIG) or 'none'}")
+        return {k: config.get(k, v) for k, v in cls.CONFIG.items()}
+
+    # ------------------------------------------------------------------ to implement
+    @classmethod
+    @abc.abstractmethod
+    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes of the stored tensors of a dim×dim matrix."""
+
+    @abc.abstractmethod
+    def to_dense(self) -> Tensor:
+        """The represented (dim, dim) matrix."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
+        """Stored tensors of Π(X) for a dense (dim, dim) matrix X."""
+
+    @abc.abstractmethod
+    def add_identity(self, c: float) -> Structure:
+        """M + c·I."""
+
+    # ------------------------------------------------------------------ construction
+    def _new(self, data: Mapping[str, Tensor]) -> Structure:
+        return type(self)(self.dim, data, **self.config)
+
+    @classmethod
+    def from_dense(cls, X: Tensor, **config: Any) -> Structure:
+        """Π(X): the projection of a square matrix onto the structure (module docstring)."""
+        if X.ndim != 2 or X.shape[0] != X.shape[1]:
+            raise ValueError(f"{cls.name}: from_dense needs a square matrix, got shape "
+                             f"{tuple(X.shape)}")
+        cfg = cls.resolve_config(config)
+        return cls(X.shape[0], cls._project(X, X.shape[0], cfg), **cfg)
+
+    @classmethod
+    def zeros(cls, dim: int, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None, **config: Any) -> Structure:
+        cfg = cls.resolve_config(config)
+        data = {k: torch.zeros(s, dtype=dtype, device=device)
+                for k, s in cls.shapes(dim, **cfg).items()}
+        return cls(dim, data, **cfg)
+
+    @classmethod
+    def eye(cls, dim: int, dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None, scale: float = 1.0,
+            **config: Any) -> Structure:
+        """scale·I."""
+        return cls.zeros(dim, dtype, device, **config).add_identity(scale)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.data.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.data.values())).device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    def numel(self) -> int:
+        """Number of stored entries (the memory of one element of the structure)."""
+        return sum(t.numel() for t in self.data.values())
+
+    def to(self, dtype: torch.dtype) -> Structure:
+        return self._new({k: t.to(dtype) for k, t in self.data.items()})
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}(dim={self.dim}{', ' if cfg else ''}{cfg})"
+
+    # ------------------------------------------------------------------ linear algebra
+    def add(self, other: Structure, alpha: float = 1.0) -> Structure:
+        """self + alpha·other (same structure: stored entries add)."""
+        self._check_same(other)
+        return self._new({k: t.add(other.data[k], alpha=alpha) for k, t in self.data.items()})
+
+    def scale(self, c: float) -> Structure:
+        """c·self."""
+        return self._new({k: t * c for k, t in self.data.items()})
+
+    def max_abs(self) -> Tensor:
+        """max |M_ij|: the largest stored entry in absolute value (0 for an empty matrix)."""
+        vals = [t.abs().max() for t in self.data.values() if t.numel()]
+        if not vals:
+            return torch.zeros((), dtype=self.dtype, device=self.device)
+        return torch.stack(vals).max()
+
+    def average_trace(self) -> Tensor:
+        """tr(M) / dim."""
+        return self.to_dense().diagonal().mean()
+
+    def mm(self, X: Tensor) -> Tensor:
+        """M @ X for a dense (dim, n) matrix X."""
+        return self.to_dense() @ X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        """Mᵀ @ X for a dense (dim, n) matrix X."""
+        return self.to_dense().T @ X
+
+    def __matmul__(self, other: Structure) -> Structure:
+        """The product of two elements (it stays in the structure: closure)."""
+        self._check_same(other)
+        return self._new(self._project(self.to_dense() @ other.to_dense(), self.dim,
+                                       self.config))
+
+    def inner(self, X: Tensor | None = None) -> Structure:
+        """Π(Mᵀ X Xᵀ M) for a dense (dim, n) matrix X; Π(Mᵀ M) if X is None.
+
+        With X = aᵀ/√N (a: N inputs as rows) this is Π(Mᵀ A M), A = aᵀa/N, at the cost of
+        products with X instead of a dim×dim matrix.
+        """
+        S = self.to_dense().T if X is None else self.tmm(X)
+        return self._new(self._project(S @ S.T, self.dim, self.config))
+
+    def gram(self) -> Structure:
+        """Π(Mᵀ M)."""
+        return self.inner(None)
+
+    def outer(self) -> Structure | None:
+        """M Mᵀ as an element of the structure, or None if the structure is not closed
+        under transposition (triangular, Toeplitz, hierarchical). The preconditioner then
+        applies M Mᵀ as two products instead of one."""
+        return None
+
+    def congruence(self, A: Tensor) -> Structure:
+        """Π(Mᵀ A M) for a dense (dim, dim) matrix A."""
+        MtA_T = self.tmm(A.T)               # Mᵀ Aᵀ = (A M)ᵀ
+        return self._new(self._project(self.tmm(MtA_T.T), self.dim, self.config))
+
+    # ------------------------------------------------------------------ helpers
+    def _check_same(self, other: Structure) -> None:
+        if type(other) is not type(self) or other.dim != self.dim or \
+                other.config != self.config:
+            raise ValueError(f"cannot combine {self!r} with {other!r}: both operands must "
+                             f"have the same structure and size")
+
+
+def diagonal_sums(X: Tensor) -> Tensor:
+    """s[k] = Σ_i X[i+k, i] + Σ_i X[i, i+k] for k ≥ 1 and s[0] = tr X, for a (d, d) matrix.
+
+    Shifts row i of X by i positions (pad + reshape), so column k of the result collects
+    the k-th super-diagonal; no index tensors, works in every dtype.
+    """
+    d = X.shape[0]
+    if d == 0:
+        return X.new_zeros(0)
+
+    def upper(M: Tensor) -> Tensor:
+        # rows of width 2d re-read with width 2d + 1 shift row i left by i, so M[i, i + k]
+        # lands in column k (entries with i + k ≥ d read the zero padding)
+        flat = torch.nn.functional.pad(M, (0, d)).reshape(-1)
+        flat = torch.nn.functional.pad(flat, (0, d))
+        return flat.reshape(d, 2 * d + 1)[:, :d].sum(0)
+
+    s = upper(X) + upper(X.T)
+    s[0] = s[0] * 0.5
+    return s

@@ -1,0 +1,58 @@
+"""``dense``: an unstructured d×d matrix (the group GL(d) and its full Lie algebra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from curvkit.structures.base import Structure
+
+
+class Dense(Structure):
+    """Every entry free: Π(X) = X. Memory d², products O(d²n)."""
+
+    name = "dense"
+    DENSE_PRODUCTS = True
+
+    @classmethod
+    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
+        return {"mat": (dim, dim)}
+
+    def to_dense(self) -> Tensor:
+        return self.data["mat"]
+
+    @classmethod
+    def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
+        return {"mat": X}
+
+    def add_identity(self, c: float) -> Dense:
+        mat = self.data["mat"].clone()
+        mat.diagonal().add_(c)
+        return self._new({"mat": mat})
+
+    def average_trace(self) -> Tensor:
+        return self.data["mat"].diagonal().mean()
+
+    def mm(self, X: Tensor) -> Tensor:
+        return self.data["mat"] @ X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        return self.data["mat"].T @ X
+
+    def __matmul__(self, other: Structure) -> Dense:
+        self._check_same(other)
+        return self._new({"mat": self.data["mat"] @ other.data["mat"]})
+
+    def inner(self, X: Tensor | None = None) -> Dense:
+        S = self.data["mat"] if X is None else self.tmm(X).T
+        # S here holds (Mᵀ X)ᵀ, so Sᵀ S = Mᵀ X Xᵀ M
+        return self._new({"mat": S.T @ S})
+
+    def outer(self) -> Dense:
+        M = self.data["mat"]
+        return self._new({"mat": M @ M.T})
+
+    def congruence(self, A: Tensor) -> Dense:
+        M = self.data["mat"]
+        return self._new({"mat": M.T @ (A @ M)})

@@ -1,0 +1,63 @@
+"""``lower_triangular``: lower-triangular matrices (a Lie group when the diagonal is ≠ 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.structures.base import Structure
+
+
+class LowerTriangular(Structure):
+    """M[i, j] = 0 for j > i. Π(X) = tril(X) + tril(Xᵀ, −1): for a symmetric X the
+    strictly lower part counts twice (it stands for both halves of the pair). Stored as a
+    d×d matrix (memory d², products O(d²n)); the structure is what the update preserves.
+    """
+
+    name = "lower_triangular"
+    DENSE_PRODUCTS = True
+
+    @staticmethod
+    def _tri(X: Tensor, diagonal: int = 0) -> Tensor:
+        return torch.tril(X, diagonal)
+
+    @staticmethod
+    def _strict(X: Tensor) -> Tensor:
+        return torch.tril(X, -1)
+
+    @classmethod
+    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
+        return {"mat": (dim, dim)}
+
+    def to_dense(self) -> Tensor:
+        return self.data["mat"]
+
+    @classmethod
+    def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
+        return {"mat": cls._tri(X) + cls._strict(X.T)}
+
+    def add_identity(self, c: float) -> LowerTriangular:
+        mat = self.data["mat"].clone()
+        mat.diagonal().add_(c)
+        return self._new({"mat": mat})
+
+    def average_trace(self) -> Tensor:
+        return self.data["mat"].diagonal().mean()
+
+    def mm(self, X: Tensor) -> Tensor:
+        return self.data["mat"] @ X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        return self.data["mat"].T @ X
+
+    def __matmul__(self, other: Structure) -> LowerTriangular:
+        self._check_same(other)
+        # exact zeros above the diagonal already; the mask only guards against inf·0
+        return self._new({"mat": self._tri(self.data["mat"] @ other.data["mat"])})
+
+    def inner(self, X: Tensor | None = None) -> LowerTriangular:
+        S = self.data["mat"].T if X is None else self.tmm(X)
+        M = S @ S.T
+        return self._new({"mat": self._tri(M) + self._strict(M.T)})
