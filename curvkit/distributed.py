@@ -75,6 +75,20 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
             start += n
 
 
+def shard_rows(count: int) -> tuple[int, int]:
+    """``(offset, total)``: this rank's ``count`` samples are rows ``offset:offset+count`` of
+    the global batch (ranks in order) of ``total`` rows. Single process: ``(0, count)``."""
+    if not active():
+        return 0, int(count)
+    mine = torch.tensor([int(count)], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    _collective(dist.all_gather, "all-gather of shard sizes", every, mine)
+    COMM["bytes"] += 8 * len(every)
+    COMM["calls"] += 1
+    sizes = [int(t) for t in every]
+    return sum(sizes[:dist.get_rank()]), sum(sizes)
+
+
 def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
     if not active():
         return

@@ -142,19 +142,28 @@ def hessian_sqrt_columns(loss_fn: Any, out: Tensor, y: Tensor, where: str = "los
 
 
 def sample_output_gradients(loss_fn: Any, out: Tensor, mc_samples: int,
-                            generator: torch.Generator, where: str = "loss") -> Tensor:
+                            generator: torch.Generator, where: str = "loss",
+                            rows: tuple[int, int] | None = None) -> Tensor:
     """(M, *out.shape): ∇_{f_n} ℓ(f_n, ŷ_m) with labels drawn from the model's predictive
     distribution, so that E[s sᵀ] = ∂²ℓ_n/∂f_n² for each sample.
 
     CrossEntropyLoss: ŷ ~ Categorical(softmax(f)) independently at every position,
     s = p − onehot(ŷ). MSELoss (ℓ = ‖f − y‖²): ŷ ~ N(f, ½ I), s = 2(f − ŷ), whose
     covariance 4·½ I = 2I is the loss Hessian. Draws only from ``generator``.
+
+    ``rows = (offset, total)``: these N samples are rows offset:offset+N of a global batch of
+    ``total`` (data parallelism). The noise is drawn for the whole global batch and sliced,
+    and categorical labels come from inverse-CDF sampling of uniforms (the randomness
+    consumed does not depend on the probabilities), so sample n's label depends only on its
+    global index: sharding the batch over ranks does not change the draw.
     """
     kind = check_loss(loss_fn, where)
     out = out.detach()
+    n = out.shape[0]
+    offset, total = rows if rows is not None else (0, n)
     if kind == "mse":
-        eps = torch.randn((mc_samples, *out.shape), generator=generator, dtype=out.dtype,
-                          device=out.device)
+        eps = torch.randn((mc_samples, total, *out.shape[1:]), generator=generator,
+                          dtype=out.dtype, device=out.device)[:, offset:offset + n]
         y_hat = out.unsqueeze(0) + math.sqrt(0.5) * eps
         return 2.0 * (out.unsqueeze(0) - y_hat)
     if out.ndim < 2:
@@ -162,16 +171,19 @@ def sample_output_gradients(loss_fn: Any, out: Tensor, mc_samples: int,
                          f"shape {tuple(out.shape)}")
     C = out.shape[1]
     p = torch.softmax(out, dim=1).movedim(1, -1)  # (N, *spatial, C)
-    flat = p.reshape(-1, C)
-    labels = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
-    onehot = F.one_hot(labels.T, C).to(out.dtype)  # (M, rows, C)
-    s = flat.unsqueeze(0) - onehot
-    return s.reshape(mc_samples, *p.shape).movedim(-1, 2)
+    u = torch.rand((mc_samples, total, *p.shape[1:-1]), generator=generator,
+                   dtype=p.dtype, device=p.device)[:, offset:offset + n]  # (M, N, *spatial)
+    cdf = p.cumsum(-1).unsqueeze(0).expand(mc_samples, *p.shape).contiguous()
+    # category k has mass [cdf_{k-1}, cdf_k); clamp guards cdf_C < 1 from rounding
+    labels = torch.searchsorted(cdf, u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    onehot = F.one_hot(labels.clamp_(max=C - 1), C).to(out.dtype)  # (M, N, *spatial, C)
+    s = p.unsqueeze(0) - onehot
+    return s.movedim(-1, 2)
 
 
 def output_columns(loss_fn: Any, out: Tensor, y: Tensor, statistic: Statistic,
                    mc_samples: int = 1, generator: torch.Generator | None = None,
-                   where: str = "loss") -> Tensor:
+                   where: str = "loss", rows: tuple[int, int] | None = None) -> Tensor:
     """Columns s_k (K, *out.shape) with Σ_k s_k[n] s_k[n]ᵀ = c·B_n (see the module doc)."""
     c = reduction_factor(loss_fn, out)
     if statistic == "exact":
@@ -182,7 +194,7 @@ def output_columns(loss_fn: Any, out: Tensor, y: Tensor, statistic: Statistic,
             raise ValueError(f"{where}: statistic 'mc' needs a generator (curvkit never draws "
                              f"from the global RNG)")
         _check_targets(loss_fn, out, y, where)
-        S = sample_output_gradients(loss_fn, out, mc_samples, generator, where)
+        S = sample_output_gradients(loss_fn, out, mc_samples, generator, where, rows)
         return S * math.sqrt(c / mc_samples)
     if statistic == "empirical":
         return output_gradients(loss_fn, out, y, where).unsqueeze(0) * math.sqrt(c)

@@ -49,16 +49,30 @@ class FisherEstimator(LowRankOutputEstimator):
         if device is None:
             device = self.params[0].device
         g = self.generator(self.options.seed, device=device)
-        rank = distributed.rank()
-        if index or rank:
+        if index:
             # deterministic (Python hashes ints and tuples of ints without a salt)
-            g.manual_seed(hash((g.initial_seed(), index, rank)) % (2 ** 63))
+            g.manual_seed(hash((g.initial_seed(), index)) % (2 ** 63))
         return g
 
+    def _rows(self, index: int, count: int) -> tuple[int, int]:
+        """Where this rank's samples of batch ``index`` sit in the global batch (cached per
+        draw: CG calls matvec many times per step, the offsets do not change)."""
+        if not distributed.active():
+            return 0, count
+        key = (int(self.state.get("draw", 0)), index, count)
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = distributed.shard_rows(count)
+        return cache[key]
+
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
+        # the generator is not seeded by rank: each sample's noise is indexed by its global
+        # row, so any sharding of the batch over ranks draws the same labels
         return output_columns(self.loss_fn, out, y, "mc", self.options.mc_samples,
                               self.batch_generator(index, out.device),
-                              where=f"estimator {self.name!r}")
+                              where=f"estimator {self.name!r}",
+                              rows=self._rows(index, out.shape[0]))
 
     def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
         """K-FAC factors with G from sampled labels (the same samples as ``matvec``)."""
