@@ -26,6 +26,7 @@ from curvkit.parts import Part  # noqa: E402
 from curvkit.preconditioners.base import Preconditioner  # noqa: E402
 from curvkit.registry import get_registry, reload_registry  # noqa: E402
 from curvkit.solvers.base import Solver, StepContext, StepResult  # noqa: E402
+from curvkit.tasks.base import DatasetPart, ModelPart  # noqa: E402
 
 
 def components() -> dict[str, list[str]]:
@@ -42,7 +43,7 @@ def create(kind: str, name: str, **kwargs: Any) -> Part:
 __all__ = [
     "__version__", "components", "create", "build_optimizer", "CurvkitOptimizer",
     "hookimpl", "option", "Part", "CurvatureEstimator", "Preconditioner", "Solver",
-    "StepContext", "StepResult", "get_registry", "reload_registry",
+    "StepContext", "StepResult", "DatasetPart", "ModelPart", "get_registry", "reload_registry",
     "ConfigError", "CurvkitError", "IncompatibleError", "NonFiniteError", "RegistryError",
     "StepError",
 ]

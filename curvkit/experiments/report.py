@@ -1,0 +1,478 @@
+"""``curvkit report DIR``: a markdown summary table and PNG figures from ``results.jsonl``.
+
+Works on any results directory, finished or not: incomplete runs are shown with what they
+have written so far and marked. Figures are drawn with matplotlib's Agg canvas (no
+display, no global backend switch) into ``DIR/figures/``; the report is ``DIR/report.md``.
+
+Contents:
+
+* a table per configuration: final train / test loss (mean ± sample std over seeds, at
+  the last evaluation, on the whole split), test accuracy, time to the target train loss,
+  steps per second, share of time spent in curvature, rejected steps, non-finite events,
+  diverged / failed runs;
+* loss against step and against training time (evaluation excluded), the mean over seeds
+  with a min–max band;
+* for runs whose optimizer reports square matrices (the ``partition`` preconditioner's H̄):
+  heatmaps of H̄ and H̄⁻¹ early and late in training (as in Wolinski's Figures 1–2) and the
+  per-group learning rates η over training;
+* the grid points that were skipped (incompatible or unavailable parts) with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from curvkit.experiments.store import RESULTS, Run, load_runs, write_text_atomic
+
+REPORT = "report.md"
+FIGURES = "figures"
+
+
+@dataclass
+class Group:
+    """All runs (seeds) of one configuration."""
+
+    config_id: str
+    label: str
+    index: int
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        """Runs whose numbers count in means: finished, or incomplete (partial)."""
+        return [r for r in self.runs if r.status in ("finished", "incomplete") and r.evals]
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.runs)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "config"
+
+
+def _mean_std(values: list[float], fmt: str = "{:.4g}") -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
+
+
+def _final(run: Run) -> dict[str, Any]:
+    return run.evals[-1] if run.evals else {}
+
+
+def _time_to_target(run: Run, target: float) -> float | None:
+    for ev in run.evals:
+        loss = ev.get("train_loss")
+        if loss is not None and loss <= target:
+            return float(ev.get("time", 0.0))
+    return None
+
+
+def _train_time(run: Run) -> tuple[int, float]:
+    """(steps done, training seconds) from the records written so far."""
+    steps, seconds = 0, 0.0
+    for rec in run.steps:
+        if rec["step"]:
+            steps = max(steps, rec["step"][-1] + 1)
+            seconds = max(seconds, rec["time"][-1])
+    return steps, seconds
+
+
+def _curvature_share(run: Run) -> float | None:
+    _, total = _train_time(run)
+    curv = sum(sum(v for v in rec.get("time_curvature", []) if v is not None)
+               for rec in run.steps)
+    return curv / total if total > 0 else None
+
+
+def group_runs(runs: dict[str, Run]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for run in runs.values():
+        g = groups.setdefault(run.config_id, Group(run.config_id, run.label,
+                                                   int(run.start.get("index", 1 << 30))))
+        g.runs.append(run)
+    for g in groups.values():
+        g.runs.sort(key=lambda r: r.seed)
+    return sorted(groups.values(), key=lambda g: (g.index, g.label))
+
+
+def _target_from(runs: dict[str, Run], config: dict[str, Any]) -> float | None:
+    target = config.get("train", {}).get("target_loss")
+    if target is None:
+        for run in runs.values():
+            target = run.start.get("config", {}).get("train", {}).get("target_loss")
+            if target is not None:
+                break
+    return float(target) if target is not None else None
+
+
+def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], list[list[str]]]:
+    classification = any("test_accuracy" in _final(r) for g in groups for r in g.runs)
+    header = ["configuration", "seeds", "final train loss", "final test loss"]
+    if classification:
+        header.append("test accuracy")
+    header += [f"time to train loss ≤ {target:g} (s)" if target is not None
+               else "time to target (s)", "steps/s", "curvature time", "rejected",
+               "non-finite", "diverged", "failed"]
+    rows = []
+    for g in groups:
+        ok = g.ok_runs
+        incomplete = g.count("incomplete")
+        seeds = f"{len(g.runs)}" + (f" ({incomplete} incomplete)" if incomplete else "")
+        row = [g.label, seeds,
+               _mean_std([_final(r).get("train_loss") for r in ok]),
+               _mean_std([_final(r).get("test_loss") for r in ok])]
+        if classification:
+            row.append(_mean_std([_final(r).get("test_accuracy") for r in ok], "{:.3f}"))
+        if target is None:
+            row.append("—")
+        else:
+            times = [_time_to_target(r, target) for r in ok]
+            reached = [t for t in times if t is not None]
+            row.append(f"{_mean_std(reached, '{:.3g}')} ({len(reached)}/{len(g.runs)})"
+                       if reached else f"not reached (0/{len(g.runs)})")
+        rates = []
+        for r in g.runs:
+            steps, seconds = _train_time(r)
+            if seconds > 0:
+                rates.append(steps / seconds)
+        row.append(_mean_std(rates, "{:.3g}"))
+        shares = [_curvature_share(r) for r in g.runs]
+        shares = [s for s in shares if s is not None]
+        row.append(f"{100 * statistics.fmean(shares):.0f}%" if shares else "—")
+        rejected = [int(r.steps[-1].get("rejected", 0)) for r in g.runs if r.steps]
+        nonfinite = [int(r.steps[-1].get("nonfinite", 0)) for r in g.runs if r.steps]
+        row.append(_mean_std([float(v) for v in rejected], "{:.3g}"))
+        row.append(_mean_std([float(v) for v in nonfinite], "{:.3g}"))
+        row.append(str(g.count("diverged")))
+        row.append(str(g.count("failed")))
+        rows.append(row)
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- figures
+def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _eval_curves(g: Group, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                               np.ndarray] | None:
+    """Steps, mean time, mean, min, max over seeds of an eval metric, on the eval steps
+    every contributing run has reached."""
+    runs = [r for r in g.ok_runs if any(key in e for e in r.evals)]
+    if not runs:
+        return None
+    common = None
+    for r in runs:
+        steps = {e["step"] for e in r.evals if e.get(key) is not None}
+        common = steps if common is None else common & steps
+    if not common:
+        return None
+    steps = np.array(sorted(common))
+    vals = np.array([[next(e[key] for e in r.evals if e["step"] == s) for s in steps]
+                     for r in runs], dtype=float)
+    times = np.array([[next(e.get("time", 0.0) for e in r.evals if e["step"] == s)
+                       for s in steps] for r in runs], dtype=float)
+    return steps, times.mean(0), vals.mean(0), vals.min(0), vals.max(0)
+
+
+def loss_figure(groups: list[Group], x: str, path: Path) -> bool:
+    """Train and test loss against ``x`` ("step" or "time") with min–max seed bands."""
+    keys = [k for k in ("train_loss", "test_loss")
+            if any(_eval_curves(g, k) is not None for g in groups)]
+    if not keys:
+        return False
+    fig, axes = _figure(len(keys), 1)
+    colors = _colors(len(groups))
+    for ax, key in zip(axes[0], keys):
+        positive = True
+        for g, color in zip(groups, colors):
+            curves = _eval_curves(g, key)
+            if curves is None:
+                continue
+            steps, times, mean, lo, hi = curves
+            xs = steps if x == "step" else times
+            ax.plot(xs, mean, color=color, label=f"{g.label} ({len(g.ok_runs)})")
+            if len(g.ok_runs) > 1:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+            positive = positive and bool(np.all(lo > 0))
+        if positive:
+            ax.set_yscale("log")
+        ax.set_xlabel("step" if x == "step" else "training time (s, evaluation excluded)")
+        ax.set_ylabel(key.replace("_", " ") + " (whole split)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"loss vs {x}: mean over seeds, band = min–max")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _matrix_snapshots(run: Run) -> list[tuple[int, dict[str, Any]]]:
+    return [(e["step"], e["snapshot"]) for e in run.evals if e.get("snapshot")]
+
+
+def _square_keys(matrices: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in matrices.items():
+        if isinstance(value, list) and value and all(isinstance(r, list) for r in value) \
+                and len(value) == len(value[0]) and all(
+                    isinstance(v, (int, float)) or v is None for r in value for v in r):
+            out.append(key)
+    return out
+
+
+def _group_names(matrices: dict[str, Any], size: int) -> list[str] | None:
+    for value in matrices.values():
+        if isinstance(value, list) and len(value) == size and all(isinstance(v, str)
+                                                                 for v in value):
+            return value
+    return None
+
+
+def _block_order(names: list[str] | None, size: int) -> tuple[list[int], list[int]]:
+    """Weights first, then biases, then the rest (Wolinski's WW / WB / BB blocks): the
+    permutation and the block boundaries."""
+    if not names:
+        return list(range(size)), []
+    weights = [i for i, n in enumerate(names) if n.endswith("weight")]
+    biases = [i for i, n in enumerate(names) if n.endswith("bias")]
+    rest = [i for i in range(size) if i not in weights and i not in biases]
+    order = weights + biases + rest
+    cuts, pos = [], 0
+    for block in (weights, biases, rest):
+        pos += len(block)
+        if 0 < pos < size and block:
+            cuts.append(pos)
+    return order, cuts
+
+
+def normalized(M: np.ndarray) -> np.ndarray:
+    """M_ij / sqrt(|M_ii M_jj|): the interaction between groups i and j on a common scale."""
+    d = np.sqrt(np.abs(np.diag(M)))
+    d[d == 0] = 1.0
+    return M / np.outer(d, d)
+
+
+def heatmap_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> list[Path]:
+    """H̄ and H̄⁻¹ early and late in training, one PNG per square matrix key.
+
+    Entries are shown normalized, M_ij / sqrt(|M_ii M_jj|), with groups ordered weights
+    first, then biases, so the weight-weight, weight-bias and bias-bias interaction blocks
+    of Wolinski's Figures 1–2 appear as blocks (separated by lines)."""
+    snaps = _matrix_snapshots(run)
+    if not snaps:
+        return []
+    chosen = [snaps[0]] if len(snaps) == 1 else [snaps[0], snaps[-1]]
+    paths = []
+    for key in _square_keys(snaps[-1][1]):
+        fig, axes = _figure(len(chosen), 2, size=(4.6, 4.0))
+        for col, (step, mats) in enumerate(chosen):
+            if key not in mats:
+                continue
+            M = np.array([[np.nan if v is None else v for v in r] for r in mats[key]], float)
+            names = _group_names(mats, len(M))
+            order, cuts = _block_order(names, len(M))
+            inv = np.linalg.pinv(M) if np.isfinite(M).all() else np.full_like(M, np.nan)
+            for row, (A, title) in enumerate(((M, key), (inv, f"{key}⁻¹"))):
+                ax = axes[row][col]
+                A = normalized(A)[np.ix_(order, order)]
+                im = ax.imshow(A, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+                for c in cuts:
+                    ax.axhline(c - 0.5, color="k", linewidth=0.8)
+                    ax.axvline(c - 0.5, color="k", linewidth=0.8)
+                ax.set_title(f"{title}, step {step}", fontsize=9)
+                if names and len(names) <= 24:
+                    shown = [names[i] for i in order]
+                    ax.set_xticks(range(len(shown)), shown, rotation=90, fontsize=6)
+                    ax.set_yticks(range(len(shown)), shown, fontsize=6)
+                fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.suptitle(f"{label} (seed {run.seed}): {key} and its (pseudo-)inverse, "
+                     f"normalized M_ij/√|M_ii M_jj|", fontsize=10)
+        path = path_for(key)
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def group_lr_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> list[Path]:
+    """Per-group learning rates (every per-step vector whose key mentions eta / lr)."""
+    keys = sorted({k for rec in run.steps for k, vals in rec.get("info", {}).items()
+                   if re.search(r"eta|(^|_)lrs?($|_)", k)
+                   and any(isinstance(v, list) for v in vals)})
+    keys = [k for k in keys if not k.endswith("_valid")]
+    paths = []
+    names = None
+    snaps = _matrix_snapshots(run)
+    for key in keys:
+        steps, values = run.step_series(key)
+        pairs = [(s, v) for s, v in zip(steps, values) if isinstance(v, list)]
+        if not pairs:
+            continue
+        width = max(len(v) for _, v in pairs)
+        data = np.full((len(pairs), width), np.nan)
+        for i, (_, v) in enumerate(pairs):
+            data[i, :len(v)] = [np.nan if x is None else abs(x) for x in v]
+        xs = np.array([s for s, _ in pairs])
+        if snaps:
+            names = _group_names(snaps[-1][1], width)
+        fig, axes = _figure(1, 1, size=(7.0, 4.2))
+        ax = axes[0][0]
+        colors = _colors(width)
+        for j in range(width):
+            ax.plot(xs, data[:, j], color=colors[j], linewidth=1,
+                    label=names[j] if names else f"group {j}")
+        if np.nanmin(data, initial=np.inf) > 0:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"|{key}|")
+        ax.grid(True, alpha=0.3)
+        if width <= 16:
+            ax.legend(fontsize=6, ncol=2)
+        ax.set_title(f"{label} (seed {run.seed}): per-group {key} over training", fontsize=9)
+        path = path_for(key)
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- report
+def build_report(directory: str | Path, target_loss: float | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Write ``DIR/report.md`` and ``DIR/figures/*.png``; returns the report's path."""
+    directory = Path(directory)
+    if not (directory / RESULTS).exists():
+        raise FileNotFoundError(f"{directory}: no {RESULTS} (run `curvkit ablate` or "
+                                f"`curvkit train` with --out {directory} first)")
+    runs = load_runs(directory)
+    config: dict[str, Any] = {}
+    if (directory / "config.toml").exists():
+        try:
+            config = tomllib.loads((directory / "config.toml").read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError:
+            config = {}
+    grid: dict[str, Any] = {}
+    if (directory / "grid.json").exists():
+        try:
+            grid = json.loads((directory / "grid.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            grid = {}
+    target = target_loss if target_loss is not None else _target_from(runs, config)
+    groups = group_runs(runs)
+    figdir = directory / FIGURES
+    figdir.mkdir(exist_ok=True)
+
+    statuses: dict[str, int] = {}
+    for run in runs.values():
+        statuses[run.status] = statuses.get(run.status, 0) + 1
+    title = config.get("title") or f"curvkit report: {directory.name}"
+    lines = [f"# {title}", ""]
+    if config.get("description"):
+        lines += [str(config["description"]), ""]
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())) or "no runs yet"
+    lines.append(f"Results in `{directory}`: {len(runs)} runs of {len(groups)} "
+                 f"configurations ({counts}). Generated "
+                 f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
+    lines.append("")
+    if statuses.get("incomplete"):
+        lines += [f"**Partial results**: {statuses['incomplete']} run(s) have not finished; "
+                  "their numbers are those of their last evaluation so far.", ""]
+    if groups:
+        header, rows = summary_rows(groups, target)
+        lines += ["## Summary", "", markdown_table(header, rows), ""]
+        lines += ["Losses are means over the whole split at each run's last evaluation, "
+                  "mean ± sample standard deviation over seeds (diverged and failed runs "
+                  "excluded). Times are training time only (evaluation excluded); "
+                  "'curvature time' is the share spent refreshing curvature statistics "
+                  "(`last_info['time_curvature']`); rejected and non-finite are counts per "
+                  "run.", ""]
+    skipped = [p for p in grid.get("points", []) if p.get("skipped")]
+    if skipped:
+        lines += ["## Skipped grid points", ""]
+        lines += [f"- **{p['label']}** ({p['skipped']}): {p['reason']}" for p in skipped]
+        lines.append("")
+
+    figures: list[tuple[str, Path]] = []
+    if groups:
+        for x in ("step", "time"):
+            path = figdir / f"loss_vs_{x}.png"
+            if loss_figure(groups, x, path):
+                figures.append((f"Loss vs {'step' if x == 'step' else 'training time'}", path))
+    if figures:
+        lines += ["## Loss curves", ""]
+        lines += [f"![{name}]({p.relative_to(directory).as_posix()})" for name, p in figures]
+        lines.append("")
+
+    part_lines: list[str] = []
+    for g in groups:
+        runs_with = [r for r in g.ok_runs if _matrix_snapshots(r) or any(
+            rec.get("info") for rec in r.steps)]
+        if not runs_with:
+            continue
+        run = runs_with[0]
+        slug = f"{g.index + 1:02d}_{_slug(g.label)}" if g.index < 1 << 30 else _slug(g.label)
+        heat = heatmap_figure(run, g.label,
+                              lambda k, s=slug: figdir / f"heatmap_{s}_{_slug(k)}.png")
+        lrs = group_lr_figure(run, g.label,
+                              lambda k, s=slug: figdir / f"group_lr_{s}_{_slug(k)}.png")
+        if heat or lrs:
+            part_lines += [f"### {g.label}", ""]
+            part_lines += [f"![{p.stem}]({p.relative_to(directory).as_posix()})"
+                           for p in heat + lrs]
+            part_lines.append("")
+    if part_lines:
+        lines += ["## Partition summaries", "",
+                  "H̄ and its (pseudo-)inverse at the first and last evaluation that has "
+                  "them, normalized as M_ij/√|M_ii M_jj| (weights first, then biases), and "
+                  "the per-group learning rates |η| over training (first seed).", ""] + part_lines
+
+    failed = [r for r in runs.values() if r.status == "failed"]
+    diverged = [r for r in runs.values() if r.status == "diverged"]
+    if failed or diverged:
+        lines += ["## Diverged and failed runs", ""]
+        for r in diverged:
+            lines.append(f"- diverged: **{r.label}** seed {r.seed}: {r.end.get('reason', '')}")
+        for r in failed:
+            lines.append(f"- failed: **{r.label}** seed {r.seed}: {r.end.get('error', '')}")
+        lines.append("")
+    path = directory / REPORT
+    write_text_atomic(path, "\n".join(lines))
+    log(f"report: {path}")
+    return path

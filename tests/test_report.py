@@ -1,0 +1,154 @@
+"""``curvkit report``: numbers of the summary table, figures, partial results files."""
+
+from __future__ import annotations
+
+import statistics
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import curvkit
+from curvkit.cli import main
+from curvkit.experiments.report import build_report, markdown_table, normalized
+from curvkit.experiments.store import RESULTS, ResultsWriter
+
+CONFIG = textwrap.dedent("""
+    title = "tiny report"
+    [task]
+    dataset = { name = "teacher", n_train = 32, n_val = 8, n_test = 16, in_dim = 3, out_dim = 2 }
+    model = { name = "mlp", width = 4, depth = 1 }
+    batch_size = 16
+    [train]
+    steps = 6
+    seeds = [0, 1]
+    eval_every = 2
+    dtype = "float64"
+    target_loss = 0.5
+    [optimizer]
+    lr = 0.1
+    [ablate]
+    "optimizer.lr" = [0.05, 0.1]
+    """)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CURVKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def synthetic(directory: Path) -> None:
+    """Two configurations; 'a' with two finished seeds, 'b' one diverged and one partial."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with ResultsWriter(directory / RESULTS) as w:
+        for rid, cid, label, seed, idx in [("a0", "A", "a", 0, 0), ("a1", "A", "a", 1, 0),
+                                           ("b0", "B", "b", 0, 1), ("b1", "B", "b", 1, 1)]:
+            w.append({"type": "start", "run": rid, "attempt": 1, "config_id": cid,
+                      "label": label, "seed": seed, "index": idx,
+                      "config": {"train": {"target_loss": 0.5}}})
+        finals = {"a0": (0.4, 0.6), "a1": (0.2, 0.8)}
+        for rid, (train, test) in finals.items():
+            w.append({"type": "steps", "run": rid, "attempt": 1, "step": [0, 1, 2, 3],
+                      "loss": [1.0, 0.8, 0.6, 0.4], "time": [0.5, 1.0, 1.5, 2.0],
+                      "time_curvature": [0.25, 0.25, 0.25, 0.25], "accepted": [1, 1, 0, 1],
+                      "nonfinite": 0, "rejected": 1, "info": {}})
+            w.append({"type": "eval", "run": rid, "attempt": 1, "step": 0, "time": 0.0,
+                      "train_loss": 1.0, "test_loss": 1.1})
+            w.append({"type": "eval", "run": rid, "attempt": 1, "step": 2,
+                      "time": 1.0 if rid == "a0" else 1.5, "train_loss": 0.5,
+                      "test_loss": 0.9})
+            w.append({"type": "eval", "run": rid, "attempt": 1, "step": 4, "time": 2.0,
+                      "train_loss": train, "test_loss": test})
+            w.append({"type": "end", "run": rid, "attempt": 1, "status": "finished",
+                      "steps": 4, "time": 2.0})
+        w.append({"type": "eval", "run": "b0", "attempt": 1, "step": 0, "time": 0.0,
+                  "train_loss": 1.0, "test_loss": 1.0})
+        w.append({"type": "end", "run": "b0", "attempt": 1, "status": "diverged",
+                  "reason": "non-finite training loss at step 1"})
+        w.append({"type": "eval", "run": "b1", "attempt": 1, "step": 0, "time": 0.0,
+                  "train_loss": 3.0, "test_loss": 3.5})
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("| configuration"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_summary_numbers(tmp_path):
+    synthetic(tmp_path)
+    text = build_report(tmp_path, log=lambda m: None).read_text()
+    rows = table_rows(text)
+    a, b = rows["a"], rows["b"]
+    sd = statistics.stdev([0.4, 0.2])
+    assert a[1] == "2"
+    assert a[2] == f"{0.3:.4g} ± {sd:.4g}"          # final train loss
+    assert a[3] == f"{0.7:.4g} ± {sd:.4g}"          # final test loss
+    assert a[4] == f"{1.25:.3g} ± {statistics.stdev([1.0, 1.5]):.3g} (2/2)"  # time to 0.5
+    assert a[5] == f"{2.0:.3g} ± {0.0:.3g}"         # steps/s: 4 steps in 2 s
+    assert a[6] == "50%"                            # curvature share
+    assert a[7] == f"{1.0:.3g} ± {0.0:.3g}"         # rejected
+    assert a[-2:] == ["0", "0"]
+    assert b[1] == "2 (1 incomplete)"
+    assert b[2] == "3"  # only the partial run counts; the diverged one is excluded
+    assert b[4] == "not reached (0/2)"
+    assert b[-2:] == ["1", "0"]
+    assert "**Partial results**: 1 run(s)" in text
+    assert "diverged: **b** seed 0: non-finite training loss at step 1" in text
+    assert (tmp_path / "figures" / "loss_vs_step.png").stat().st_size > 1000
+    assert "![Loss vs training time](figures/loss_vs_time.png)" in text
+
+
+def test_report_on_partial_results_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(out), "--no-progress", "--threads", "0"]) == 0
+    raw = (out / RESULTS).read_bytes()
+    (out / RESULTS).write_bytes(raw[: int(len(raw) * 0.6)])  # cut mid-line, mid-grid
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.md'}" in printed
+    text = (out / "report.md").read_text()
+    assert text.startswith("# tiny report")
+    assert "**Partial results**" in text
+    assert "time to train loss ≤ 0.5 (s)" in text
+    assert "lr=0.05" in text
+    assert (out / "figures" / "loss_vs_step.png").exists()
+    assert (out / "figures" / "loss_vs_time.png").exists()
+
+
+def test_report_missing_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_partition_heatmaps_and_group_rates(tmp_path):
+    needed = {("estimator", "hessian"), ("preconditioner", "partition"), ("solver", "cubic")}
+    if not needed <= set(curvkit.get_registry().parts):
+        pytest.skip("hessian + partition + cubic are not all registered")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.replace('[optimizer]\nlr = 0.1\n', '[optimizer]\nlr = 1.0\n'
+                                  'estimator = "hessian"\npreconditioner = "partition"\n'
+                                  'solver = "cubic"\n').replace(
+        '[ablate]\n"optimizer.lr" = [0.05, 0.1]\n', ""))
+    out = tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(out), "--no-progress", "--threads", "0"]) == 0
+    text = build_report(out, log=lambda m: None).read_text()
+    assert "## Partition summaries" in text
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert any(n.startswith("heatmap_") for n in figs), figs
+    assert any(n.startswith("group_lr_") for n in figs), figs
+
+
+def test_helpers():
+    import numpy as np
+
+    M = np.array([[4.0, 2.0], [2.0, 9.0]])
+    np.testing.assert_allclose(normalized(M), [[1.0, 1 / 3], [1 / 3, 1.0]])
+    table = markdown_table(["a", "b"], [["x|y", "1"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
