@@ -54,7 +54,7 @@ def third_order_scale(D3: Tensor, d_floor: float) -> Tensor:
 
 
 def cubic_eta(H: Tensor, g: Tensor, D3: Tensor | None, lambda_int: float, *,
-              d_floor: float = 1e-8, rtol: float = 1e-12, max_iters: int = 100,
+              d_floor: float = 1e-4, rtol: float = 1e-12, max_iters: int = 100,
               max_expansions: int = 60, where: str = "optimizer.solver") -> CubicSolution:
     """The global minimizer of T(η) = −ηᵀḡ + ½ηᵀH̄η + (λ_int/6)‖Dη‖³, D = Diag(|D3|^{1/3}).
 
@@ -222,8 +222,12 @@ class Cubic(Solver):
         lambda_int: float = option(1.0, "λ_int, the strength of the cubic term; 0 gives the "
                                         "plain step η = H̄⁻¹ḡ (H̄ must then be positive "
                                         "definite)", min=0.0)
-        d_floor: float = option(1e-8, "floor of D's entries relative to the largest one, so "
-                                      "that D⁻¹ exists (a group with D3 ≈ 0)", min=0.0,
+        # D3 carries rounding noise of order eps·max|D3| (e.g. a group in which the loss is
+        # exactly quadratic); the cube root lifts it to eps^(1/3) ≈ 5e-6 relative, so the
+        # floor must lie well above that for the step not to depend on the noise.
+        d_floor: float = option(1e-4, "floor of D's entries relative to the largest one, so "
+                                      "that D⁻¹ exists (a group with D3 ≈ 0); D3 entries below "
+                                      "d_floor³·max|D3| count as rounding noise", min=0.0,
                                 max=1.0)
         rtol: float = option(1e-12, "relative tolerance on r of the root finder", min=0.0)
         max_iters: int = option(100, "cap on ψ evaluations of the root finder", min=1)
