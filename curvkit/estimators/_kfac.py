@@ -460,14 +460,18 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
 
 def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: Tensor,
                    statistic: Statistic, approx: Approx, mc_samples: int,
-                   generator: torch.Generator | None, sum_inputs: bool
+                   generator: torch.Generator | None, sum_inputs: bool,
+                   columns: Callable[[Tensor, Tensor], Tensor] | None = None
                    ) -> dict[str, tuple[Tensor, Tensor]]:
     """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``)."""
     out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
     if not active:
         return {}
-    cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
-                          f"estimator {est.name!r}")
+    if columns is not None:
+        cols = columns(out, y)
+    else:
+        cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
+                              f"estimator {est.name!r}")
     G: dict[str, Tensor] = {}
 
     def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
@@ -537,14 +541,18 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
 # ============================================================================ public
 def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch],
                       statistic: Statistic, approx: Approx, mc_samples: int = 1,
-                      generator: GeneratorArg = None) -> dict[str, KroneckerFactors]:
+                      generator: GeneratorArg = None,
+                      columns: Callable[[Tensor, Tensor, int], Tensor] | None = None
+                      ) -> dict[str, KroneckerFactors]:
     """K-FAC factors {module name: KroneckerFactors} of every trainable Linear/Conv2d layer.
 
     ``statistic``: ``"exact"`` (KFLR, G from the loss-Hessian square root), ``"mc"`` (KFAC,
     ``mc_samples`` labels drawn per input from ``generator``), ``"empirical"`` (true labels).
     ``approx``: ``"expand"`` or ``"reduce"`` (weight sharing, see the module doc).
     ``generator``: a ``torch.Generator`` (drawn from batch after batch), or a callable
-    ``i ↦ Generator`` giving the generator of batch i.
+    ``i ↦ Generator`` giving the generator of batch i. ``columns(out, y, i)``, if given,
+    supplies batch i's output columns instead (an estimator's own draw, so its factors use
+    exactly the samples of its products).
 
     Over several batches (and ranks) A is the count-weighted mean of the batches' A and G
     combines like the loss: Σ_b (N_b/N) G_b for "mean", Σ_b G_b for "sum".
@@ -557,7 +565,7 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     if int(mc_samples) < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-    if statistic == "mc" and generator is None:
+    if statistic == "mc" and generator is None and columns is None:
         raise ValueError("statistic 'mc' needs a generator (curvkit never draws from the "
                          "global RNG)")
     check_loss(estimator.loss_fn, f"estimator {estimator.name!r}")
@@ -573,8 +581,9 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         state["i"] += 1
         gen = generator(i) if callable(generator) and not isinstance(
             generator, torch.Generator) else generator
+        cols = None if columns is None else (lambda out, y_: columns(out, y_, i))
         fac = _batch_factors(estimator, layers, X, y, statistic, approx, int(mc_samples),
-                             gen, sum_inputs=sum_red)
+                             gen, sum_inputs=sum_red, columns=cols)
         names = tuple(fac)
         if state["names"] is None:
             state["names"] = names

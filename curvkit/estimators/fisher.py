@@ -77,5 +77,4 @@ class FisherEstimator(LowRankOutputEstimator):
     def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
         """K-FAC factors with G from sampled labels (the same samples as ``matvec``)."""
         return kronecker_factors(self, batch, statistic="mc", approx=self.options.kfac_approx,
-                                 mc_samples=self.options.mc_samples,
-                                 generator=lambda i: self.batch_generator(i))
+                                 mc_samples=self.options.mc_samples, columns=self._columns)
