@@ -29,12 +29,12 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import jacfwd, jacrev, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
+from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
 from curvkit.estimators._kfac import check_loss, layer_diagonals
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
-from curvkit.estimators.hessian import grad_with_zeros, leaves, require_trainable
 from curvkit.params import check_like
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC
 
@@ -106,19 +106,9 @@ class LowRankOutputEstimator(CurvatureEstimator):
         return [r.detach() for r in res]
 
     def _dense_at(self, X: Any, y: Tensor, index: int) -> Tensor:
-        f = self.forward_fn()
-        params = tuple(p.detach() for p in self.params)
-        out = f(params, X).detach()
-        P = sum(p.numel() for p in params)
-        M = out.numel()
-
-        def fn(*ps: Tensor) -> Tensor:
-            return f(ps, X)
-
-        argnums = tuple(range(len(params)))
-        jac = (jacfwd if P <= M else jacrev)(fn, argnums=argnums)(*params)
-        N = out.shape[0]
-        J = torch.cat([j.reshape(M, -1) for j in jac], dim=1).reshape(N, M // N, P)
+        out, J = self.output_jacobian(X)
+        N, M, P = out.shape[0], out.numel(), J.shape[1]
+        J = J.reshape(N, M // N, P)
         cols = self._columns(out, y, index)
         W = torch.einsum("kno,nop->knp", cols.reshape(cols.shape[0], N, -1), J).reshape(-1, P)
         return W.T @ W

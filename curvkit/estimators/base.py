@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, jacfwd, jacrev
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvkit import distributed
@@ -169,6 +169,25 @@ class CurvatureEstimator(Part, abc.ABC):
         """``L(params)`` on the batch ``(X, y)``."""
         f = self.forward_fn()
         return lambda params: self.loss_fn(f(params, X), y)
+
+    def output_jacobian(self, X: Any, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """(f(θ, X), J): the output and its (M, P) Jacobian, M = f.numel(), by forward or
+        reverse mode, whichever needs fewer passes (for ``dense`` on small models)."""
+        f = self.forward_fn()
+        params = tuple(p.detach() for p in self.params)
+        out = f(params, X).detach()
+        P = sum(p.numel() for p in params)
+        M = out.numel()
+
+        def fn(*ps: Tensor) -> Tensor:
+            return f(ps, X)
+
+        argnums = tuple(range(len(params)))
+        if P <= M:
+            jac = jacfwd(fn, argnums=argnums)(*params)
+        else:
+            jac = jacrev(fn, argnums=argnums, chunk_size=chunk_size)(*params)
+        return out, torch.cat([j.reshape(M, -1) for j in jac], dim=1)
 
     # ------------------------------------------------------------- public API
     def matvec(self, batch: Batch | Iterable[Batch], v: Sequence[Tensor]) -> list[Tensor]:

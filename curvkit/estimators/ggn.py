@@ -9,16 +9,16 @@ from typing import Any, Literal
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from curvkit.estimators.base import Batch, CurvatureEstimator, Summary
-from curvkit.estimators.hessian import (
+from curvkit.estimators._autograd import (
     check_direction_and_partition,
     grad_with_zeros,
     group_directions,
     leaves,
     require_trainable,
 )
+from curvkit.estimators.base import Batch, CurvatureEstimator, Summary
 from curvkit.losses import reduction_factor
 from curvkit.options import option
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC, SUMMARY
@@ -104,26 +104,6 @@ class GGNEstimator(CurvatureEstimator):
             jv = torch.zeros_like(out)
         return params, out, jv.detach()
 
-    def _jacobian(self, X: Any) -> tuple[Tensor, Tensor]:
-        """(f(θ, X), J) with J the (M, P) Jacobian, M = f.numel(); forward or reverse mode,
-        whichever needs fewer passes."""
-        f = self.forward_fn()
-        params = tuple(p.detach() for p in self.params)
-        out = f(params, X).detach()
-        P = sum(p.numel() for p in params)
-        M = out.numel()
-
-        def fn(*ps: Tensor) -> Tensor:
-            return f(ps, X)
-
-        argnums = tuple(range(len(params)))
-        if P <= M:
-            jac = jacfwd(fn, argnums=argnums)(*params)
-        else:
-            jac = jacrev(fn, argnums=argnums, chunk_size=self._chunk())(*params)
-        J = torch.cat([j.reshape(M, -1) for j in jac], dim=1)
-        return out, J
-
     # ------------------------------------------------------------- one batch
     def _matvec(self, X: Any, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         params, out, jv = self._forward_jvp(X, v)
@@ -133,7 +113,7 @@ class GGNEstimator(CurvatureEstimator):
         return [r.detach() for r in res]
 
     def _dense(self, X: Any, y: Tensor) -> Tensor:
-        out, J = self._jacobian(X)
+        out, J = self.output_jacobian(X, chunk_size=self._chunk())
         hvp = self._output_hvp(out, y)
         P = J.shape[1]
         cols = J.T.reshape(P, *out.shape)  # column p of J, shaped like the output
@@ -207,7 +187,7 @@ class GGNEstimator(CurvatureEstimator):
         return [c.sum(0) for c in contrib]
 
     def _diagonal_from_jacobian(self, X: Any, y: Tensor) -> list[Tensor]:
-        out, J = self._jacobian(X)
+        out, J = self.output_jacobian(X, chunk_size=self._chunk())
         hvp = self._output_hvp(out, y)
         P = J.shape[1]
         HJ = vmap(hvp, chunk_size=self._chunk())(J.T.reshape(P, *out.shape)).reshape(P, -1)

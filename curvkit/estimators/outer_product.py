@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit.estimators._autograd import grad_with_zeros, loss_graph, require_trainable
 from curvkit.estimators.base import Batch, CurvatureEstimator
-from curvkit.estimators.hessian import grad_with_zeros, loss_graph, require_trainable
 from curvkit.params import check_like, flatten
 from curvkit.parts import DENSE, DIAGONAL, MATVEC
 
