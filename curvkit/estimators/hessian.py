@@ -1,9 +1,4 @@
-"""``hessian``: the exact Hessian of the loss, by Pearlmutter Hessian-vector products.
-
-Also holds small helpers other estimators share (``leaves``, ``loss_graph``,
-``grad_with_zeros``, ``require_trainable``, the ``summary`` argument checks and group
-directions); the registry only collects the part class defined here.
-"""
+"""``hessian``: the exact Hessian of the loss, by Pearlmutter Hessian-vector products."""
 
 from __future__ import annotations
 
