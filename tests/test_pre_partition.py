@@ -91,6 +91,10 @@ class TestPartition(PreconditionerSuite):
                                              "damping": 1e-3}, updates=2),
             Case("average-last-and-eta-ema", {"average_last": 2, "eta_ema": 0.5,
                                               "damping": 1e-3}, updates=3, loss="mse"),
+            Case("diagonal-only-hessian-cnn", {"diagonal_only": True, "damping": 1e-3},
+                 estimator="hessian", arch="cnn", updates=2),
+            Case("diagonal-only-ggn-mlp-mse-sum", {"diagonal_only": True}, loss="mse",
+                 reduction="sum"),
         ]
 
     def reference(self, case: Case, ctx: Context) -> list[torch.Tensor]:
@@ -115,6 +119,8 @@ class TestPartition(PreconditionerSuite):
             gs.append(B.T @ flat(grad_on(prob, batch)))
             H = sum(Hs[-k_avg:]) / len(Hs[-k_avg:])
             g = sum(gs[-k_avg:]) / len(gs[-k_avg:])
+            if o.get("diagonal_only"):  # App. K: the interactions between groups dropped
+                H = torch.diag(torch.diagonal(H))
             etas.append(torch.linalg.solve(H + o.get("damping", 0.0) * torch.eye(len(g),
                                                                                  dtype=H.dtype),
                                            g))
@@ -399,3 +405,60 @@ def test_singular_pseudo_hessian_skips_the_step_and_damping_fixes_it():
     assert not torch.equal(model.fc.weight, before[1])
     assert [n for n, _ in model.named_parameters()] == ["unused", "fc.weight", "fc.bias"]
     assert torch.equal(model.unused, before[0])
+
+
+# ----------------------------------------------------------------------------- diagonal H̄
+
+
+@pytest.mark.parametrize("arch,loss,reduction", [("mlp", "ce", "mean"), ("cnn", "mse", "sum")])
+def test_diagonal_only_is_the_dense_formula_with_the_diagonal_of_h_bar(arch, loss, reduction):
+    """η_s = ḡ_s / (H̄_ss + δ) with H̄ = Bᵀ H B from the dense Hessian; the step is
+    θ − lr·B η, and the full H̄ is still what the preconditioner reports."""
+    prob = problem(arch, loss, reduction, n=8)
+    batch = prob.batches[0]
+    names = [n for n, _ in trainable(prob.model)]
+    g = grad_on(prob, batch)
+    B = basis(g, names, "canonical")
+    H_bar = B.T @ dense_hessian(prob, batch) @ B
+    g_bar = B.T @ flat(g)
+    damping = 1e-3
+    eta = g_bar / (torch.diagonal(H_bar) + damping)
+    # the interactions are not negligible here, so the test tells the two variants apart
+    assert not torch.allclose(eta, torch.linalg.solve(H_bar + damping * torch.eye(len(g_bar),
+                                                      dtype=H_bar.dtype), g_bar), rtol=1e-3)
+    theta0 = flat_params(prob.model)
+    opt = curvkit.build_optimizer(prob.model, prob.loss_fn, {
+        "lr": 0.5, "estimator": "hessian",
+        "preconditioner": {"name": "partition", "diagonal_only": True, "damping": damping}})
+    opt.step(batch)
+    torch.testing.assert_close(flat_params(prob.model), theta0 - 0.5 * (B @ eta),
+                               rtol=1e-9, atol=1e-12)
+    assert opt.last_info["partition_eta"] == pytest.approx(eta.tolist(), rel=1e-9)
+    torch.testing.assert_close(torch.tensor(opt.last_info["partition_H"], dtype=H_bar.dtype),
+                               H_bar, rtol=1e-9, atol=1e-12)
+    summary = opt.preconditioner.group_summary()
+    torch.testing.assert_close(summary.H, torch.diag(torch.diagonal(H_bar)) +
+                               damping * torch.eye(len(g_bar), dtype=H_bar.dtype),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_diagonal_only_with_the_cubic_solver_uses_the_diagonal_summary():
+    """The cubic rule receives Diag(H̄): η is cubic_eta(Diag(H̄), ḡ, D3)."""
+    from curvkit.solvers.cubic import cubic_eta
+
+    model = mlp()
+    S = 4
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(S, S, generator=gen, dtype=torch.float64)
+    summary = Summary(g=torch.randn(S, generator=gen, dtype=torch.float64),
+                      H=A @ A.T - 0.5 * torch.eye(S, dtype=torch.float64),
+                      D3=torch.randn(S, generator=gen, dtype=torch.float64))
+    solver = curvkit.create("solver", "cubic", lambda_int=1.0)
+    pre = build(model, diagonal_only=True)
+    pre.set_eta_rule(solver.solve)
+    pre.update(Scripted([summary]), None, [torch.ones_like(p) for p in model.parameters()])
+    want = cubic_eta(torch.diag(torch.diagonal(summary.H)), summary.g, summary.D3, 1.0)
+    full = cubic_eta(summary.H, summary.g, summary.D3, 1.0)
+    torch.testing.assert_close(pre.state["eta"], want.eta, rtol=1e-12, atol=0)
+    assert not torch.allclose(want.eta, full.eta, rtol=1e-3)
+    torch.testing.assert_close(pre.state["H"], summary.H, rtol=0, atol=0)

@@ -152,3 +152,53 @@ def test_helpers():
     np.testing.assert_allclose(normalized(M), [[1.0, 1 / 3], [1 / 3, 1.0]])
     table = markdown_table(["a", "b"], [["x|y", "1"]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_loss_against_work(tmp_path):
+    """The per-step ``work`` numbers are summed into the x axis of the loss-vs-work figure;
+    configurations that log no work are left out of it and named."""
+    from curvkit.experiments.report import cumulative_work
+    from curvkit.experiments.store import load_runs
+
+    tmp_path.mkdir(exist_ok=True)
+    with ResultsWriter(tmp_path / RESULTS) as w:
+        for rid, cid, label, work in [("w0", "W", "with work", [2, 10, None, 4]),
+                                      ("n0", "N", "no work", None)]:
+            w.append({"type": "start", "run": rid, "attempt": 1, "config_id": cid,
+                      "label": label, "seed": 0, "index": 0 if cid == "W" else 1})
+            w.append({"type": "steps", "run": rid, "attempt": 1, "step": [0, 1, 2, 3],
+                      "loss": [1.0, 0.8, 0.6, 0.4], "time": [0.5, 1.0, 1.5, 2.0],
+                      "time_curvature": [0, 0, 0, 0], "accepted": [1, 1, 1, 1],
+                      "nonfinite": 0, "rejected": 0,
+                      "info": {"work": work} if work else {}})
+            for step, loss in [(0, 1.0), (2, 0.5), (4, 0.25)]:
+                w.append({"type": "eval", "run": rid, "attempt": 1, "step": step,
+                          "time": float(step), "train_loss": loss, "test_loss": loss})
+            w.append({"type": "end", "run": rid, "attempt": 1, "status": "finished",
+                      "steps": 4, "time": 2.0})
+    runs = load_runs(tmp_path)
+    assert cumulative_work(runs["w0"]) == {0: 0.0, 1: 2.0, 2: 12.0, 3: 12.0, 4: 16.0}
+    assert cumulative_work(runs["n0"]) is None
+    text = build_report(tmp_path, log=lambda m: None).read_text()
+    assert "![Loss vs work](figures/loss_vs_work.png)" in text
+    assert "Not shown (no work logged): no work." in text
+    assert (tmp_path / "figures" / "loss_vs_work.png").stat().st_size > 1000
+
+
+def test_torch_baselines_log_work_per_closure_call():
+    import torch
+    from torch import nn
+
+    from curvkit.experiments.runner import torch_step
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(8, 3), torch.randn(8, 2))
+    for opt, calls in [(torch.optim.Adam(model.parameters(), lr=1e-3), 1),
+                       (torch.optim.LBFGS(model.parameters(), max_iter=3), None)]:
+        counts: dict[str, int] = {}
+        torch_step(opt, model, nn.MSELoss(), batch, counts)
+        if calls is not None:
+            assert counts == {"closure": calls}
+        else:  # LBFGS evaluates the closure once per inner iteration (and once more)
+            assert counts["closure"] > 1

@@ -11,7 +11,8 @@ Contents:
   steps per second, share of time spent in curvature, rejected steps, non-finite events,
   diverged / failed runs;
 * loss against step and against training time (evaluation excluded), the mean over seeds
-  with a min–max band;
+  with a min–max band; and against work (network passes, the per-step ``work`` number
+  the trust-region and varpro solvers and torch.optim baselines log) when runs have it;
 * for runs whose optimizer reports square matrices (the ``partition`` preconditioner's H̄):
   heatmaps of H̄ and H̄⁻¹ early and late in training (as in Wolinski's Figures 1–2) and the
   per-group learning rates η over training;
@@ -193,11 +194,30 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _eval_curves(g: Group, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                               np.ndarray] | None:
-    """Steps, mean time, mean, min, max over seeds of an eval metric, on the eval steps
-    every contributing run has reached."""
+def cumulative_work(run: Run) -> dict[int, float] | None:
+    """Steps done → work done so far (sum of the per-step ``work`` numbers), or None when
+    the run logs no work. A step without a number (e.g. a skipped non-finite step) counts
+    as no work."""
+    steps, values = run.step_series("work")
+    if not any(isinstance(v, (int, float)) for v in values):
+        return None
+    out, total = {0: 0.0}, 0.0
+    for step, value in sorted(zip(steps, values), key=lambda p: p[0]):
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            total += float(value)
+        out[step + 1] = total
+    return out
+
+
+def _eval_curves(g: Group, key: str, x: str = "step"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                            np.ndarray] | None:
+    """Steps, mean time (or mean work for ``x = "work"``), mean, min, max over seeds of an
+    eval metric, on the eval steps every contributing run has reached."""
     runs = [r for r in g.ok_runs if any(key in e for e in r.evals)]
+    if x == "work":
+        works = {r.run: cumulative_work(r) for r in runs}
+        runs = [r for r in runs if works[r.run] is not None]
     if not runs:
         return None
     common = None
@@ -209,37 +229,77 @@ def _eval_curves(g: Group, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     steps = np.array(sorted(common))
     vals = np.array([[next(e[key] for e in r.evals if e["step"] == s) for s in steps]
                      for r in runs], dtype=float)
-    times = np.array([[next(e.get("time", 0.0) for e in r.evals if e["step"] == s)
-                       for s in steps] for r in runs], dtype=float)
+    if x == "work":
+        steps = np.array([s for s in steps if all(int(s) in works[r.run] for r in runs)])
+        if not len(steps):
+            return None
+        vals = np.array([[next(e[key] for e in r.evals if e["step"] == s) for s in steps]
+                         for r in runs], dtype=float)
+        times = np.array([[works[r.run][int(s)] for s in steps] for r in runs], dtype=float)
+    else:
+        times = np.array([[next(e.get("time", 0.0) for e in r.evals if e["step"] == s)
+                           for s in steps] for r in runs], dtype=float)
     return steps, times.mean(0), vals.mean(0), vals.min(0), vals.max(0)
 
 
+LEGEND_INSIDE_MAX = 12     # more configurations than this: legend below the axes
+CLIP_FACTOR = 10.0         # loss axes stop at this multiple of the largest initial loss
+XLABELS = {"step": "step", "time": "training time (s, evaluation excluded)",
+           "work": "work (network passes: forward, backward, JVP, VJP; 2 per gradient)"}
+
+
 def loss_figure(groups: list[Group], x: str, path: Path) -> bool:
-    """Train and test loss against ``x`` ("step" or "time") with min–max seed bands."""
+    """Train and test loss against ``x`` ("step", "time" or "work") with min–max seed
+    bands; for "work" only the configurations that log it."""
     keys = [k for k in ("train_loss", "test_loss")
-            if any(_eval_curves(g, k) is not None for g in groups)]
+            if any(_eval_curves(g, k, x) is not None for g in groups)]
     if not keys:
         return False
-    fig, axes = _figure(len(keys), 1)
+    # Large grids: the legend goes below the axes (inside, it would cover them) and the
+    # figure grows to hold it; beyond 20 colours the line style tells curves apart.
+    many = len(groups) > LEGEND_INSIDE_MAX
+    ncol = 1 if max(len(g.label) for g in groups) > 80 else 2
+    rows = math.ceil(len(groups) / ncol) if many else 0
+    fig, axes = _figure(len(keys), 1, size=(6.0, 4.0 + 0.14 * rows))
     colors = _colors(len(groups))
+    styles = ["-", "--", ":", "-."]
     for ax, key in zip(axes[0], keys):
         positive = True
-        for g, color in zip(groups, colors):
-            curves = _eval_curves(g, key)
+        starts: list[float] = []
+        for i, (g, color) in enumerate(zip(groups, colors)):
+            curves = _eval_curves(g, key, x)
             if curves is None:
                 continue
             steps, times, mean, lo, hi = curves
             xs = steps if x == "step" else times
-            ax.plot(xs, mean, color=color, label=f"{g.label} ({len(g.ok_runs)})")
-            if len(g.ok_runs) > 1:
+            if x == "work":
+                # the seeds' work differs (rejected steps, CG iterations): mean per eval
+                n_ok = sum(cumulative_work(r) is not None for r in g.ok_runs)
+            else:
+                n_ok = len(g.ok_runs)
+            ax.plot(xs, mean, color=color, linestyle=styles[(i // 20) % len(styles)],
+                    label=f"{g.label} ({n_ok})")
+            if n_ok > 1:
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
             positive = positive and bool(np.all(lo > 0))
+            if np.isfinite(mean[0]):
+                starts.append(float(mean[0]))
         if positive:
             ax.set_yscale("log")
-        ax.set_xlabel("step" if x == "step" else "training time (s, evaluation excluded)")
+        # a diverging configuration would flatten every other curve: the axis stops at
+        # CLIP_FACTOR × the largest initial loss (the table still has its numbers)
+        if starts and positive and ax.get_ylim()[1] > CLIP_FACTOR * max(starts):
+            ax.set_ylim(top=CLIP_FACTOR * max(starts))
+            ax.set_title(f"clipped at {CLIP_FACTOR:g}× the largest initial loss", fontsize=8)
+        ax.set_xlabel(XLABELS[x])
         ax.set_ylabel(key.replace("_", " ") + " (whole split)")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
+    if many:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=6,
+                   frameon=False)
+    else:
+        axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"loss vs {x}: mean over seeds, band = min–max")
     fig.savefig(path, dpi=110)
     return True
@@ -431,14 +491,24 @@ def build_report(directory: str | Path, target_loss: float | None = None,
 
     figures: list[tuple[str, Path]] = []
     if groups:
-        for x in ("step", "time"):
+        names = {"step": "step", "time": "training time", "work": "work"}
+        for x in ("step", "time", "work"):
             path = figdir / f"loss_vs_{x}.png"
             if loss_figure(groups, x, path):
-                figures.append((f"Loss vs {'step' if x == 'step' else 'training time'}", path))
+                figures.append((f"Loss vs {names[x]}", path))
     if figures:
         lines += ["## Loss curves", ""]
         lines += [f"![{name}]({p.relative_to(directory).as_posix()})" for name, p in figures]
         lines.append("")
+        if any(name == "Loss vs work" for name, _ in figures):
+            without = [g.label for g in groups
+                       if g.ok_runs and all(cumulative_work(r) is None for r in g.ok_runs)]
+            lines += ["Work counts network passes per step as the runs log it (`work`: "
+                      "2 for the gradient, 2 per curvature product, 1 per loss evaluation "
+                      "for `trust_region`; every forward, JVP and VJP for `varpro`; 2 per "
+                      "closure call for torch.optim baselines)." +
+                      (f" Not shown (no work logged): {', '.join(without)}." if without
+                       else ""), ""]
 
     part_lines: list[str] = []
     for g in groups:

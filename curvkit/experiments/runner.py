@@ -9,7 +9,8 @@ described in :mod:`curvkit.experiments.store`.
   runs are comparable), the training time so far (evaluation excluded), the time spent in
   curvature (``optimizer.last_info["time_curvature"]``), accepted / rejected steps and
   non-finite events, and every number or short vector the optimizer's ``last_info``
-  reports (the ``partition`` preconditioner's per-group η among them).
+  reports (the ``partition`` preconditioner's per-group η among them); for torch.optim
+  baselines ``work`` = 2 network passes per closure call, as the curvkit solvers count it.
 * Every ``eval_every`` steps (and at steps 0 and ``steps``): loss and accuracy on the whole
   train / validation / test splits, and a ``snapshot`` of the latest square matrices and
   name lists of ``last_info`` (the ``partition`` preconditioner's H̄ and group names).
@@ -274,8 +275,11 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
             idx, full = sampler.next()
             batch = (X_train[idx], y_train[idx])
             if cfg.is_torch:
-                loss_value = torch_step(opt, model, loss_fn, batch)
-                info: dict[str, Any] = {}
+                calls: dict[str, int] = {}
+                loss_value = torch_step(opt, model, loss_fn, batch, calls)
+                # work in network passes, as the curvkit solvers count it: forward +
+                # backward per closure call (LBFGS may call it several times)
+                info: dict[str, Any] = {"work": 2 * calls.get("closure", 1)}
                 accepted, t_curv = True, 0.0
                 event = not math.isfinite(loss_value)
             else:
@@ -325,13 +329,18 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
 
 
 def torch_step(opt: torch.optim.Optimizer, model: nn.Module, loss_fn: nn.Module,
-                batch: tuple[Tensor, Tensor]) -> float:
+                batch: tuple[Tensor, Tensor], counts: dict[str, int] | None = None) -> float:
     """One torch.optim step through a closure (works for LBFGS too); under
-    torch.distributed the gradients are reduced like curvkit's (count-weighted)."""
+    torch.distributed the gradients are reduced like curvkit's (count-weighted).
+    ``counts["closure"]`` receives the number of closure calls."""
     X, y = batch
     first: list[float] = []
+    if counts is not None:
+        counts["closure"] = 0
 
     def closure() -> Tensor:
+        if counts is not None:
+            counts["closure"] += 1
         opt.zero_grad(set_to_none=False)
         with torch.enable_grad():
             loss = loss_fn(model(X), y)

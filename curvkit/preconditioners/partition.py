@@ -69,6 +69,11 @@ class Partition(Preconditioner):
 
     η is recomputed every ``update_every`` steps (the summary is then measured along the
     current u); between recomputations the stored η scales the current direction.
+
+    ``diagonal_only``: η is computed from Diag(H̄) in place of H̄ (by the plain solve, then
+    η_s = ḡ_s / (H̄_ss + damping), or by the cubic rule), i.e. the interactions between
+    groups are dropped — the diagonal variant of Wolinski's Appendix K. The state and
+    ``info()`` keep the full measured H̄.
     """
 
     name = "partition"
@@ -102,6 +107,9 @@ class Partition(Preconditioner):
                                      "η ← β·η_prev + (1−β)·η_new (the first η is taken as is)",
                                 min=0.0, max=1.0)
         average_last: int = option(1, "H̄, ḡ, D3 are the mean of the last k summaries", min=1)
+        diagonal_only: bool = option(
+            False, "η from Diag(H̄) instead of H̄: drop the interactions between groups "
+                   "(Wolinski's App. K ablation); H̄ is still measured and reported in full")
 
         def __post_init__(self) -> None:
             if self.eta_ema >= 1.0:
@@ -195,7 +203,8 @@ class Partition(Preconditioner):
 
         count = int(self.state.get("updates", 0)) + 1
         eye = torch.eye(S, dtype=H.dtype, device=H.device)
-        damped = Summary(g=g, H=H + self.options.damping * eye, D3=D3)
+        used = torch.diag(torch.diagonal(H)) if self.options.diagonal_only else H
+        damped = Summary(g=g, H=used + self.options.damping * eye, D3=D3)
         eta_new, rule_info = self._rule(damped)
         # Everything is computed before the state changes: a rule that raises (the cubic
         # solver's StepError) leaves the preconditioner as it was.
@@ -230,11 +239,14 @@ class Partition(Preconditioner):
         return bool(self.state.get("eta_valid", 0)) and "eta" in self.state
 
     def group_summary(self, damped: bool = True) -> Summary:
-        """The current (averaged) summary; ``damped``: H̄ + damping·I. float64."""
+        """The current (averaged) summary as η uses it (Diag(H̄) with ``diagonal_only``);
+        ``damped``: plus damping·I. float64."""
         if "H" not in self.state:
             raise RuntimeError("preconditioner 'partition': no summary before the first "
                                "update()")
         H = self.state["H"]
+        if self.options.diagonal_only:
+            H = torch.diag(torch.diagonal(H))
         if damped:
             H = H + self.options.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         return Summary(g=self.state["g"], H=H, D3=self.state.get("D3"))
