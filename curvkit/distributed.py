@@ -93,8 +93,13 @@ def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
     if not active():
         return
     for t in tensors:
-        _collective(dist.broadcast, f"broadcast of {t.numel()} values from rank {src}", t,
+        # collectives move raw storage: a non-contiguous tensor (e.g. eigh's column-major
+        # eigenvectors) must travel through a contiguous buffer
+        buf = t if t.is_contiguous() else t.contiguous()
+        _collective(dist.broadcast, f"broadcast of {t.numel()} values from rank {src}", buf,
                     src=src)
+        if buf is not t:
+            t.copy_(buf)
         COMM["bytes"] += t.numel() * t.element_size()
         COMM["calls"] += 1
 

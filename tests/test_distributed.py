@@ -75,6 +75,12 @@ CASES = {
                                  "preconditioner": {"name": "kronecker", "damping": 1e-2},
                                  "solver": "direct"},
                                 [("estimator", "fisher"), ("preconditioner", "kronecker")]),
+    "fisher+kronecker(distributed inversions)+direct": (
+        {"lr": 0.5, "estimator": {"name": "fisher", "mc_samples": 2},
+         "preconditioner": {"name": "kronecker", "damping": 1e-2, "inverse": "eigh",
+                            "damping_form": "exact", "distribute_inversions": True},
+         "solver": "direct"},
+        [("estimator", "fisher"), ("preconditioner", "kronecker")]),
     "ef+lie_group+direct": ({"lr": 0.1, "estimator": "ef", "preconditioner": "lie_group",
                              "solver": {"name": "direct", "momentum": 0.5}},
                             [("estimator", "ef"), ("preconditioner", "lie_group")]),

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from curvkit import distributed
 from curvkit.estimators.base import KroneckerFactors
 from curvkit.options import option
 from curvkit.params import check_like
@@ -83,6 +84,9 @@ class Kronecker(Preconditioner):
                     "bfloat16/float16 models, the model dtype otherwise")
         fallback: Literal["diagonal", "identity"] = option(
             "diagonal", "structure of parameters no Kronecker factor covers")
+        distribute_inversions: bool = option(
+            False, "data parallel: invert layer k on rank k mod world size only and "
+                   "broadcast the inverse (kfac-pytorch's layer assignment)")
 
         def __post_init__(self) -> None:
             if self.ema >= 1.0:
@@ -188,10 +192,8 @@ class Kronecker(Preconditioner):
         period = max(o.invert_every // o.update_every, 1)
         due = (count - 1) % period == 0
         inverses = dict(self.state.get("inverses", {}))
-        pis = {}
-        for mod, f in factors.items():
-            if due or mod not in inverses:
-                inverses[mod], pis[mod] = self._invert(f["A"], f["G"])
+        todo = [mod for mod in factors if due or mod not in inverses]
+        pis = self._invert_layers(todo, factors, inverses)
         self.state["inverses"] = {m: inverses[m] for m in factors}
         self.state["factors"] = factors
         self.state["layers"] = layers
@@ -209,6 +211,39 @@ class Kronecker(Preconditioner):
                               f"factors for {type(self.model.get_submodule(mod)).__name__} "
                               f"module {mod!r}; its parameters {names} use the "
                               f"{self.options.fallback!r} fallback", stacklevel=3)
+
+    def _invert_layers(self, todo: list[str], factors: dict[str, dict[str, Tensor]],
+                       inverses: dict[str, Any]) -> dict[str, float]:
+        """Invert the factors of the layers in ``todo`` into ``inverses``; returns their π.
+
+        With ``distribute_inversions`` under several ranks, layer k (in the estimator's
+        module order, the same on every rank) is inverted by rank k mod world size alone
+        and broadcast: the factors are identical on all ranks (all-reduced), so every rank
+        ends with the inverse one process would have computed.
+        """
+        pis: dict[str, float] = {}
+        if not (self.options.distribute_inversions and distributed.active()):
+            for mod in todo:
+                inverses[mod], pis[mod] = self._invert(factors[mod]["A"], factors[mod]["G"])
+            return pis
+        world, me = distributed.world_size(), distributed.rank()
+        for k, mod in enumerate(todo):
+            A, G = factors[mod]["A"], factors[mod]["G"]
+            owner = k % world
+            if owner == me:
+                inv, pi = self._invert(A, G)
+            else:  # receive buffers shaped like the owner's result
+                inv, pi = self._inverse_buffers(A, G), 0.0
+            pi_t = torch.tensor([pi], dtype=torch.float64)
+            distributed.broadcast_([*inv.values(), pi_t], src=owner)
+            inverses[mod], pis[mod] = inv, float(pi_t)
+        return pis
+
+    def _inverse_buffers(self, A: Tensor, G: Tensor) -> dict[str, Tensor]:
+        if self.options.damping_form == "exact":
+            return {"QA": torch.empty_like(A), "lA": torch.empty_like(A[0]),
+                    "QG": torch.empty_like(G), "lG": torch.empty_like(G[0])}
+        return {"A": torch.empty_like(A), "G": torch.empty_like(G)}
 
     def _invert(self, A: Tensor, G: Tensor) -> tuple[dict[str, Tensor], float]:
         o = self.options
