@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +51,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             raise ConfigError(f"{sol.path}: {err}") from err
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
         self.last_info: dict[str, Any] = {}
+        # the estimator can take the statistics the preconditioner needs from the step's own
+        # forward and backward pass (estimator.observe) instead of another pass
+        self._observes = bool(getattr(self.estimator, "observed", frozenset()) & pre.needs)
 
     # ------------------------------------------------------------------ step
     def _loss_and_grads(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -77,13 +81,16 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         step = self.counters["steps"]
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1
-        loss, grads = self._loss_and_grads(batch)
+        update = self.preconditioner.should_update(step)
+        with (self.estimator.observe(batch) if update and self._observes
+              else contextlib.nullcontext()):
+            loss, grads = self._loss_and_grads(batch)
         info["loss"] = float(loss)
         if not (torch.isfinite(loss) and all_finite(grads)):
             return self._skip(loss, info, "loss or gradient")
 
         t_curv = time.perf_counter()
-        if self.preconditioner.should_update(step):
+        if update:
             snapshot = self.preconditioner.state_dict()
             self.preconditioner.update(self.estimator, batch, grads)
             if not _state_finite(self.preconditioner.state):

@@ -37,15 +37,23 @@ factor, the weight gradient implied by the captured inputs and output gradients 
 with the true weight gradient (from the same backward pass); a mismatch (the weight also
 used outside the module's forward, a subclass with a different forward) raises too.
 
+Observed passes (the ``"empirical"`` statistic only): :func:`observe_pass` installs the same
+capture, plus tensor hooks for the gradients, around someone else's forward and backward pass
+of the loss (the optimizer's). With one column √c·∇_f ℓ_n per sample and the pass delivering
+c·∇ℓ_n at every layer output, the statistics follow by dividing those gradients by √c, with
+no pass of their own (:func:`_observed_columns`, which also checks that the pass was the
+loss' and otherwise leaves the batch to the ordinary path).
+
 The same capture gives exact diagonals (:func:`layer_diagonals`, BackPACK's algorithm for
 ``DiagGGN*``/``SumGradSquared``), where such layers are left to the caller instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -66,7 +74,7 @@ _CHUNK_ELEMENTS = 1 << 22  # output-gradient entries held at once by a batched b
 
 __all__ = ["kronecker_factors", "kfac_layers", "factors_to_dense", "check_loss",
            "output_gradients", "hessian_sqrt_columns", "sample_output_gradients",
-           "output_columns", "layer_diagonals"]
+           "output_columns", "layer_diagonals", "Observation", "observe_pass"]
 
 
 # ============================================================================ losses
@@ -262,6 +270,10 @@ class _Record:
     inputs: Tensor | None = None
     output: Tensor | None = None
     problem: str = ""
+    differentiable: bool = False
+    # observed passes only (see `observe_pass`): ∂loss/∂output and the output's layout
+    grad: Tensor | None = None
+    output_like: tuple[torch.Size, torch.dtype, torch.device] | None = None
 
 
 def _label(layer: KFACLayer) -> str:
@@ -354,6 +366,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
                 return output
             rec.inputs = inputs[0].detach()
             rec.output = output
+            rec.differentiable = output.requires_grad
             # downstream code gets a copy: in-place ops on it leave `output` intact
             return output.clone()
 
@@ -368,15 +381,26 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
     finally:
         for h in handles:
             h.remove()
+    _check_output(out)
+    active, skipped = _classify(layers, records, strict)
+    return out, active, records, skipped
+
+
+def _check_output(out: Any) -> None:
     if not isinstance(out, Tensor):
         raise TypeError(f"kronecker: the model returned {type(out).__name__}; a tensor output "
                         f"is required")
+
+
+def _classify(layers: list[KFACLayer], records: dict[str, _Record], strict: bool
+              ) -> tuple[list[KFACLayer], dict[str, str]]:
+    """(layers captured, skipped layers with the reason) after a forward pass with the
+    capture hooks. With ``strict`` a layer that cannot be captured raises instead."""
     active: list[KFACLayer] = []
     skipped: dict[str, str] = {}
     for layer in layers:
         rec = records[layer.name]
-        if rec.calls == 0 or (not rec.problem and rec.calls == 1
-                              and (rec.output is None or not rec.output.requires_grad)):
+        if rec.calls == 0 or (not rec.problem and rec.calls == 1 and not rec.differentiable):
             skipped[layer.name] = "not called in the forward pass (or not differentiated)"
             continue
         reason = rec.problem
@@ -390,7 +414,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
             skipped[layer.name] = reason
             continue
         active.append(layer)
-    return out, active, records, skipped
+    return active, skipped
 
 
 def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
@@ -458,20 +482,166 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
     return kept, A_in, dropped
 
 
+# ============================================================================ observed passes
+@dataclass
+class Observation:
+    """What :func:`observe_pass` recorded during someone else's forward and backward pass
+    (the optimizer's) of loss = c·Σ_n ℓ_n: per layer its inputs and ∂loss/∂output, the
+    gradients of its parameters, and the model output with ∂loss/∂output."""
+
+    records: dict[str, _Record]
+    param_grads: dict[str, list[Tensor | None]]
+    calls: int = 0
+    out: Any = None
+    out_grad: Tensor | None = None
+    # handles of the tensor hooks installed during the pass (removed on exit)
+    handles: list[Any] = field(default_factory=list, repr=False)
+
+
+@contextlib.contextmanager
+def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observation]:
+    """Capture hooks on ``layers`` (and the model output) for the forward and backward pass
+    run inside the block; every hook is removed on exit, also when the block raises.
+
+    The layers' outputs are not copied: a tensor hook registered before an in-place
+    operation still receives the gradient w.r.t. the value before it (PyTorch's contract).
+    """
+    obs = Observation(records={layer.name: _Record() for layer in layers},
+                      param_grads={layer.name: [None] * len(_layer_params(layer))
+                                   for layer in layers})
+
+    def keep(target: Any, attr: str) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            setattr(target, attr, grad.detach())
+        return hook
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            rec = obs.records[name]
+            rec.calls += 1
+            if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+                rec.problem = "called with more than one input"
+                return
+            rec.inputs = inputs[0].detach()
+            rec.differentiable = isinstance(output, Tensor) and output.requires_grad
+            if rec.differentiable:
+                rec.output_like = (output.shape, output.dtype, output.device)
+                obs.handles.append(output.register_hook(keep(rec, "grad")))
+
+        return hook
+
+    def make_param_hook(name: str, j: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            obs.param_grads[name][j] = grad.detach()
+        return hook
+
+    def root_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        obs.calls += 1
+        obs.out = output.detach() if isinstance(output, Tensor) else output
+        if isinstance(output, Tensor) and output.requires_grad:
+            obs.handles.append(output.register_hook(keep(obs, "out_grad")))
+
+    handles = obs.handles
+    try:
+        for layer in layers:
+            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+            for j, p in enumerate(_layer_params(layer)):
+                handles.append(p.register_hook(make_param_hook(layer.name, j)))
+        handles.append(model.register_forward_hook(root_hook))
+        yield obs
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+_PROBES = 2  # random directions of the sketched weight-gradient check
+
+
+def _relative_mismatch(mine: Tensor, ref: Tensor) -> bool:
+    tol = min(0.05, 1e4 * torch.finfo(ref.dtype).eps)
+    return float((mine - ref).norm()) > tol * (float(mine.norm()) + float(ref.norm()))
+
+
+def _sketched_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
+                            ) -> bool:
+    """:func:`_weight_grad_mismatch` on random projections: P (Σ_{n,t} ã gᵀ) against
+    P ∇Wᵀ for P (2, d_in) Gaussian from a fixed private seed (the global RNG is not touched),
+    at O(N·T·(d_in + d_out)) instead of the O(N·T·d_in·d_out) of the gradient itself. For a
+    mismatch E, E‖P Eᵀ‖² = 2‖E‖²: a mismatch beyond round-off is missed with negligible
+    probability, and a false alarm only sends the batch to the ordinary (exactly checked)
+    path."""
+    d_out, D = g.shape[-1], a.shape[-1]
+    gen = torch.Generator(device=a.device).manual_seed(1_000_003 * D + d_out)
+    P = torch.randn(_PROBES, D, generator=gen, dtype=a.dtype, device=a.device)
+    gf = g.reshape(-1, d_out)
+    # (2, D) times the (D, ·) transposes: the fast layout for a thin product on CPU
+    mine = (P @ a.reshape(-1, D).T) @ gf
+    if _relative_mismatch(mine, P @ true_grads[0].reshape(d_out, D).T):
+        return True
+    return layer.bias and _relative_mismatch(gf.sum(0), true_grads[1])
+
+
+def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Observation,
+                      y: Tensor, consume: Callable[[KFACLayer, Tensor, Tensor], None]
+                      ) -> tuple[list[KFACLayer], dict[str, Tensor]] | None:
+    """The empirical statistics of one batch from an observed pass: like
+    :func:`_backprop_columns` for the single column √c ∇_f ℓ_n, calling ``consume`` once per
+    layer, or None (nothing consumed) if the pass is not the one they can be taken from.
+
+    The backward pass of loss = c·Σ_n ℓ_n delivers c·∇ℓ_n at every layer output, the
+    backpropagated column is √c·∇ℓ_n: the layer-output gradients are divided by √c. The pass
+    must be a single forward of the model followed by a backward of exactly that loss, which
+    is verified at the model output (its observed gradient must be c·∇_f ℓ_n) and, as in
+    :func:`_backprop_columns`, at every layer (the weight gradient implied by the inputs and
+    output gradients must be the observed one, checked on random projections:
+    :func:`_sketched_grad_mismatch`); any other pass (no backward, a scaled or
+    regularised loss, several forwards) returns None and the caller recomputes the
+    statistics, with the usual errors for a model they are not defined for.
+    """
+    if obs.calls != 1 or set(obs.records) != {layer.name for layer in layers}:
+        return None
+    _check_output(obs.out)
+    out: Tensor = obs.out
+    active, _ = _classify(layers, obs.records, strict=True)
+    if not active:
+        return [], {}
+    if obs.out_grad is None:
+        return None
+    c = reduction_factor(est.loss_fn, out)
+    expected = output_gradients(est.loss_fn, out, y, f"estimator {est.name!r}") * c
+    if obs.out_grad.shape != expected.shape or _relative_mismatch(obs.out_grad, expected):
+        return None
+    A_in = {layer.name: _layer_inputs(layer, obs.records[layer.name].inputs)
+            for layer in active}
+    checked = []
+    for layer in active:
+        rec = obs.records[layer.name]
+        g = rec.grad
+        if g is None:  # the output does not reach the loss
+            shape, dtype, device = rec.output_like
+            g = torch.zeros(shape, dtype=dtype, device=device)
+        g = _layer_output_grads(layer, g.unsqueeze(0))
+        true = [t if t is not None else torch.zeros_like(p)
+                for t, p in zip(obs.param_grads[layer.name], _layer_params(layer))]
+        if _sketched_grad_mismatch(layer, A_in[layer.name], g[0], true):
+            # a weight used outside its module, or a loss with more terms than c·Σ_n ℓ_n
+            # (a regulariser): the caller's own pass reports the former as usual
+            return None
+        checked.append((layer, g))
+    for layer, g in checked:
+        consume(layer, A_in[layer.name], g if c == 1.0 else g / math.sqrt(c))
+    return [layer for layer, _ in checked], A_in
+
+
 def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: Tensor,
                    statistic: Statistic, approx: Approx, mc_samples: int,
                    generator: torch.Generator | None, sum_inputs: bool,
-                   columns: Callable[[Tensor, Tensor], Tensor] | None = None
+                   columns: Callable[[Tensor, Tensor], Tensor] | None = None,
+                   observation: Observation | None = None
                    ) -> dict[str, tuple[Tensor, Tensor]]:
-    """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``)."""
-    out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
-    if not active:
-        return {}
-    if columns is not None:
-        cols = columns(out, y)
-    else:
-        cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
-                              f"estimator {est.name!r}")
+    """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``);
+    the empirical statistics are taken from ``observation`` when it can provide them."""
     G: dict[str, Tensor] = {}
 
     def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
@@ -480,7 +650,21 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
         g = g.reshape(-1, g.shape[-1])
         G[layer.name] = g.T @ g + G[layer.name] if layer.name in G else g.T @ g
 
-    kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True, consume=consume)
+    found = None if observation is None else _observed_columns(est, layers, observation, y,
+                                                                consume)
+    if found is not None:
+        kept, A_in = found
+    else:
+        out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
+        if not active:
+            return {}
+        if columns is not None:
+            cols = columns(out, y)
+        else:
+            cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
+                                  f"estimator {est.name!r}")
+        kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True,
+                                          consume=consume)
     res: dict[str, tuple[Tensor, Tensor]] = {}
     for layer in kept:
         a = A_in[layer.name]
@@ -542,7 +726,8 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
 def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch],
                       statistic: Statistic, approx: Approx, mc_samples: int = 1,
                       generator: GeneratorArg = None,
-                      columns: Callable[[Tensor, Tensor, int], Tensor] | None = None
+                      columns: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+                      observed: Callable[[Any, Tensor], Observation | None] | None = None
                       ) -> dict[str, KroneckerFactors]:
     """K-FAC factors {module name: KroneckerFactors} of every trainable Linear/Conv2d layer.
 
@@ -552,7 +737,9 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
     ``generator``: a ``torch.Generator`` (drawn from batch after batch), or a callable
     ``i ↦ Generator`` giving the generator of batch i. ``columns(out, y, i)``, if given,
     supplies batch i's output columns instead (an estimator's own draw, so its factors use
-    exactly the samples of its products).
+    exactly the samples of its products). ``observed(X, y)``, if given (``"empirical"``
+    only), returns the :class:`Observation` of the optimizer's own pass on that batch, or
+    None: an observed batch's statistics come from it instead of another pass.
 
     Over several batches (and ranks) A is the count-weighted mean of the batches' A and G
     combines like the loss: Σ_b (N_b/N) G_b for "mean", Σ_b G_b for "sum".
@@ -565,6 +752,9 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     if int(mc_samples) < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    if observed is not None and statistic != "empirical":
+        raise ValueError(f"an observed pass gives the 'empirical' statistic only, not "
+                         f"{statistic!r}")
     if statistic == "mc" and generator is None and columns is None:
         raise ValueError("statistic 'mc' needs a generator (curvkit never draws from the "
                          "global RNG)")
@@ -583,7 +773,8 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
             generator, torch.Generator) else generator
         cols = None if columns is None else (lambda out, y_: columns(out, y_, i))
         fac = _batch_factors(estimator, layers, X, y, statistic, approx, int(mc_samples),
-                             gen, sum_inputs=sum_red, columns=cols)
+                             gen, sum_inputs=sum_red, columns=cols,
+                             observation=None if observed is None else observed(X, y))
         names = tuple(fac)
         if state["names"] is None:
             state["names"] = names

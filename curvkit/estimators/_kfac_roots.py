@@ -23,8 +23,10 @@ from torch import Tensor
 
 from curvkit import distributed
 from curvkit.estimators._kfac import (
+    Observation,
     _backprop_columns,
     _forward_capture,
+    _observed_columns,
     check_loss,
     kfac_layers,
 )
@@ -38,12 +40,15 @@ __all__ = ["kronecker_roots"]
 
 
 def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch],
-                    approx: str, columns: Callable[[Tensor, Tensor, int], Tensor]
+                    approx: str, columns: Callable[[Tensor, Tensor, int], Tensor],
+                    observed: Callable[[Any, Tensor], Observation | None] | None = None
                     ) -> dict[str, KroneckerRoots] | None:
     """{module: KroneckerRoots} of every trainable Linear/Conv2d layer, or None if distributed.
 
     ``columns(out, y, i)`` gives the output columns s_k (K, *out.shape) of batch i, loss
-    scaling included (the estimator's own, as for its ``kronecker``).
+    scaling included (the estimator's own, as for its ``kronecker``). ``observed(X, y)``, for
+    empirical columns only, returns the observed pass of that batch or None (see
+    :func:`curvkit.estimators._kfac.kronecker_factors`).
     """
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
@@ -59,7 +64,6 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
     rows: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
     names: tuple[str, ...] | None = None
     for i, (X, y) in enumerate(batches):
-        out, active, records, _ = _forward_capture(estimator.model, layers, X, strict=True)
         g_rows: dict[str, list[Tensor]] = {}
 
         def consume(layer: Any, a: Tensor, g: Tensor, g_rows=g_rows) -> None:
@@ -67,12 +71,19 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
                 g = g.sum(2)
             g_rows.setdefault(layer.name, []).append(g.reshape(-1, g.shape[-1]))
 
-        kept = []
-        A_in: dict[str, Tensor] = {}
-        if active:
-            cols = columns(out.detach(), y, i)
-            kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True,
-                                              consume=consume)
+        obs = None if observed is None else observed(X, y)
+        recorded = None if obs is None else _observed_columns(estimator, layers, obs, y,
+                                                               consume)
+        if recorded is not None:
+            kept, A_in = recorded
+        else:
+            out, active, records, _ = _forward_capture(estimator.model, layers, X, strict=True)
+            kept = []
+            A_in = {}
+            if active:
+                cols = columns(out.detach(), y, i)
+                kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True,
+                                                  consume=consume)
         found = tuple(layer.name for layer in kept)
         if names is None:
             names = found

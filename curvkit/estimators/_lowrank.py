@@ -33,7 +33,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
-from curvkit.estimators._kfac import check_loss, layer_diagonals
+from curvkit.estimators._kfac import Observation, check_loss, layer_diagonals
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
 from curvkit.params import check_like
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC
@@ -63,7 +63,12 @@ class LowRankOutputEstimator(CurvatureEstimator):
         (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
         columns as ``kronecker``; see :mod:`curvkit.estimators._kfac_roots`."""
         from curvkit.estimators._kfac_roots import kronecker_roots
-        return kronecker_roots(self, batch, self.options.kfac_approx, self._columns)
+        return kronecker_roots(self, batch, self.options.kfac_approx, self._columns,
+                               observed=self._observation)
+
+    def _observation(self, X: Any, y: Tensor) -> Observation | None:
+        """The recorded pass on exactly this batch (see ``observe``); the base has none."""
+        return None
 
     # ------------------------------------------------------------- batches
     def _per_batch(self, batch: Batch | Iterable[Batch],

@@ -12,9 +12,10 @@ exactly what curvlinops does for a data loader, and what a data-parallel run nee
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -121,6 +122,9 @@ class CurvatureEstimator(Part, abc.ABC):
 
     kind = "estimator"
     provides = frozenset({MATVEC, DENSE})
+    # Capabilities whose statistics can be taken from the caller's own forward and backward
+    # pass on a batch instead of another pass (see ``observe``); empty: none.
+    observed: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
                  options: Any | None = None) -> None:
@@ -199,6 +203,19 @@ class CurvatureEstimator(Part, abc.ABC):
     def dense(self, batch: Batch | Iterable[Batch]) -> Tensor:
         """The P×P matrix C, parameters flattened in ``model.parameters()`` order."""
         return self.accumulate(batch, lambda X, y: self._dense(X, y))
+
+    def observe(self, batch: Batch) -> contextlib.AbstractContextManager[None]:
+        """Context manager around the caller's forward and backward pass of
+        ``loss_fn(model(X), y)`` on ``batch = (X, y)``, for the capabilities in ``observed``.
+
+        Inside the block the estimator records what those capabilities need with hooks
+        (removed on exit); afterwards, within the same draw and with unchanged parameters,
+        their methods called with this very batch (the same ``X`` and ``y`` objects) reuse
+        the recording instead of another forward and backward pass. The optimizer enters it
+        on preconditioner updates when ``observed`` meets the preconditioner's needs. The
+        base records nothing.
+        """
+        return contextlib.nullcontext()
 
     def advance(self) -> None:
         """Start a new Monte Carlo draw (called by the optimizer once per step)."""

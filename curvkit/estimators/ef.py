@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from curvkit.estimators._kfac import kronecker_factors, output_columns
+from curvkit.estimators._kfac import (
+    Observation,
+    kfac_layers,
+    kronecker_factors,
+    observe_pass,
+    output_columns,
+)
 from curvkit.estimators._lowrank import LowRankOutputEstimator
-from curvkit.estimators.base import Batch, KroneckerFactors
+from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
 from curvkit.options import option
+from curvkit.parts import KRONECKER
 
 
 class EmpiricalFisherEstimator(LowRankOutputEstimator):
@@ -28,14 +36,27 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
     Linear/Conv2d layers from their inputs and output gradients, for other parameters from
     per-sample gradients (``torch.func.vmap``). kronecker: empirical K-FAC (G from the output
     gradients of the true labels).
+
+    observe: the empirical K-FAC statistics need exactly what the training pass computes —
+    the layer inputs and, from the backward pass of loss = c·Σ_n ℓ_n, the layer-output
+    gradients c·∇ℓ_n (the backpropagated column is √c·∇ℓ_n, so they are divided by √c). Inside
+    ``observe(batch)`` they are recorded with hooks; ``kronecker`` and ``kronecker_roots`` on
+    that same batch (same ``X`` and ``y`` objects), in the same draw and with unchanged
+    parameters, then use the recording instead of a second forward and backward pass.
     """
 
     name = "ef"
+    observed = frozenset({KRONECKER})
 
     @dataclass
     class Options:
         kfac_approx: Literal["expand", "reduce"] = option(
             "expand", "K-FAC flavour for weight-sharing layers (used by `kronecker`)")
+
+    def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
+        super().__init__(model, loss_fn, options)
+        # (X, y, key, observation) of the last observed pass, dropped by `advance`
+        self._recorded: tuple[Any, Tensor, tuple, Observation] | None = None
 
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
         return output_columns(self.loss_fn, out, y, "empirical",
@@ -44,4 +65,50 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
     def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
         """Empirical K-FAC factors (see ``curvkit.estimators._kfac``)."""
         return kronecker_factors(self, batch, statistic="empirical",
-                                 approx=self.options.kfac_approx)
+                                 approx=self.options.kfac_approx, observed=self._observation)
+
+    # ------------------------------------------------------------- observed passes
+    def observe(self, batch: Batch) -> contextlib.AbstractContextManager[None]:
+        """Record the K-FAC statistics of the caller's forward and backward pass of
+        ``loss_fn(model(X), y)`` on ``batch`` (see :meth:`CurvatureEstimator.observe`).
+
+        A pass that is not exactly that (no backward, another loss, several forwards) is
+        detected afterwards and ignored: the statistics are then computed as without it.
+        """
+        batches = as_batches(batch)
+        if len(batches) != 1:
+            raise ValueError(f"estimator {self.name!r}: observe takes one batch (X, y), got "
+                             f"{len(batches)}")
+        return self._observing(*batches[0])
+
+    @contextlib.contextmanager
+    def _observing(self, X: Any, y: Tensor) -> Iterator[None]:
+        self._recorded = None
+        try:
+            layers = kfac_layers(self.model)
+        except ValueError:
+            # a model K-FAC cannot cover: `kronecker` reports it where it is asked for
+            layers = []
+        if not layers:
+            yield
+            return
+        with observe_pass(self.model, layers) as obs:
+            yield
+        # only reached when the block completed
+        self._recorded = (X, y, self._key(X, y), obs)
+
+    def _key(self, X: Any, y: Tensor) -> tuple:
+        """What must not change between the observed pass and its use: the draw, the
+        parameters' and the batch tensors' versions (in-place updates bump them)."""
+        return (int(self.state.get("draw", 0)), tuple(p._version for p in self.params),
+                getattr(X, "_version", None), y._version)
+
+    def _observation(self, X: Any, y: Tensor) -> Observation | None:
+        rec = self._recorded
+        if rec is None or rec[0] is not X or rec[1] is not y or rec[2] != self._key(X, y):
+            return None
+        return rec[3]
+
+    def advance(self) -> None:
+        self._recorded = None
+        super().advance()
