@@ -55,8 +55,7 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, out: dic
         results[flag] = (statistics.median(times[2:]), statistics.median(comm))
     if rank == 0:
         out.update(results)
-    dist.destroy_process_group()
-    distributed.COMM["bytes"] = 0
+    distributed.shutdown()
 
 
 def main() -> None:

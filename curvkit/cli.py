@@ -247,8 +247,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from curvkit import distributed
+
+    ok = False
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        ok = code == 0
+        return code
     except CurvkitError as err:
         _err(f"error: {err}")
         return 2
@@ -258,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        distributed.shutdown(ok)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,19 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
             start += n
 
 
+def shutdown(ok: bool = True) -> None:
+    """Leave the process group: on success wait for every rank first (a rank that tears
+    gloo down while a peer still talks to it dies in C++ with ``terminate called without an
+    active exception``); after a failure just destroy, since peers may be gone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if ok and dist.get_world_size() > 1:
+            _collective(dist.barrier, "final barrier")
+    finally:
+        dist.destroy_process_group()
+
+
 def shard_rows(count: int) -> tuple[int, int]:
     """``(offset, total)``: this rank's ``count`` samples are rows ``offset:offset+count`` of
     the global batch (ranks in order) of ``total`` rows. Single process: ``(0, count)``."""

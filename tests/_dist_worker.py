@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from curvkit import distributed
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist_problem import make_problem, run_steps  # noqa: E402
 
@@ -28,6 +30,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world,
                             timeout=timedelta(seconds=float(case.get("timeout", 60))))
+    ok = False
     try:
         fail_at = case.get("fail_rank_at_step")
         model, loss_fn, batches = make_problem(case)
@@ -48,8 +51,9 @@ def main() -> None:
         losses, params, infos = run_steps(model, loss_fn, shards, case, on_step)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "infos": infos}, out)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(ok)
 
 
 if __name__ == "__main__":
