@@ -121,12 +121,16 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected one of {', '.join(repr(c) for c in choices)}, "
                           f"got {_describe_value(value)}{hint}")
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
                 return coerce(value, arg, path)
-            except ConfigError as err:
-                errors.append(err)
+            except ConfigError:
+                pass
+        for arg in get_args(tp):
+            # a value of the right type but not among a Literal's choices: that arm's error
+            # carries the close-match suggestion (e.g. Literal["expand", "reduce"] | None)
+            if get_origin(arg) is Literal and any(type(c) is type(value) for c in get_args(arg)):
+                coerce(value, arg, path)
         raise ConfigError(f"{path}: expected {format_type(tp)}, got {_describe_value(value)}")
     if origin is tuple or tp is tuple:
         args = get_args(tp)

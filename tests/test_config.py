@@ -137,3 +137,23 @@ def test_error_while_building_a_part_names_its_config_path(model):
     spec = PartSpec("solver", "picky", Picky, "", (), frozenset(), frozenset(), "test", "test")
     with pytest.raises(ConfigError, match=r"^optimizer\.solver: this model has no layer"):
         _construct(PartChoice(spec, Picky.Options(), "optimizer.solver"))
+
+
+def test_optional_choice_keeps_its_suggestion():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from curvkit.options import build_options, option
+
+    @dataclass
+    class Opts:
+        flavour: Literal["expand", "reduce"] | None = option(None, "")
+
+    assert build_options(Opts, {"flavour": None}, "x").flavour is None
+    assert build_options(Opts, {"flavour": "reduce"}, "x").flavour == "reduce"
+    with pytest.raises(ConfigError, match=r"^x\.flavour: expected one of .*did you mean "
+                                          r"'reduce'"):
+        build_options(Opts, {"flavour": "reduced"}, "x")
+    with pytest.raises(ConfigError, match=r"^x\.flavour: expected 'expand' \| 'reduce' \| "
+                                          r"None, got 3"):
+        build_options(Opts, {"flavour": 3}, "x")

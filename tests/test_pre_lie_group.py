@@ -355,7 +355,7 @@ def test_fallback_diagonal_needs_the_diagonal_capability():
     ({"preconditioner_dtype": ["param", "float8"]}, r"preconditioner_dtype\[1\]"),
     ({"init_scale": 0.0}, "init_scale"),
     ({"structures": ["dense"]}, "expected 2 entries"),
-    ({"kfac_approx": "reduce"}, "unknown option"),
+    ({"kfac_approx": "reduced"}, "kfac_approx.*did you mean 'reduce'"),
 ])
 def test_option_errors_name_the_field(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -443,3 +443,31 @@ def test_factors_and_roots_give_the_same_preconditioner():
             b.update(FactorsOnly(), (X, y), d)
         for u, v in zip(a.apply(d), b.apply(d)):
             torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_approx_on_lie_group_overrides_the_estimator_option():
+    """singd's option name works on lie_group: set there, it equals setting it on the
+    estimator (a CNN, where "expand" and "reduce" differ)."""
+    import copy
+
+    import curvkit
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    X, y = torch.randn(16, 1, 6, 6), torch.randint(0, 4, (16,))
+
+    def run(estimator, pre):
+        model = copy.deepcopy(net)
+        opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), {
+            "lr": 0.05, "estimator": estimator, "solver": "direct",
+            "preconditioner": {"name": "lie_group", "update_every": 1, **pre}})
+        for _ in range(3):
+            opt.step((X, y))
+        return [p.detach().clone() for p in model.parameters()]
+
+    on_pre = run("ef", {"kfac_approx": "reduce"})
+    on_est = run({"name": "ef", "kfac_approx": "reduce"}, {})
+    expand = run("ef", {})
+    for a, b in zip(on_pre, on_est):
+        assert torch.equal(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(on_pre, expand))

@@ -55,15 +55,17 @@ class LowRankOutputEstimator(CurvatureEstimator):
         """(K, *out.shape): the columns s_k of batch ``index`` (loss scaling included)."""
 
     @abc.abstractmethod
-    def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
-        """K-FAC factors per Linear/Conv2d layer."""
+    def kronecker(self, batch: Batch | Iterable[Batch], approx: str | None = None
+                  ) -> dict[str, KroneckerFactors]:
+        """K-FAC factors per Linear/Conv2d layer (``approx`` overrides ``kfac_approx``)."""
 
-    def kronecker_roots(self, batch: Batch | Iterable[Batch]) -> dict[str, Any] | None:
+    def kronecker_roots(self, batch: Batch | Iterable[Batch], approx: str | None = None
+                        ) -> dict[str, Any] | None:
         """Square roots of ``kronecker``'s factors, A = A_rootᵀA_root, G = G_rootᵀG_root
         (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
         columns as ``kronecker``; see :mod:`curvkit.estimators._kfac_roots`."""
         from curvkit.estimators._kfac_roots import kronecker_roots
-        return kronecker_roots(self, batch, self.options.kfac_approx, self._columns,
+        return kronecker_roots(self, batch, approx or self.options.kfac_approx, self._columns,
                                observed=self._observation)
 
     def _observation(self, X: Any, y: Tensor) -> Observation | None:

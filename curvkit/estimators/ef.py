@@ -62,10 +62,13 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
         return output_columns(self.loss_fn, out, y, "empirical",
                               where=f"estimator {self.name!r}")
 
-    def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
-        """Empirical K-FAC factors (see ``curvkit.estimators._kfac``)."""
+    def kronecker(self, batch: Batch | Iterable[Batch], approx: str | None = None
+                  ) -> dict[str, KroneckerFactors]:
+        """Empirical K-FAC factors (see ``curvkit.estimators._kfac``); ``approx`` overrides
+        the ``kfac_approx`` option for this call."""
         return kronecker_factors(self, batch, statistic="empirical",
-                                 approx=self.options.kfac_approx, observed=self._observation)
+                                 approx=approx or self.options.kfac_approx,
+                                 observed=self._observation)
 
     # ------------------------------------------------------------- observed passes
     def observe(self, batch: Batch) -> contextlib.AbstractContextManager[None]:

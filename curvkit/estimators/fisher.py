@@ -74,7 +74,10 @@ class FisherEstimator(LowRankOutputEstimator):
                               where=f"estimator {self.name!r}",
                               rows=self._rows(index, out.shape[0]))
 
-    def kronecker(self, batch: Batch | Iterable[Batch]) -> dict[str, KroneckerFactors]:
-        """K-FAC factors with G from sampled labels (the same samples as ``matvec``)."""
-        return kronecker_factors(self, batch, statistic="mc", approx=self.options.kfac_approx,
+    def kronecker(self, batch: Batch | Iterable[Batch], approx: str | None = None
+                  ) -> dict[str, KroneckerFactors]:
+        """K-FAC factors with G from sampled labels (the same samples as ``matvec``);
+        ``approx`` overrides the ``kfac_approx`` option for this call."""
+        return kronecker_factors(self, batch, statistic="mc",
+                                 approx=approx or self.options.kfac_approx,
                                  mc_samples=self.options.mc_samples, columns=self._columns)

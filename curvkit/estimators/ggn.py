@@ -199,10 +199,12 @@ class GGNEstimator(CurvatureEstimator):
         return res
 
     # ------------------------------------------------------------- kronecker
-    def kronecker(self, batch):
-        """K-FAC factors of the GGN (exact loss-Hessian factors, KFLR); see _kfac."""
+    def kronecker(self, batch, approx=None):
+        """K-FAC factors of the GGN (exact loss-Hessian factors, KFLR); see _kfac.
+        ``approx`` overrides the ``kfac_approx`` option for this call."""
         from curvkit.estimators._kfac import kronecker_factors
-        return kronecker_factors(self, batch, statistic="exact", approx=self.options.kfac_approx)
+        return kronecker_factors(self, batch, statistic="exact",
+                                 approx=approx or self.options.kfac_approx)
 
     # ------------------------------------------------------------- summary
     def summary(self, batch: Batch | Iterable[Batch], direction: Sequence[Tensor],

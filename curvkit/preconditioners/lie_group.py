@@ -69,6 +69,9 @@ class LieGroup(Preconditioner):
         structures: tuple[str, str] = option(
             ("dense", "dense"), "structures of K (input side, d_in [+1]) and C (output side): "
                                 + ", ".join(structure_table.STRUCTURES))
+        kfac_approx: Literal["expand", "reduce"] | None = option(
+            None, "K-FAC flavour for weight-sharing layers, as singd names it; unset = the "
+                  "estimator's kfac_approx option, set = overrides it for this structure")
         kfac_like: bool = option(False, "IKFAC-like update: the trace terms coupling K and C "
                                         "are replaced by 1 (needs alpha1 = 0)")
         normalize_lr_cov: bool = option(False, "normalized steps: β = lr_cov / max(1, max|m|) "
@@ -176,13 +179,14 @@ class LieGroup(Preconditioner):
         return {n: label if n in covered else fallback for n, _ in self.named_params}
 
     # ------------------------------------------------------------------ update
-    @staticmethod
-    def _statistics(estimator: Any, batch: Any
+    def _statistics(self, estimator: Any, batch: Any
                     ) -> dict[str, KroneckerFactors] | dict[str, KroneckerRoots]:
         """The factors' square roots if the estimator offers them, else the factors."""
+        # passed only when set, so estimators whose kronecker takes just the batch still work
+        extra = {"approx": self.options.kfac_approx} if self.options.kfac_approx else {}
         roots = getattr(estimator, "kronecker_roots", None)
-        found = roots(batch) if callable(roots) else None
-        return estimator.kronecker(batch) if found is None else found
+        found = roots(batch, **extra) if callable(roots) else None
+        return estimator.kronecker(batch, **extra) if found is None else found
 
     def _check_factors(self, kf: KroneckerFactors | KroneckerRoots,
                        shapes: dict[str, torch.Size]) -> tuple[int, int]:
