@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 import curvkit
 from curvkit.config import parse_optimizer
 from curvkit.errors import ConfigError, IncompatibleError
+from curvkit.options import build_options, option
 
 
 @pytest.fixture
@@ -139,16 +142,13 @@ def test_error_while_building_a_part_names_its_config_path(model):
         _construct(PartChoice(spec, Picky.Options(), "optimizer.solver"))
 
 
+@dataclass
+class OptionalChoice:
+    flavour: Literal["expand", "reduce"] | None = option(None, "")
+
+
 def test_optional_choice_keeps_its_suggestion():
-    from dataclasses import dataclass
-    from typing import Literal
-
-    from curvkit.options import build_options, option
-
-    @dataclass
-    class Opts:
-        flavour: Literal["expand", "reduce"] | None = option(None, "")
-
+    Opts = OptionalChoice
     assert build_options(Opts, {"flavour": None}, "x").flavour is None
     assert build_options(Opts, {"flavour": "reduce"}, "x").flavour == "reduce"
     with pytest.raises(ConfigError, match=r"^x\.flavour: expected one of .*did you mean "
