@@ -81,6 +81,13 @@ def _check_part(cls: Any, plugin: str) -> None:
                 not callable(getattr(cls, cap, None)):
             raise RegistryError(f"{where}: {cls.kind} {cls.name!r} declares capability {cap!r} "
                                 f"but has no method `{cap}`")
+    try:
+        option_specs(cls.Options)
+    except Exception as err:  # unresolvable annotations, Options not a dataclass, ...
+        raise RegistryError(f"{where}: the options of {cls.kind} {cls.name!r} cannot be read "
+                            f"from {cls.__qualname__}.Options ({type(err).__name__}: {err}); "
+                            f"it must be a dataclass whose annotations resolve at module "
+                            f"level") from err
 
 
 class Registry:

@@ -151,3 +151,32 @@ def test_components_lists_kinds():
 def test_create_unknown_name_suggests():
     with pytest.raises(curvkit.ConfigError, match="did you mean 'direct'"):
         curvkit.create("solver", "dirct")
+
+
+def test_part_with_unreadable_options_is_named(plugin_dir):
+    make_dist(plugin_dir, "badopts-plugin", "badopts_plugin_mod", """
+        from __future__ import annotations
+        from dataclasses import dataclass
+        import curvkit
+        from curvkit.preconditioners.base import Preconditioner
+
+        def parts():
+            from typing import Literal  # local: the annotation cannot be resolved
+
+            class Local(Preconditioner):
+                '''Options annotated with a name local to a function.'''
+                name = "local"
+
+                @dataclass
+                class Options:
+                    mode: Literal["a", "b"] = "a"
+
+            return [Local]
+
+        @curvkit.hookimpl
+        def curvkit_parts():
+            return parts()
+    """, "badopts")
+    with pytest.raises(RegistryError, match=r"plugin 'badopts'.*preconditioner 'local'.*"
+                                            r"Options.*NameError"):
+        Registry.load()
