@@ -48,6 +48,8 @@ def main() -> None:
             cut = int(case.get("split", 0.5) * n)
             lo, hi = (0, cut) if rank == 0 else (cut, n)
             shards.append((X[lo:hi], y[lo:hi]))
+        if case.get("ddp"):
+            model = torch.nn.parallel.DistributedDataParallel(model)
         losses, params, infos = run_steps(model, loss_fn, shards, case, on_step)
         if rank == 0:
             torch.save({"losses": losses, "params": params, "infos": infos}, out)

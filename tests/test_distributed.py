@@ -114,6 +114,24 @@ def test_two_ranks_equal_one_process(name, loss, model, tmp_path):
     assert sum(i.get("comm_bytes", 0) for i in got["infos"]) > 0
 
 
+def test_ddp_wrapped_model_equals_one_plain_process(tmp_path):
+    """A DistributedDataParallel-wrapped model is unwrapped: curvkit's count-weighted
+    reductions apply (DDP's equal-weight average would be wrong for these unequal shards)."""
+    if not registered(("estimator", "ggn"), ("solver", "trust_region")):
+        pytest.skip("parts not registered")
+    optimizer, _ = CASES["ggn+identity+trust_region"]
+    case = {"optimizer": optimizer, "steps": 4, "loss": "ce", "model": "mlp", "split": 0.25,
+            "ddp": True}
+    ref_losses, ref_params, _ = single_process(case)
+    results, out = launch(case, tmp_path)
+    for rank, (rc, _, stderr) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{stderr[-3000:]}"
+    got = torch.load(out, weights_only=True)
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-10, abs=1e-12)
+    for p, q in zip(got["params"], ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["crash", "hang"])
 def test_failing_rank_ends_the_run_with_a_clear_error_everywhere(mode, tmp_path):
     case = {"optimizer": {"lr": 0.1, "estimator": "hessian", "solver": "direct"}, "steps": 4,
@@ -125,3 +143,40 @@ def test_failing_rank_ends_the_run_with_a_clear_error_everywhere(mode, tmp_path)
     if mode == "crash":
         assert "injected failure on rank 1" in err1
     assert "DistributedError" in err0 and "another rank" in err0
+
+
+def test_torchrun_curvkit_train_writes_once_and_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m curvkit train` works, rank 0 alone writes the results,
+    and the run equals the single-process run of the same config (float64)."""
+    from curvkit.experiments.store import RESULTS, read_records
+
+    if not registered(("estimator", "ggn"), ("solver", "trust_region"), ("dataset", "teacher")):
+        pytest.skip("parts not registered")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[task]\ndataset = { name = "teacher", n_train = 48, n_val = 8, n_test = 16, '
+        'in_dim = 3 }\nmodel = { name = "mlp", width = 5, depth = 1 }\nbatch_size = 24\n'
+        '[train]\nsteps = 4\nseeds = [0]\neval_every = 2\ndtype = "float64"\n'
+        '[optimizer]\nlr = 1.0\nestimator = "ggn"\nsolver = "trust_region"\n')
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               CURVKIT_CACHE_DIR=str(tmp_path / "cache"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["train", str(cfg), "--no-progress"]
+    subprocess.run([sys.executable, "-m", "curvkit", *common, "--out", str(one)], env=env,
+                   check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "curvkit", *common, "--out", str(two)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def records(d):
+        recs = list(read_records(d / RESULTS))
+        return ([r for r in recs if r["type"] == "start"],
+                [x for r in recs if r["type"] == "steps" for x in r["loss"]],
+                [r for r in recs if r["type"] == "steps"])
+
+    starts1, losses1, _ = records(one)
+    starts2, losses2, steps2 = records(two)
+    assert len(starts2) == 1 and len(losses2) == 4  # written once, no duplicates
+    assert losses2 == pytest.approx(losses1, rel=1e-10)
+    assert all(b > 0 for s in steps2 for b in s["info"]["comm_bytes"])  # bytes per step
