@@ -52,3 +52,13 @@ def test_usable_from_a_config():
     assert type(opt.estimator).__name__ == "FiniteDifferenceHessian"
     losses = [float(opt.step((X, y))) for _ in range(5)]
     assert losses[-1] < losses[0]
+
+
+def test_cli_components_lists_the_plugin_with_its_source(capsys):
+    from curvkit.cli import main
+
+    assert main(["components", "--kind", "estimator"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("fd_hessian — "):]
+    assert "source: curvkit-fd-hessian 0.1.0 (plugin 'fd_hessian')" in block.splitlines()[1]
+    assert "eps: float | None" in block
