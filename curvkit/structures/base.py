@@ -245,3 +245,31 @@ def diagonal_sums(X: Tensor) -> Tensor:
     s = upper(X) + upper(X.T)
     s[0] = s[0] * 0.5
     return s
+
+
+class FullMatrix(Structure):
+    """Storage shared by structures kept as one d×d matrix ``mat`` (dense, triangular):
+    the matrix is its own dense form, and products and traces read it directly."""
+
+    DENSE_PRODUCTS = True
+
+    @classmethod
+    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
+        return {"mat": (dim, dim)}
+
+    def to_dense(self) -> Tensor:
+        return self.data["mat"]
+
+    def add_identity(self, c: float) -> Structure:
+        mat = self.data["mat"].clone()
+        mat.diagonal().add_(c)
+        return self._new({"mat": mat})
+
+    def average_trace(self) -> Tensor:
+        return self.data["mat"].diagonal().mean()
+
+    def mm(self, X: Tensor) -> Tensor:
+        return self.data["mat"] @ X
+
+    def tmm(self, X: Tensor) -> Tensor:
+        return self.data["mat"].T @ X

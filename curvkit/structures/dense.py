@@ -6,39 +6,17 @@ from typing import Any
 
 from torch import Tensor
 
-from curvkit.structures.base import Structure
+from curvkit.structures.base import FullMatrix, Structure
 
 
-class Dense(Structure):
+class Dense(FullMatrix):
     """Every entry free: Π(X) = X. Memory d², products O(d²n)."""
 
     name = "dense"
-    DENSE_PRODUCTS = True
-
-    @classmethod
-    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
-        return {"mat": (dim, dim)}
-
-    def to_dense(self) -> Tensor:
-        return self.data["mat"]
 
     @classmethod
     def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
         return {"mat": X}
-
-    def add_identity(self, c: float) -> Dense:
-        mat = self.data["mat"].clone()
-        mat.diagonal().add_(c)
-        return self._new({"mat": mat})
-
-    def average_trace(self) -> Tensor:
-        return self.data["mat"].diagonal().mean()
-
-    def mm(self, X: Tensor) -> Tensor:
-        return self.data["mat"] @ X
-
-    def tmm(self, X: Tensor) -> Tensor:
-        return self.data["mat"].T @ X
 
     def __matmul__(self, other: Structure) -> Dense:
         self._check_same(other)

@@ -7,17 +7,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.structures.base import Structure
+from curvkit.structures.base import FullMatrix, Structure
 
 
-class LowerTriangular(Structure):
+class LowerTriangular(FullMatrix):
     """M[i, j] = 0 for j > i. Π(X) = tril(X) + tril(Xᵀ, −1): for a symmetric X the
     strictly lower part counts twice (it stands for both halves of the pair). Stored as a
     d×d matrix (memory d², products O(d²n)); the structure is what the update preserves.
     """
 
     name = "lower_triangular"
-    DENSE_PRODUCTS = True
 
     @staticmethod
     def _tri(X: Tensor, diagonal: int = 0) -> Tensor:
@@ -28,29 +27,8 @@ class LowerTriangular(Structure):
         return torch.tril(X, -1)
 
     @classmethod
-    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
-        return {"mat": (dim, dim)}
-
-    def to_dense(self) -> Tensor:
-        return self.data["mat"]
-
-    @classmethod
     def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
         return {"mat": cls._tri(X) + cls._strict(X.T)}
-
-    def add_identity(self, c: float) -> LowerTriangular:
-        mat = self.data["mat"].clone()
-        mat.diagonal().add_(c)
-        return self._new({"mat": mat})
-
-    def average_trace(self) -> Tensor:
-        return self.data["mat"].diagonal().mean()
-
-    def mm(self, X: Tensor) -> Tensor:
-        return self.data["mat"] @ X
-
-    def tmm(self, X: Tensor) -> Tensor:
-        return self.data["mat"].T @ X
 
     def __matmul__(self, other: Structure) -> LowerTriangular:
         self._check_same(other)
