@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from curvkit import distributed
 from curvkit.params import trainable
-from curvkit.parts import Part
+from curvkit.parts import DIAGONAL, Part
 
 
 class Preconditioner(Part):
@@ -44,6 +44,14 @@ class Preconditioner(Part):
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for _, p in trainable(self.model)]
+
+    @classmethod
+    def requirements(cls, options: Any) -> frozenset[str]:
+        """``needs``, plus the estimator's diagonal when the parameters the structure cannot
+        cover fall back to a diagonal (an option ``fallback = "diagonal"``)."""
+        if getattr(options, "fallback", None) == "diagonal":
+            return cls.needs | {DIAGONAL}
+        return cls.needs
 
     def should_update(self, step: int) -> bool:
         """True on the steps where the statistics are refreshed (step counts from 0)."""

@@ -15,7 +15,7 @@ from curvkit import distributed
 from curvkit.estimators.base import KroneckerFactors
 from curvkit.options import option
 from curvkit.params import check_like
-from curvkit.parts import DIAGONAL, KRONECKER
+from curvkit.parts import KRONECKER
 from curvkit.preconditioners._running import (
     blend,
     ema_weight,
@@ -100,12 +100,6 @@ class Kronecker(Preconditioner):
                                  "eigendecompositions)")
             if self.damping_form == "exact" and self.pi_correction:
                 raise ValueError("pi_correction: only applies to damping_form = 'factored'")
-
-    @classmethod
-    def requirements(cls, options: Any) -> frozenset[str]:
-        if options.fallback == "diagonal":
-            return frozenset({KRONECKER, DIAGONAL})
-        return frozenset({KRONECKER})
 
     def __init__(self, model: nn.Module, options: Options | None = None) -> None:
         super().__init__(model, options)

@@ -24,7 +24,7 @@ from curvkit import structures as structure_table
 from curvkit.estimators.base import KroneckerFactors, KroneckerRoots
 from curvkit.options import option
 from curvkit.params import check_like
-from curvkit.parts import DIAGONAL, KRONECKER
+from curvkit.parts import KRONECKER
 from curvkit.preconditioners.base import Preconditioner
 from curvkit.structures.base import Structure
 
@@ -103,12 +103,6 @@ class LieGroup(Preconditioner):
                                  f"momentum; set alpha1 = 0 (got {self.alpha1})")
             if self.init_scale <= 0.0:
                 raise ValueError("init_scale: must be > 0 (K and C must start invertible)")
-
-    @classmethod
-    def requirements(cls, options: Any) -> frozenset[str]:
-        if options.fallback == "diagonal":
-            return frozenset({KRONECKER, DIAGONAL})
-        return frozenset({KRONECKER})
 
     def __init__(self, model: nn.Module, options: Options | None = None) -> None:
         super().__init__(model, options)
