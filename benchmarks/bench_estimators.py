@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import models  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -48,18 +49,6 @@ def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             fn()
             times[k].append(time.process_time() - t)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
-                        nn.Linear(128, 10))
-    X_mlp, y_mlp = torch.randn(128, 64), torch.randint(0, 10, (128,))
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
-                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    X_cnn, y_cnn = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-    return {"MLP 64-128-128-10, N=128": (mlp, X_mlp, y_mlp),
-            "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, X_cnn, y_cnn)}
 
 
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import re
 import statistics
 import time
@@ -36,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine, models  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -53,18 +52,6 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
-                        nn.Linear(128, 10))
-    X_mlp, y_mlp = torch.randn(128, 64), torch.randint(0, 10, (128,))
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
-                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    X_cnn, y_cnn = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-    return {"MLP 64-128-128-10, N=128": (mlp, X_mlp, y_mlp),
-            "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, X_cnn, y_cnn)}
 
 
 def backpack_runner(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,
@@ -160,20 +147,6 @@ def run(repeats: int) -> list[dict[str, object]]:
     for label, (model, X, y) in models().items():
         rows += bench_model(label, model, X, y, repeats)
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs (shared with other jobs), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
 
 
 def markdown(rows: list[dict[str, object]], repeats: int) -> str:

@@ -24,31 +24,17 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine, models  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
 from curvkit.solvers.cubic import cubic_eta
-
-
-def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
-                        nn.Linear(128, 10))
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
-                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    return {
-        "MLP 64-128-128-10, N=128": (mlp, torch.randn(128, 64), torch.randint(0, 10, (128,))),
-        "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
-                                                 torch.randint(0, 10, (64,))),
-    }
-
 
 CONFIGS = {
     "hessian + partition + cubic, T=1": {
@@ -163,20 +149,6 @@ def split_rows(repeats: int, steps: int) -> list[tuple[str, int, dict]]:
             print(f"{mname:38s} S={S:<3d} {what:32s} {t * 1e3:9.3f} ms {ratio:6.2f}× gradient",
                   flush=True)
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
 
 
 def markdown(rows, splits, repeats: int, steps: int) -> str:

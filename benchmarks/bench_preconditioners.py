@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import machine  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -132,20 +132,6 @@ def run(repeats: int, steps: int) -> list[tuple]:
             print(f"{mname:40s} {label:28s} {t * 1e3:9.3f} ms  {t / t_sgd:7.1f}× SGD  "
                   f"update {share:4.0%}", flush=True)
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s)")
 
 
 def markdown(rows: list[tuple], repeats: int, steps: int) -> str:

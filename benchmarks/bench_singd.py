@@ -25,6 +25,7 @@ import time
 import warnings
 
 import torch
+from _common import machine  # noqa: E402
 from torch import nn
 
 import curvkit
@@ -178,12 +179,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    return (f"{cpu_name()}, {platform.system()} "
-            f"{platform.release()}, Python {platform.python_version()}, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} thread(s)")
 
 
 def main() -> None:
