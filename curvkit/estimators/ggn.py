@@ -24,6 +24,9 @@ from curvkit.options import option
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC, SUMMARY
 
 
+class _NoClosedForm(Exception):
+    """The loss has no closed-form output Hessian: use the full-Jacobian diagonal."""
+
 class GGNEstimator(CurvatureEstimator):
     """Generalized Gauss-Newton matrix G = Jᵀ H_loss J.
 
@@ -149,20 +152,25 @@ class GGNEstimator(CurvatureEstimator):
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
         from curvkit.estimators._kfac import layer_diagonals, output_columns
 
-        f = self.forward_fn()
-        params = [p.detach() for p in self.params]
-        with torch.no_grad():
-            out = f(params, X)
-        if not self._closed_form(out, y) or not isinstance(X, Tensor) \
-                or self._couples_samples():
+        if not isinstance(X, Tensor) or self._couples_samples():
             return self._diagonal_from_jacobian(X, y)
         where = f"estimator {self.name!r}"
-        covered, out, cols = layer_diagonals(
-            self, X, lambda o: output_columns(self.loss_fn, o, y, "exact", where=where))
+
+        def columns(o: Tensor) -> Tensor:
+            # decided on the capture pass's own output: no separate forward just for a shape
+            if not self._closed_form(o, y):
+                raise _NoClosedForm
+            return output_columns(self.loss_fn, o, y, "exact", where=where)
+
+        try:
+            covered, out, cols = layer_diagonals(self, X, columns)
+        except _NoClosedForm:
+            return self._diagonal_from_jacobian(X, y)
         named = self.named_params
         rest = [i for i, (n, _) in enumerate(named) if n not in covered]
         res = [covered.get(n) for n, _ in named]
         if rest:
+            params = [p.detach() for p in self.params]
             for i, d in zip(rest, self._per_sample_diagonal(X, cols, params, rest)):
                 res[i] = d
         return [r.detach() for r in res]
