@@ -20,8 +20,9 @@ import curvkit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist_problem import make_problem, run_steps  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed not available")
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed not available")]
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
