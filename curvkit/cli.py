@@ -249,22 +249,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from curvkit import distributed
 
-    ok = False
+    code = 1
     try:
         code = int(args.func(args))
-        ok = code == 0
-        return code
     except CurvkitError as err:
         _err(f"error: {err}")
-        return 2
+        code = 2
     except BrokenPipeError:
         # output piped into e.g. `head`: stop quietly (and keep Python from complaining
         # about the closed stdout at exit)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+        code = 0
     finally:
-        distributed.shutdown(ok)
+        ran_distributed = distributed.active()
+        distributed.shutdown(code == 0)
+    if ran_distributed:
+        distributed.exit_process(code)  # see there: gloo can abort at interpreter teardown
+    return code
 
 
 if __name__ == "__main__":

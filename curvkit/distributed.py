@@ -88,6 +88,27 @@ def shutdown(ok: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End a process that ran data-parallel, after :func:`shutdown`, without interpreter
+    teardown.
+
+    Measured here: about 1 run in 25 of a 2-rank gloo job aborts (SIGABRT, "terminate
+    called without an active exception") *after* the process group was destroyed cleanly,
+    while native threads are torn down at interpreter exit — turning a finished run into a
+    failed one. Everything curvkit writes is flushed and fsynced before this point, so the
+    process flushes stdio and leaves with ``os._exit``.
+    """
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def shard_rows(count: int) -> tuple[int, int]:
     """``(offset, total)``: this rank's ``count`` samples are rows ``offset:offset+count`` of
     the global batch (ranks in order) of ``total`` rows. Single process: ``(0, count)``."""

@@ -56,6 +56,7 @@ def main() -> None:
         ok = True
     finally:
         distributed.shutdown(ok)
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
