@@ -61,15 +61,15 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """True if every entry of every tensor is finite.
 
-    A NaN or ±inf entry makes its tensor's sum non-finite, so one sum per tensor (≈30× cheaper
-    than an element-wise isfinite scan, measured on a step of SINGD) decides the common case;
-    only when a sum is non-finite — possibly an overflow of finite values — is the exact
-    element-wise check run.
+    A NaN or ±inf entry makes its tensor's sum non-finite, so one sum per tensor (several
+    times cheaper than an element-wise isfinite scan, measured on a step of SINGD) decides
+    the common case; only when a sum is non-finite — possibly an overflow of finite values —
+    is the exact element-wise check run. The sums stay in the tensors' own dtype: a wider
+    accumulator tripled their cost, and an overflow only sends the check to the exact path.
     """
     if not tensors:
         return True
-    sums = torch.stack([t.sum(dtype=torch.float64) if t.is_floating_point() else
-                        t.sum().double() for t in tensors])
+    sums = torch.stack([t.sum().float() for t in tensors])
     if bool(torch.isfinite(sums).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
