@@ -73,6 +73,24 @@ class KroneckerRoots:
     G_root: Tensor
 
 
+def layer_matrix(tensors: Sequence[Tensor]) -> Tensor:
+    """A layer's [weight, bias] tensors → W̃ = [W | b], (d_out, d_in [+1]): the matrix the
+    Kronecker factors act on (G ⊗ A over vec_r(W̃), see :class:`KroneckerFactors`)."""
+    d_out = tensors[0].shape[0]
+    return torch.cat([t.reshape(d_out, -1) for t in tensors], dim=1)
+
+
+def split_layer_matrix(R: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Inverse of :func:`layer_matrix`: columns of R back to tensors shaped (and typed) like
+    ``like``."""
+    out, start = [], 0
+    for t in like:
+        k = t.numel() // t.shape[0]
+        out.append(R[:, start:start + k].reshape(t.shape).to(t.dtype))
+        start += k
+    return out
+
+
 @dataclass
 class Summary:
     """Partition summary (the ``summary`` capability), Wolinski's D^(1), D^(2), diag D^(3).

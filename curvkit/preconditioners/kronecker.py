@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import distributed
-from curvkit.estimators.base import KroneckerFactors
+from curvkit.estimators.base import KroneckerFactors, layer_matrix, split_layer_matrix
 from curvkit.options import option
 from curvkit.params import check_like
 from curvkit.parts import KRONECKER
@@ -271,19 +271,15 @@ class Kronecker(Preconditioner):
             inv = inverses[mod]
             ds = [direction[index[p]] for p in pnames]
             dt = (inv["A"] if "A" in inv else inv["QA"]).dtype
-            d_out = ds[0].shape[0]
-            M = torch.cat([d.reshape(d_out, -1).to(dt) for d in ds], dim=1)
+            M = layer_matrix(ds).to(dt)
             if "QA" in inv:
                 V = inv["QG"].T @ M @ inv["QA"]
                 V = V / (torch.outer(inv["lG"], inv["lA"]) + damping)
                 R = inv["QG"] @ V @ inv["QA"].T
             else:
                 R = inv["G"] @ M @ inv["A"]
-            start = 0
-            for p, d in zip(pnames, ds):
-                k = d.numel() // d_out
-                out[index[p]] = R[:, start:start + k].reshape(d.shape).to(d.dtype)
-                start += k
+            for p, r in zip(pnames, split_layer_matrix(R, ds)):
+                out[index[p]] = r
         diag = self.state.get("fallback_diag", {})
         for i, n in enumerate(names):
             if out[i] is not None:

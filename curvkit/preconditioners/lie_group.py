@@ -21,7 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import structures as structure_table
-from curvkit.estimators.base import KroneckerFactors, KroneckerRoots
+from curvkit.estimators.base import (
+    KroneckerFactors,
+    KroneckerRoots,
+    layer_matrix,
+    split_layer_matrix,
+)
 from curvkit.options import option
 from curvkit.params import check_like
 from curvkit.parts import KRONECKER
@@ -330,19 +335,15 @@ class LieGroup(Preconditioner):
         for mod, pnames in self.state["layers"].items():
             entry = self.state["factors"][mod]
             ds = [direction[index[p]] for p in pnames]
-            d_out = ds[0].shape[0]
-            M = torch.cat([d.reshape(d_out, -1) for d in ds], dim=1)   # (d_out, d_K)
-            K, KKt = self._side(mod, 0, entry, d_out)
+            M = layer_matrix(ds)                                         # (d_out, d_K)
+            K, KKt = self._side(mod, 0, entry, M.shape[0])
             C, CCt = self._side(mod, 1, entry, M.shape[1])
             Mt = M.T.to(K.dtype)
             Y = KKt.mm(Mt) if KKt is not None else K.mm(K.tmm(Mt))    # K Kᵀ Mᵀ
             Z = Y.T.to(C.dtype)
             R = CCt.mm(Z) if CCt is not None else C.mm(C.tmm(Z))      # C Cᵀ M K Kᵀ
-            start = 0
-            for p, d in zip(pnames, ds):
-                k = d.numel() // d_out
-                out[index[p]] = R[:, start:start + k].reshape(d.shape).to(d.dtype)
-                start += k
+            for p, r in zip(pnames, split_layer_matrix(R, ds)):
+                out[index[p]] = r
         fallback = self.state.get("fallback", {})
         for i, n in enumerate(names):
             if out[i] is not None:
