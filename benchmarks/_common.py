@@ -37,3 +37,14 @@ def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
         "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
                                                  torch.randint(0, 10, (64,))),
     }
+
+
+def publish(text: str, out: str) -> None:
+    """Print a benchmark's markdown table and write it to ``out`` ('' to skip writing)."""
+    print()
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"written to {path}")

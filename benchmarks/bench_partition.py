@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine, models  # noqa: E402
+from _common import machine, models, publish  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -215,13 +215,7 @@ def main() -> None:
     rows = step_rows(args.repeats, args.steps)
     splits = split_rows(args.repeats, args.steps)
     text = markdown(rows, splits, args.repeats, args.steps)
-    print()
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"written to {out}")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

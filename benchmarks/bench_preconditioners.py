@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine  # noqa: E402
+from _common import machine, publish  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -193,13 +193,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = run(args.repeats, args.steps)
     text = markdown(rows, args.repeats, args.steps)
-    print()
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"written to {out}")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
