@@ -6,6 +6,10 @@ Compared, in one process, on the same model object and the same batch (float32, 
 
 - ``hessian`` matvec vs curvlinops' ``HessianLinearOperator @ v``;
 - ``ggn`` matvec vs curvlinops' ``GGNLinearOperator @ v``;
+- the k-th product on one batch at one θ through ``op = est.linearize(batch)`` (the way
+  the trust-region solver's CG uses it): the time of one ``op.matvec(v)`` once the operator
+  exists, and separately the cost of creating the operator, for ``hessian`` and ``ggn``,
+  against the same curvlinops products;
 - ``hessian`` summary (ḡ, H̄, D3 over the canonical partition: one group per parameter
   tensor) vs the reference loop of Wolinski's GroupedNewton (``compute_Hg``): one gradient
   with its graph, then per group a double backward for the H̄ row and a double + a triple
@@ -118,11 +122,20 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
     def gradient() -> object:
         return torch.autograd.grad(loss_fn(model(X), y), params)
 
+    hes_op, ggn_op = hes.linearize(batch), ggn.linearize(batch)
+    for op, est in ((hes_op, hes), (ggn_op, ggn)):
+        for a, b in zip(op.matvec(v), est.matvec(batch, v)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
     t = timings({
         "gradient": gradient,
         "hessian matvec": lambda: hes.matvec(batch, v),
+        "hessian op.matvec": lambda: hes_op.matvec(v),
+        "hessian linearize": lambda: hes.linearize(batch),
         "curvlinops Hessian": lambda: H_op @ [t_.clone() for t_ in v],
         "ggn matvec": lambda: ggn.matvec(batch, v),
+        "ggn op.matvec": lambda: ggn_op.matvec(v),
+        "ggn linearize": lambda: ggn.linearize(batch),
         "curvlinops GGN": lambda: G_op @ [t_.clone() for t_ in v],
         "hessian summary": lambda: hes.summary(batch, v, partition, S),
         "loop": lambda: summary_loop(model, loss_fn, X, y, v),
@@ -132,8 +145,17 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
     return [
         (label, "hessian matvec", t["hessian matvec"], t["curvlinops Hessian"],
          "curvlinops HessianLinearOperator", tg),
+        (label, "hessian matvec, k-th product on one batch (linearize)",
+         t["hessian op.matvec"], t["curvlinops Hessian"], "curvlinops HessianLinearOperator",
+         tg),
+        (label, "hessian linearize(batch): creating the operator", t["hessian linearize"],
+         None, "—", tg),
         (label, "ggn matvec", t["ggn matvec"], t["curvlinops GGN"],
          "curvlinops GGNLinearOperator", tg),
+        (label, "ggn matvec, k-th product on one batch (linearize)", t["ggn op.matvec"],
+         t["curvlinops GGN"], "curvlinops GGNLinearOperator", tg),
+        (label, "ggn linearize(batch): creating the operator", t["ggn linearize"], None, "—",
+         tg),
         (label, f"hessian summary (S={S})", t["hessian summary"], t["loop"],
          "Wolinski reference loop (compute_Hg)", tg),
         (label, f"ggn summary (S={S}, no D3)", t["ggn summary"], None, "—", tg),

@@ -215,6 +215,41 @@ class EstimatorSuite:
         # an iterator (e.g. a generator / data loader) works like a list
         self.check(est.dense(iter(prob.batches)), C, "dense from an iterator")
 
+    # ------------------------------------------------------------- linearize
+    @pytest.mark.parametrize("arch", ["mlp", "cnn"])
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    @pytest.mark.parametrize("sizes", [[5], [3, 5, 2]], ids=["one-batch", "three-batches"])
+    def test_linearize_equals_matvec(self, arch: str, reduction: str, sizes: list[int]
+                                     ) -> None:
+        """``linearize(batch).matvec(v)`` is ``matvec(batch, v)`` (same scaling over
+        batches), for several directions in a row from one operator (graph reuse)."""
+        loss = "ce" if arch == "mlp" else "mse"
+        prob = problem(arch, loss, reduction, sizes=sizes, seed=16)
+        est = self.make(prob)
+        op = est.linearize(prob.data())
+        ref = self.reference(prob)
+        for seed in (17, 18, 17):
+            v = random_like_params(prob.model, seed=seed)
+            Cv = op.matvec(v)
+            assert [t.shape for t in Cv] == [p.shape for p in prob.params]
+            torch.testing.assert_close(flat(Cv), flat(est.matvec(prob.data(), v)),
+                                       rtol=1e-10, atol=1e-12)
+            self.check(flat(Cv), ref @ flat(v), "linearize().matvec")
+
+    def test_linearize_is_stale_after_a_parameter_update(self) -> None:
+        prob = problem("skip", "ce", "mean", n=4, seed=19)
+        est = self.make(prob)
+        op = est.linearize(prob.data())
+        v = random_like_params(prob.model, seed=20)
+        op.matvec(v)
+        with torch.no_grad():
+            prob.params[0].add_(0.1)
+        with pytest.raises(RuntimeError, match=r"parameters changed since linearize\(\)"):
+            op.matvec(v)
+        fresh = est.linearize(prob.data())  # a new operator at the new θ is valid again
+        torch.testing.assert_close(flat(fresh.matvec(v)), flat(est.matvec(prob.data(), v)),
+                                   rtol=1e-10, atol=1e-12)
+
     # ------------------------------------------------------------- diagonal
     @pytest.mark.parametrize("arch,loss,reduction", COMBOS)
     def test_diagonal(self, arch: str, loss: str, reduction: str) -> None:

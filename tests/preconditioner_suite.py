@@ -227,6 +227,16 @@ class PreconditionerSuite:
             if callable(fn):
                 originals[cap] = fn
                 setattr(est, cap, lambda *a, _fn=fn, **k: poisoned(_fn(*a, **k)))
+        # products through an operator (`linearize`) are estimator outputs too
+        originals["linearize"] = est.linearize
+
+        def poisoned_linearize(*a: Any, _fn: Any = est.linearize, **k: Any) -> Any:
+            op = _fn(*a, **k)
+            products = op.matvec
+            op.matvec = lambda v: poisoned(products(v))
+            return op
+
+        est.linearize = poisoned_linearize
 
         def undo() -> None:
             for cap in originals:

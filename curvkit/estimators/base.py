@@ -218,6 +218,27 @@ class CurvatureEstimator(Part, abc.ABC):
         check_like(v, params)
         return self.accumulate(batch, lambda X, y: list(self._matvec(X, y, list(v))))
 
+    def linearize(self, batch: Batch | Iterable[Batch]) -> Linearized:
+        """C on ``batch`` at the current parameters as an operator: ``op.matvec(v)`` equals
+        ``self.matvec(batch, v)``, with the per-batch work that does not depend on v done
+        once, here (see :class:`Linearized` for the contract).
+
+        For Krylov solvers that multiply by C many times on one batch at one θ. Each batch
+        is prepared by ``_linearize``; the products are combined over batches and ranks like
+        ``accumulate`` does. An estimator that overrides the public ``matvec`` (its own
+        combination over batches, e.g. g gᵀ of the combined gradient, or Monte Carlo
+        samples seeded per batch) and not ``_linearize`` gets an operator that calls that
+        ``matvec``: equal by construction, without reuse.
+        """
+        batches = as_batches(batch)  # an iterator is read once; the operator keeps the list
+        cls = type(self)
+        if cls.matvec is not CurvatureEstimator.matvec \
+                and cls._linearize is CurvatureEstimator._linearize:
+            return Linearized(self, lambda v: list(self.matvec(batches, v)))
+        prepared = [self._linearize(X, y) for X, y in batches]
+        return Linearized(self, lambda v: combine(
+            batches, lambda i, X, y: list(prepared[i](v)), self.reduction))
+
     def dense(self, batch: Batch | Iterable[Batch]) -> Tensor:
         """The P×P matrix C, parameters flattened in ``model.parameters()`` order."""
         return self.accumulate(batch, lambda X, y: self._dense(X, y))
@@ -250,6 +271,12 @@ class CurvatureEstimator(Part, abc.ABC):
     def _matvec(self, X: Any, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         """C_b v for the batch ``(X, y)``, with the loss' own reduction over that batch."""
 
+    def _linearize(self, X: Any, y: Tensor) -> Callable[[list[Tensor]], list[Tensor]]:
+        """v ↦ C_b v for the batch ``(X, y)`` at the current parameters, to be called many
+        times (by :class:`Linearized`). Override to do the v-independent work (forward pass,
+        gradient graph) once, here. Default: ``_matvec`` on every call (no reuse)."""
+        return lambda v: self._matvec(X, y, v)
+
     def _dense(self, X: Any, y: Tensor) -> Tensor:
         """Default: P matrix-vector products with the unit vectors."""
         params = self.params
@@ -266,29 +293,107 @@ class CurvatureEstimator(Part, abc.ABC):
                    reduction: str | None = None) -> Any:
         """Combine ``fn(X, y)`` (a pytree of tensors, linear in the loss) over batches and ranks.
 
-        Each ``fn`` result is the quantity of that batch's loss under the loss' reduction.
+        Each ``fn`` result is the quantity of that batch's loss under the loss' reduction;
+        the combination is :func:`combine`.
         """
-        reduction = reduction or self.reduction
-        batches = as_batches(batch)
-        if len(batches) == 1 and not distributed.active():
-            return fn(*batches[0])  # no reweighting: keeps single-batch results exact
-        total: list[Tensor] | None = None
-        spec = None
-        count = 0
-        for X, y in batches:
-            n = batch_size((X, y))
-            leaves, spec = tree_flatten(fn(X, y))
-            w = float(n) if reduction == "mean" else 1.0
-            if total is None:
-                total = [leaf * w for leaf in leaves]
-            else:
-                total = [t + leaf * w for t, leaf in zip(total, leaves)]
-            count += n
-        assert total is not None and spec is not None
-        if reduction == "mean":
-            count_t = torch.tensor([float(count)], dtype=torch.float64)
-            distributed.all_reduce_sum_(total + [count_t])
-            total = [t / float(count_t.item()) for t in total]
+        return combine(as_batches(batch), lambda i, X, y: fn(X, y),
+                       reduction or self.reduction)
+
+
+def combine(batches: Sequence[Batch], fn: Callable[[int, Any, Tensor], Any],
+            reduction: str) -> Any:
+    """Σ_b w_b · fn(b, X_b, y_b) over the batches of this rank, then over all ranks.
+
+    ``fn(b, X, y)`` is a pytree of tensors: a quantity linear in the loss, of batch b's loss
+    under its reduction. Weights: w_b = N_b / N (N all samples of all ranks) for "mean",
+    w_b = 1 for "sum"; the sums over ranks use :func:`curvkit.distributed.all_reduce_sum_`.
+    A single batch without an active process group is returned as ``fn`` gives it (no
+    reweighting: keeps single-batch results exact). The batches are evaluated one at a time,
+    so only one result besides the running total is alive. Shared by
+    :meth:`CurvatureEstimator.accumulate` and :class:`Linearized`.
+    """
+    if len(batches) == 1 and not distributed.active():
+        return fn(0, *batches[0])
+    total: list[Tensor] | None = None
+    spec = None
+    count = 0
+    for i, (X, y) in enumerate(batches):
+        n = batch_size((X, y))
+        leaves, spec = tree_flatten(fn(i, X, y))
+        w = float(n) if reduction == "mean" else 1.0
+        if total is None:
+            total = [leaf * w for leaf in leaves]
         else:
-            distributed.all_reduce_sum_(total)
-        return tree_unflatten(total, spec)
+            total = [t + leaf * w for t, leaf in zip(total, leaves)]
+        count += n
+    assert total is not None and spec is not None
+    if reduction == "mean":
+        count_t = torch.tensor([float(count)], dtype=torch.float64)
+        distributed.all_reduce_sum_(total + [count_t])
+        total = [t / float(count_t.item()) for t in total]
+    else:
+        distributed.all_reduce_sum_(total)
+    return tree_unflatten(total, spec)
+
+
+class Linearized:
+    """The curvature C of an estimator on fixed batches at fixed parameters θ, as an operator.
+
+    Made by :meth:`CurvatureEstimator.linearize` (``op = est.linearize(batch)``). Contract:
+
+    * ``op.matvec(v)`` equals ``est.matvec(batch, v)`` — the same C, with the same scaling
+      over batches (count-weighted for "mean", summed for "sum") and ranks (all-reduced on
+      every call, so all ranks must call it together, as for ``matvec``); v is a list of
+      tensors shaped like the trainable parameters, checked like ``matvec`` checks it.
+    * The work that does not depend on v (forward pass, gradient graph, …) is done once, at
+      creation; each product does only the rest. Products are independent: any number of
+      them, in any order, give what fresh ``matvec`` calls would.
+    * Valid only at the θ and Monte Carlo draw of creation: the identity, version counter
+      (bumped by every in-place update, e.g. an optimizer step) and storage of each
+      trainable parameter and the estimator's ``state["draw"]`` are recorded, and
+      ``matvec`` raises ``RuntimeError`` once any of them changed — create a new operator
+      with ``linearize()``. (A write through ``p.data`` bypasses the version counter and is
+      not detected.)
+    * Memory: whatever the estimator prepared (for ``hessian`` and ``ggn`` autograd graphs
+      of the batch, a few times the activations) lives as long as the operator; drop it
+      when the parameters move on.
+    """
+
+    def __init__(self, estimator: CurvatureEstimator,
+                 apply: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        self.estimator = estimator
+        self._apply = apply
+        self._stamp = self._current()
+
+    def _current(self) -> tuple[list[tuple[int, int, int]], int]:
+        est = self.estimator
+        return ([(id(p), p._version, p.data_ptr()) for p in est.params],
+                int(est.state.get("draw", 0)))
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if the parameters or the draw changed since creation."""
+        params, draw = self._current()
+        old_params, old_draw = self._stamp
+        name = getattr(self.estimator, "name", "") or type(self.estimator).__name__
+        if params != old_params:
+            names = [n for n, _ in self.estimator.named_params]
+            if len(params) != len(old_params) or \
+                    any(a[0] != b[0] for a, b in zip(params, old_params)):
+                what = "the set of trainable parameters changed"
+            else:
+                changed = [n for n, a, b in zip(names, params, old_params) if a != b]
+                what = (f"{', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} "
+                        f"modified in place (e.g. by an optimizer step)")
+            raise RuntimeError(f"estimator {name!r}: the parameters changed since "
+                               f"linearize() ({what}); the operator is stale — call "
+                               f"linearize() again at the new parameters")
+        if draw != old_draw:
+            raise RuntimeError(f"estimator {name!r}: the Monte Carlo draw changed since "
+                               f"linearize() (state['draw'] {old_draw} → {draw}, advance() "
+                               f"was called); the operator is stale — call linearize() again")
+
+    def matvec(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """C v for v shaped like the trainable parameters (a list of tensors)."""
+        self.check()
+        check_like(v, self.estimator.params)
+        return self._apply(list(v))

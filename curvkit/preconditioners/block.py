@@ -101,6 +101,9 @@ class Block(Preconditioner):
     def _measure_matvec(self, estimator: Any, batch: Any) -> list[Tensor]:
         params = self.params
         zeros = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        # all products are on one batch at one θ: the operator reuses the per-batch work
+        # (the hessian's gradient graph, the ggn's forward graph) across them
+        op = estimator.linearize(batch)
         out = []
         for members in self.block_members:
             cols = []
@@ -111,7 +114,7 @@ class Block(Preconditioner):
                     e[k] = 1.0
                     v = list(zeros)
                     v[i] = e.view_as(p)
-                    Cv = estimator.matvec(batch, v)
+                    Cv = op.matvec(v)
                     cols.append(torch.cat([Cv[j].reshape(-1) for j in members]))
             out.append(torch.stack(cols, dim=1))
         return out

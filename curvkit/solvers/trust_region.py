@@ -22,7 +22,10 @@ class TrustRegion(Solver):
     per CG iteration), λ the damping, M the preconditioner (CG is preconditioned with
     ``preconditioner.apply`` = M⁻¹ and the region is measured in ‖p‖_M = sqrt(pᵀMp)).
     CG stops on the boundary, on negative curvature (followed to the boundary), when
-    ‖r‖_{M⁻¹} < tol (see ``cg_forcing``) or after ``max_iters`` products.
+    ‖r‖_{M⁻¹} < tol (see ``cg_forcing``) or after ``max_iters`` products. The products go
+    through one ``estimator.linearize(batch)`` operator per step, so the estimator's
+    per-batch work (``hessian``: the forward pass and the gradient graph) is done once per
+    step, not once per product.
 
     The trial point θ + lr·p is evaluated on the same batch (``ctx.loss_at``) and
     ρ = (L(θ) − L(θ + lr·p)) / (−m(lr·p)) drives Nocedal & Wright's Algorithm 4.1: accept if
@@ -57,12 +60,22 @@ class TrustRegion(Solver):
 
         loss0 = float(ctx.loss)
         info: dict[str, Any] = {"cg_iters": 0, "matvecs": 0, "attempts": 0}
+        # C on this batch at this θ, made on the first product (none at a stationary point)
+        # and shared by all attempts: θ does not move within a step (trial points go through
+        # ctx.loss_at, a rejected attempt changes nothing), so the operator stays valid.
+        ops: list[Any] = []
+
+        def curvature(v: list) -> list:
+            if not ops:
+                ops.append(ctx.estimator.linearize(ctx.batch))
+            return ops[0].matvec(v)
+
         for attempt in range(o.retries + 1):
             lam = st["damping"]
             radius = st["radius"]
 
             def matvec(v: list, lam: float = lam) -> list:
-                Cv = ctx.estimator.matvec(ctx.batch, v)
+                Cv = curvature(v)
                 return K.axpy(lam, v, Cv) if lam else list(Cv)
 
             cg = K.steihaug_cg(grads, matvec, precond, radius, o.max_iters, tol)
