@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -221,13 +222,31 @@ class KFACLayer:
     bias: bool
 
 
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer]]]] = \
+    weakref.WeakKeyDictionary()
+
+
 def kfac_layers(model: nn.Module, strict: bool = True) -> list[KFACLayer]:
     """Every nn.Linear / nn.Conv2d whose weight is trainable, in module order.
 
     A configuration whose factors would be wrong — a grouped convolution, or a weight/bias
     that other modules also hold (tied) — raises a clear error naming the module, or, with
     ``strict=False``, is left out.
+
+    The result is reused while the model's parameters (identity, trainability) are
+    unchanged: it is asked for on every preconditioner update, and finding it walks the
+    module tree three times. (A module swapped for another brings new parameters.)
     """
+    key = tuple((id(p), p.requires_grad) for p in model.parameters())
+    cached = _LAYERS.setdefault(model, {}).get(strict)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    layers = _find_layers(model, strict)
+    _LAYERS[model][strict] = (key, layers)
+    return list(layers)
+
+
+def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
     holders: dict[int, set[str]] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for attr, p in mod.named_parameters(recurse=False):
@@ -558,28 +577,52 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
 _PROBES = 2  # random directions of the sketched weight-gradient check
 
 
-def _relative_mismatch(mine: Tensor, ref: Tensor) -> bool:
-    tol = min(0.05, 1e4 * torch.finfo(ref.dtype).eps)
-    return float((mine - ref).norm()) > tol * (float(mine.norm()) + float(ref.norm()))
+def _mismatches(*pairs: tuple[Tensor, Tensor]) -> bool:
+    """True if any pair (mine, ref) differs beyond round-off, relative to their norms (a NaN
+    counts as a difference); all norms come back in one host transfer."""
+    if not pairs:
+        return False
+    norms = torch.stack(torch._foreach_norm(
+        [t for mine, ref in pairs for t in (mine - ref, mine, ref)])).tolist()
+    for i, (_, ref) in enumerate(pairs):
+        err, a, b = norms[3 * i:3 * i + 3]
+        if not err <= min(0.05, 1e4 * torch.finfo(ref.dtype).eps) * (a + b):
+            return True
+    return False
 
 
-def _sketched_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
-                            ) -> bool:
+_SKETCHES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _sketch(D: int, d_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (2, D) Gaussian probes of a layer shape, drawn once from a fixed private seed
+    (a generator per call cost more than the check's products on small layers)."""
+    key = (D, d_out, dtype, device)
+    P = _SKETCHES.get(key)
+    if P is None:
+        gen = torch.Generator(device=device).manual_seed(1_000_003 * D + d_out)
+        P = _SKETCHES[key] = torch.randn(_PROBES, D, generator=gen, dtype=dtype,
+                                         device=device)
+    return P
+
+
+def _sketched_grad_pairs(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
+                         ) -> list[tuple[Tensor, Tensor]]:
     """:func:`_weight_grad_mismatch` on random projections: P (Σ_{n,t} ã gᵀ) against
     P ∇Wᵀ for P (2, d_in) Gaussian from a fixed private seed (the global RNG is not touched),
     at O(N·T·(d_in + d_out)) instead of the O(N·T·d_in·d_out) of the gradient itself. For a
     mismatch E, E‖P Eᵀ‖² = 2‖E‖²: a mismatch beyond round-off is missed with negligible
     probability, and a false alarm only sends the batch to the ordinary (exactly checked)
-    path."""
+    path. Returns the (implied, observed) pairs for :func:`_mismatches`; the bias gradient
+    Σ_{n,t} g is compared exactly, as its own pair."""
     d_out, D = g.shape[-1], a.shape[-1]
-    gen = torch.Generator(device=a.device).manual_seed(1_000_003 * D + d_out)
-    P = torch.randn(_PROBES, D, generator=gen, dtype=a.dtype, device=a.device)
+    P = _sketch(D, d_out, a.dtype, a.device)
     gf = g.reshape(-1, d_out)
     # (2, D) times the (D, ·) transposes: the fast layout for a thin product on CPU
-    mine = (P @ a.reshape(-1, D).T) @ gf
-    if _relative_mismatch(mine, P @ true_grads[0].reshape(d_out, D).T):
-        return True
-    return layer.bias and _relative_mismatch(gf.sum(0), true_grads[1])
+    pairs = [((P @ a.reshape(-1, D).T) @ gf, P @ true_grads[0].reshape(d_out, D).T)]
+    if layer.bias:
+        pairs.append((gf.sum(0), true_grads[1]))
+    return pairs
 
 
 def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Observation,
@@ -595,7 +638,7 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     is verified at the model output (its observed gradient must be c·∇_f ℓ_n) and, as in
     :func:`_backprop_columns`, at every layer (the weight gradient implied by the inputs and
     output gradients must be the observed one, checked on random projections:
-    :func:`_sketched_grad_mismatch`); any other pass (no backward, a scaled or
+    :func:`_sketched_grad_pairs`); any other pass (no backward, a scaled or
     regularised loss, several forwards) returns None and the caller recomputes the
     statistics, with the usual errors for a model they are not defined for.
     """
@@ -610,11 +653,11 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
         return None
     c = reduction_factor(est.loss_fn, out)
     expected = output_gradients(est.loss_fn, out, y, f"estimator {est.name!r}") * c
-    if obs.out_grad.shape != expected.shape or _relative_mismatch(obs.out_grad, expected):
+    if obs.out_grad.shape != expected.shape:
         return None
     A_in = {layer.name: _layer_inputs(layer, obs.records[layer.name].inputs)
             for layer in active}
-    checked = []
+    checked, pairs = [], [(obs.out_grad, expected)]
     for layer in active:
         rec = obs.records[layer.name]
         g = rec.grad
@@ -624,11 +667,12 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
         g = _layer_output_grads(layer, g.unsqueeze(0))
         true = [t if t is not None else torch.zeros_like(p)
                 for t, p in zip(obs.param_grads[layer.name], _layer_params(layer))]
-        if _sketched_grad_mismatch(layer, A_in[layer.name], g[0], true):
-            # a weight used outside its module, or a loss with more terms than c·Σ_n ℓ_n
-            # (a regulariser): the caller's own pass reports the former as usual
-            return None
+        pairs += _sketched_grad_pairs(layer, A_in[layer.name], g[0], true)
         checked.append((layer, g))
+    if _mismatches(*pairs):
+        # a weight used outside its module, or a loss with more terms than c·Σ_n ℓ_n
+        # (a regulariser): the caller's own pass reports the former as usual
+        return None
     for layer, g in checked:
         consume(layer, A_in[layer.name], g if c == 1.0 else g / math.sqrt(c))
     return [layer for layer, _ in checked], A_in

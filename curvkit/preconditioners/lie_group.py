@@ -114,6 +114,7 @@ class LieGroup(Preconditioner):
         o = self.options
         self._classes = [structure_table.get(s) for s in o.structures]
         self._configs = [self._config(c) for c in self._classes]
+        self._resolved = [c.resolve_config(cfg) for c, cfg in zip(self._classes, self._configs)]
         # K Kᵀ and C Cᵀ (for structures closed under transposition) between updates
         self._outer: dict[tuple[str, int], Structure | None] = {}
         self._last: dict[str, Any] = {}
@@ -143,7 +144,8 @@ class LieGroup(Preconditioner):
         return param_dtype if choice == "param" else DTYPES[choice]
 
     def _structure(self, side: int, dim: int, data: dict[str, Tensor]) -> Structure:
-        return self._classes[side](dim, data, **self._configs[side])
+        # the state's tensors were checked when they entered it (update, load_state_dict)
+        return self._classes[side].trusted(dim, data, self._resolved[side])
 
     def _initial(self, d_K: int, d_C: int, dtype: torch.dtype, device: torch.device
                  ) -> dict[str, Any]:
@@ -242,11 +244,12 @@ class LieGroup(Preconditioner):
                        ) -> tuple[Structure, Structure]:
         """m ← α₁ m_old + m_new; X ← X (I − β m)."""
         o = self.options
-        m = m_new if m_old is None or o.alpha1 == 0.0 else m_new.add(m_old, alpha=o.alpha1)
-        beta: float | Tensor = o.lr_cov
+        m = m_new if m_old is None or o.alpha1 == 0.0 else \
+            m_new.lincomb(1.0, [(m_old, o.alpha1)])
+        beta = o.lr_cov
         if o.normalize_lr_cov:
-            beta = o.lr_cov / m.max_abs().clamp_min(1.0)
-        return X.add((X @ m).scale(-beta)), m
+            beta = o.lr_cov / max(1.0, float(m.max_abs()))
+        return X.lincomb(1.0, [(X @ m, -beta)]), m
 
     @staticmethod
     def _projected(X: Structure, factor: Tensor, is_root: bool) -> Structure:
@@ -269,17 +272,18 @@ class LieGroup(Preconditioner):
         H_C = self._projected(C, kf.G_root if roots else kf.G, roots)
         KtK, CtC = K.gram(), C.gram()
         half = 0.5 * (1.0 - o.alpha1) if o.normalize_lr_cov else 0.5
+        # m = half·(coef_H·H + coef_G·Π(XᵀX) − I), the factor half folded into the coefficients
         if o.kfac_like:
-            m_K = H_K.add(KtK, alpha=o.damping)
-            m_C = H_C.add(CtC, alpha=o.damping)
+            m_K = H_K.lincomb(half, [(KtK, half * o.damping)])
+            m_C = H_C.lincomb(half, [(CtC, half * o.damping)])
         else:
             # the traces couple the factors: tr̄(H_C)·H_K is the K-side of Π(Cᵀ G C) ⊗ Π(Kᵀ A K)
-            m_K = H_K.scale(H_C.average_trace().to(K.dtype)).add(
-                KtK.scale(CtC.average_trace().to(K.dtype) * o.damping))
-            m_C = H_C.scale(H_K.average_trace().to(C.dtype)).add(
-                CtC.scale(KtK.average_trace().to(C.dtype) * o.damping))
-        m_K = m_K.add_identity(-1.0).scale(half)
-        m_C = m_C.add_identity(-1.0).scale(half)
+            tr_HK, tr_HC, tr_KK, tr_CC = (half * float(X.average_trace())
+                                          for X in (H_K, H_C, KtK, CtC))
+            m_K = H_K.lincomb(tr_HC, [(KtK, tr_CC * o.damping)])
+            m_C = H_C.lincomb(tr_HK, [(CtC, tr_KK * o.damping)])
+        m_K = m_K.add_identity(-half)
+        m_C = m_C.add_identity(-half)
         old_K = self._structure(0, entry["dim_K"], entry["m_K"]) if "m_K" in entry else None
         old_C = self._structure(1, entry["dim_C"], entry["m_C"]) if "m_C" in entry else None
         K, m_K = self._momentum_step(K, m_K, old_K)
@@ -327,14 +331,34 @@ class LieGroup(Preconditioner):
             self._outer[cached] = X.outer() if worth else None
         return X, self._outer[cached]
 
+    def _scales(self, mod: str, entry: dict[str, Any], like: Sequence[Tensor]
+                ) -> list[Tensor] | None:
+        """For diagonal K and C: C Cᵀ M K Kᵀ = (c² k²ᵀ) ⊙ M, the scaling matrix split like
+        the layer's parameters (formed once per update: one multiplication per parameter
+        and step instead of two, and no [W | b] copy); None for other structures."""
+        key = (mod, "scales")
+        if key not in self._outer:
+            K, KKt = self._side(mod, 0, entry, like[0].shape[0])
+            C, CCt = self._side(mod, 1, entry, entry["dim_K"])
+            k2 = None if KKt is None else KKt.diagonal_entries()
+            c2 = None if CCt is None else CCt.diagonal_entries()
+            self._outer[key] = None if k2 is None or c2 is None else \
+                split_layer_matrix(c2.unsqueeze(1) * k2.unsqueeze(0), like)
+        return self._outer[key]
+
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
-        check_like(direction, self.params, what="direction")
-        names = [n for n, _ in self.named_params]
-        index = {n: i for i, n in enumerate(names)}
+        named = self.named_params
+        check_like(direction, [p for _, p in named], what="direction")
+        index = {n: i for i, (n, _) in enumerate(named)}
         out: list[Tensor | None] = [None] * len(direction)
         for mod, pnames in self.state["layers"].items():
             entry = self.state["factors"][mod]
             ds = [direction[index[p]] for p in pnames]
+            scales = self._scales(mod, entry, ds)
+            if scales is not None:
+                for p, d, sc in zip(pnames, ds, scales):
+                    out[index[p]] = (sc * d.to(sc.dtype)).to(d.dtype)
+                continue
             M = layer_matrix(ds)                                         # (d_out, d_K)
             K, KKt = self._side(mod, 0, entry, M.shape[0])
             C, CCt = self._side(mod, 1, entry, M.shape[1])
@@ -345,7 +369,7 @@ class LieGroup(Preconditioner):
             for p, r in zip(pnames, split_layer_matrix(R, ds)):
                 out[index[p]] = r
         fallback = self.state.get("fallback", {})
-        for i, n in enumerate(names):
+        for i, (n, _) in enumerate(named):
             if out[i] is not None:
                 continue
             d = direction[i]
@@ -357,6 +381,16 @@ class LieGroup(Preconditioner):
         return out  # type: ignore[return-value]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        for mod, entry in state.get("factors", {}).items():
+            for side, key in enumerate("KC"):
+                for name in (key, f"m_{key}"):
+                    if name in entry:
+                        try:
+                            self._classes[side](entry[f"dim_{key}"], entry[name],
+                                                **self._configs[side])
+                        except ValueError as err:
+                            raise ValueError(f"preconditioner 'lie_group': state of module "
+                                             f"{mod!r}, {name}: {err}") from err
         super().load_state_dict(state)
         self._outer = {}
 

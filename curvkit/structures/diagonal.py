@@ -46,6 +46,9 @@ class Diagonal(Structure):
         k2 = self.data["diag"].square()
         return self._new({"diag": k2 if X is None else k2 * X.square().sum(1)})
 
+    def diagonal_entries(self) -> Tensor:
+        return self.data["diag"]
+
     def outer(self) -> Diagonal:
         return self._new({"diag": self.data["diag"].square()})
 
