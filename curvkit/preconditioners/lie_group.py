@@ -326,8 +326,10 @@ class LieGroup(Preconditioner):
         X = self._structure(side, entry[f"dim_{key}"], entry[key])
         cached = (mod, side)
         if cached not in self._outer:
-            # K Kᵀ costs ~d³ once per update and saves ~d²·n_cols per step
-            worth = X.dim < self.options.update_every * n_cols
+            # with w = stored entries per row (d dense, b block-diagonal, 1 diagonal), forming
+            # K Kᵀ costs ~d·w² once per update and saves ~d·w·n_cols on each of T steps
+            width = X.numel() / max(X.dim, 1)
+            worth = width < self.options.update_every * n_cols
             self._outer[cached] = X.outer() if worth else None
         return X, self._outer[cached]
 
