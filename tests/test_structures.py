@@ -139,10 +139,26 @@ class StructureContract:
             assert type(result) is self.cls
             torch.testing.assert_close(result.to_dense(), dense, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(self.ref(dense), dense, rtol=1e-12, atol=1e-12)
-        # the SINGD step K(I − β m) stays in the group
-        step = P @ Q.scale(-0.1).add_identity(1.0)
-        expected = Pd @ (torch.eye(d, dtype=Pd.dtype) - 0.1 * Qd)
-        torch.testing.assert_close(step.to_dense(), expected, rtol=1e-12, atol=1e-12)
+        # the SINGD step K(I − β m) stays in the group, composed or fused
+        eye = torch.eye(d, dtype=Pd.dtype)
+        expected = Pd @ (eye - 0.1 * Qd)
+        for step in (P @ Q.scale(-0.1).add_identity(1.0), P.right_step(Q, -0.1)):
+            assert type(step) is self.cls
+            torch.testing.assert_close(step.to_dense(), expected, rtol=1e-12, atol=1e-12)
+        # the momentum's combination, identity included, as one new element
+        before = {k: t.clone() for k, t in {**P.data, **{"Q" + k: t for k, t in
+                                                          Q.data.items()}}.items()}
+        for a, terms, c in [(0.7, [(Q, -0.3), (P, 0.2)], -0.5), (1.0, [(Q, 2.0)], 0.0),
+                            (-2.0, [], 1.5)]:
+            comb = P.lincomb(a, terms, identity=c)
+            dense = a * Pd + sum((b * X.to_dense() for X, b in terms),
+                                 torch.zeros_like(Pd)) + c * eye
+            assert type(comb) is self.cls
+            torch.testing.assert_close(comb.to_dense(), dense, rtol=1e-12, atol=1e-12)
+        # elements are immutable: none of the operations above changed an operand
+        after = {**P.data, **{"Q" + k: t for k, t in Q.data.items()}}
+        for k, t in before.items():
+            assert torch.equal(after[k], t), k
         with pytest.raises(ValueError, match="same structure"):
             P @ Dense.eye(d + 1, dtype=torch.float64)
 

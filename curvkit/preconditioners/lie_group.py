@@ -228,8 +228,11 @@ class LieGroup(Preconditioner):
                 W = named[kf.params[0]]
                 layers[kf.module] = list(kf.params)
                 factors[kf.module] = self._initial(*dims[kf.module], W.dtype, W.device)
-        for kf in found.values():
-            factors[kf.module] = self._update_layer(factors[kf.module], kf)
+        # all layers' curvature terms first, so that their traces reach the host at once
+        terms = [self._curvature_terms(factors[kf.module], kf) for kf in found.values()]
+        traces = self._traces(terms)
+        for kf, t, tr in zip(found.values(), terms, traces):
+            factors[kf.module] = self._step_layer(factors[kf.module], t, tr)
 
         if o.fallback == "diagonal":
             self._update_fallback(estimator, batch, {p for ns in layers.values() for p in ns})
@@ -239,17 +242,6 @@ class LieGroup(Preconditioner):
         self._outer = {}
         self._last = {"lie_group_layers": len(found),
                       "lie_group_fallback_params": len(self.state.get("fallback", {}))}
-
-    def _momentum_step(self, X: Structure, m_new: Structure, m_old: Structure | None
-                       ) -> tuple[Structure, Structure]:
-        """m ← α₁ m_old + m_new; X ← X (I − β m)."""
-        o = self.options
-        m = m_new if m_old is None or o.alpha1 == 0.0 else \
-            m_new.lincomb(1.0, [(m_old, o.alpha1)])
-        beta = o.lr_cov
-        if o.normalize_lr_cov:
-            beta = o.lr_cov / max(1.0, float(m.max_abs()))
-        return X.lincomb(1.0, [(X @ m, -beta)]), m
 
     @staticmethod
     def _projected(X: Structure, factor: Tensor, is_root: bool) -> Structure:
@@ -262,35 +254,56 @@ class LieGroup(Preconditioner):
             return X.congruence(factor.T @ factor)
         return X.inner(factor.T)
 
-    def _update_layer(self, entry: dict[str, Any], kf: KroneckerFactors | KroneckerRoots
-                      ) -> dict[str, Any]:
-        o = self.options
+    def _curvature_terms(self, entry: dict[str, Any], kf: KroneckerFactors | KroneckerRoots
+                         ) -> tuple[Structure, ...]:
+        """(K, C, H_K = Π(Kᵀ A K), H_C = Π(Cᵀ G C), Π(KᵀK), Π(CᵀC)) of one layer."""
         K = self._structure(0, entry["dim_K"], entry["K"])
         C = self._structure(1, entry["dim_C"], entry["C"])
         roots = isinstance(kf, KroneckerRoots)
         H_K = self._projected(K, kf.A_root if roots else kf.A, roots)
         H_C = self._projected(C, kf.G_root if roots else kf.G, roots)
-        KtK, CtC = K.gram(), C.gram()
+        return K, C, H_K, H_C, K.gram(), C.gram()
+
+    def _traces(self, terms: list[tuple[Structure, ...]]) -> list[tuple[float, ...]]:
+        """tr̄ of (H_K, H_C, Π(KᵀK), Π(CᵀC)) per layer, in one host transfer (the update
+        needs them as step coefficients; one transfer per trace cost as much as a layer's
+        arithmetic for the sparse structures). ``kfac_like`` needs none."""
+        if self.options.kfac_like or not terms:
+            return [()] * len(terms)
+        parts = [X.average_trace() for t in terms for X in t[2:]]
+        if len({p.dtype for p in parts}) > 1:  # K and C kept in different dtypes
+            parts = [p.double() for p in parts]
+        flat = torch.stack(parts).tolist()
+        return [tuple(flat[4 * i:4 * i + 4]) for i in range(len(terms))]
+
+    def _step_layer(self, entry: dict[str, Any], terms: tuple[Structure, ...],
+                    traces: tuple[float, ...]) -> dict[str, Any]:
+        """m ← α₁ m + s·(coef_H·H + coef_G·Π(XᵀX) − I); X ← X (I − β m), for X = K and C,
+        each m formed as one linear combination (one allocation)."""
+        o = self.options
+        K, C, H_K, H_C, KtK, CtC = terms
         half = 0.5 * (1.0 - o.alpha1) if o.normalize_lr_cov else 0.5
-        # m = half·(coef_H·H + coef_G·Π(XᵀX) − I), the factor half folded into the coefficients
         if o.kfac_like:
-            m_K = H_K.lincomb(half, [(KtK, half * o.damping)])
-            m_C = H_C.lincomb(half, [(CtC, half * o.damping)])
+            coef_K = coef_C = (half, half * o.damping)
         else:
             # the traces couple the factors: tr̄(H_C)·H_K is the K-side of Π(Cᵀ G C) ⊗ Π(Kᵀ A K)
-            tr_HK, tr_HC, tr_KK, tr_CC = (half * float(X.average_trace())
-                                          for X in (H_K, H_C, KtK, CtC))
-            m_K = H_K.lincomb(tr_HC, [(KtK, tr_CC * o.damping)])
-            m_C = H_C.lincomb(tr_HK, [(CtC, tr_KK * o.damping)])
-        m_K = m_K.add_identity(-half)
-        m_C = m_C.add_identity(-half)
-        old_K = self._structure(0, entry["dim_K"], entry["m_K"]) if "m_K" in entry else None
-        old_C = self._structure(1, entry["dim_C"], entry["m_C"]) if "m_C" in entry else None
-        K, m_K = self._momentum_step(K, m_K, old_K)
-        C, m_C = self._momentum_step(C, m_C, old_C)
-        new = {"K": K.data, "C": C.data, "dim_K": entry["dim_K"], "dim_C": entry["dim_C"]}
-        if o.alpha1 != 0.0:
-            new["m_K"], new["m_C"] = m_K.data, m_C.data
+            tr_HK, tr_HC, tr_KK, tr_CC = traces
+            coef_K = (half * tr_HC, half * tr_CC * o.damping)
+            coef_C = (half * tr_HK, half * tr_KK * o.damping)
+        new = {"dim_K": entry["dim_K"], "dim_C": entry["dim_C"]}
+        for side, key, X, H, XtX, (c_H, c_G) in ((0, "K", K, H_K, KtK, coef_K),
+                                                  (1, "C", C, H_C, CtC, coef_C)):
+            rest = [(XtX, c_G)]
+            if o.alpha1 != 0.0 and f"m_{key}" in entry:
+                old = self._structure(side, entry[f"dim_{key}"], entry[f"m_{key}"])
+                rest.append((old, o.alpha1))
+            m = H.lincomb(c_H, rest, identity=-half)
+            beta = o.lr_cov
+            if o.normalize_lr_cov:
+                beta = o.lr_cov / max(1.0, float(m.max_abs()))
+            new[key] = X.right_step(m, -beta).data
+            if o.alpha1 != 0.0:
+                new[f"m_{key}"] = m.data
         return new
 
     def _update_fallback(self, estimator: Any, batch: Any, covered: set[str]) -> None:

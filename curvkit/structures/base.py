@@ -13,7 +13,7 @@ and implements four things:
 * ``to_dense()``: the d×d matrix;
 * ``_project(X, dim, config)``: the free entries of Π(X) (see below) for a dense X;
 * ``shapes(dim, **config)``: the shape of every stored tensor;
-* ``add_identity(c)``: M + c·I.
+* ``_add_identity_(data, c)``: M + c·I, in place on an element's stored tensors.
 
 Everything else (products with dense matrices and with other elements of 𝒮, the
 congruence Π(Kᵀ M K), the Gram matrix Π(Kᵀ K), traces, identity and zero matrices) has a
@@ -102,9 +102,17 @@ class Structure(abc.ABC):
     def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
         """Stored tensors of Π(X) for a dense (dim, dim) matrix X."""
 
+    @staticmethod
     @abc.abstractmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        """Add c·I to the stored tensors ``data`` of an element, in place (they belong to a
+        new element that the caller owns: see :meth:`add_identity`, :meth:`lincomb`)."""
+
     def add_identity(self, c: float) -> Structure:
         """M + c·I."""
+        data = {k: t.clone() for k, t in self.data.items()}
+        self._add_identity_(data, c)
+        return self._new(data)
 
     # ------------------------------------------------------------------ construction
     def _new(self, data: Mapping[str, Tensor]) -> Structure:
@@ -180,13 +188,14 @@ class Structure(abc.ABC):
         self._check_same(other)
         return self._new({k: t.add(other.data[k], alpha=alpha) for k, t in self.data.items()})
 
-    def lincomb(self, a: float | Tensor, terms: Sequence[tuple[Structure, float]] = ()
-                ) -> Structure:
-        """a·self + Σ_j b_j·X_j (same structure) as one new element: one allocation per
-        stored tensor, the terms accumulated into it in place. The SINGD update forms such
-        combinations of d×d matrices (d the layer's input width); a chain of out-of-place
-        ``scale``/``add`` allocated and swept memory once per operation, which cost more
-        than the update's matrix products for the dense structure (measured)."""
+    def lincomb(self, a: float | Tensor, terms: Sequence[tuple[Structure, float]] = (),
+                identity: float = 0.0) -> Structure:
+        """a·self + Σ_j b_j·X_j + identity·I (same structure) as one new element: one
+        allocation per stored tensor, the terms accumulated into it in place. The SINGD
+        update forms such combinations of d×d matrices (d the layer's input width); a chain
+        of out-of-place ``scale``/``add`` allocated and swept memory once per operation,
+        which cost more than the update's matrix products for the dense structure
+        (measured)."""
         for X, _ in terms:
             self._check_same(X)
         rest = list(terms)
@@ -201,7 +210,13 @@ class Structure(abc.ABC):
                 todo = rest
             for X, b in todo:
                 data[k].add_(X.data[k], alpha=float(b))
+        if identity != 0.0:
+            self._add_identity_(data, identity)
         return self._new(data)
+
+    def right_step(self, m: Structure, c: float) -> Structure:
+        """self·(I + c·m) = self + c·self @ m (same structure): SINGD's K ← K(I − β m_K)."""
+        return self.lincomb(1.0, [(self @ m, c)])
 
     def scale(self, c: float) -> Structure:
         """c·self."""
@@ -304,10 +319,9 @@ class FullMatrix(Structure):
     def to_dense(self) -> Tensor:
         return self.data["mat"]
 
-    def add_identity(self, c: float) -> Structure:
-        mat = self.data["mat"].clone()
-        mat.diagonal().add_(c)
-        return self._new({"mat": mat})
+    @staticmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        data["mat"].diagonal().add_(c)
 
     def average_trace(self) -> Tensor:
         return self.data["mat"].diagonal().mean()

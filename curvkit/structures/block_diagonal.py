@@ -45,11 +45,10 @@ class BlockDiagonal(Structure):
         blocks = torch.diagonal(grid, dim1=0, dim2=2).permute(2, 0, 1).contiguous()
         return {"blocks": blocks, "rest": X[m:, m:].clone()}
 
-    def add_identity(self, c: float) -> BlockDiagonal:
-        blocks, rest = self.data["blocks"].clone(), self.data["rest"].clone()
-        blocks.diagonal(dim1=1, dim2=2).add_(c)
-        rest.diagonal().add_(c)
-        return self._new({"blocks": blocks, "rest": rest})
+    @staticmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        data["blocks"].diagonal(dim1=1, dim2=2).add_(c)
+        data["rest"].diagonal().add_(c)
 
     def average_trace(self) -> Tensor:
         total = self.data["blocks"].diagonal(dim1=1, dim2=2).sum() + \

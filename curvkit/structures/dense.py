@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from curvkit.structures.base import FullMatrix, Structure
@@ -26,6 +27,12 @@ class Dense(FullMatrix):
         S = self.data["mat"] if X is None else self.tmm(X).T
         # S here holds (Mᵀ X)ᵀ, so Sᵀ S = Mᵀ X Xᵀ M
         return self._new({"mat": S.T @ S})
+
+    def right_step(self, m: Structure, c: float) -> Dense:
+        self._check_same(m)
+        # one fused BLAS call: no d×d temporary for the product, no extra pass to add it
+        return self._new({"mat": torch.addmm(self.data["mat"], self.data["mat"],
+                                             m.data["mat"], alpha=c)})
 
     def outer(self) -> Dense:
         M = self.data["mat"]

@@ -26,8 +26,12 @@ class Diagonal(Structure):
     def _project(cls, X: Tensor, dim: int, config: dict[str, Any]) -> dict[str, Tensor]:
         return {"diag": X.diagonal().clone()}
 
+    @staticmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        data["diag"].add_(c)
+
     def add_identity(self, c: float) -> Diagonal:
-        return self._new({"diag": self.data["diag"] + c})
+        return self._new({"diag": self.data["diag"] + c})  # one operation, not copy + add
 
     def average_trace(self) -> Tensor:
         return self.data["diag"].mean()

@@ -68,14 +68,11 @@ class Hierarchical(Structure):
                 "D": X[s:, a:s] + X[a:s, s:].T,
                 "E": X[s:, s:].clone()}
 
-    def add_identity(self, c: float) -> Hierarchical:
-        d = dict(self.data)
-        d["A"] = d["A"].clone()
-        d["A"].diagonal().add_(c)
-        d["c"] = d["c"] + c
-        d["E"] = d["E"].clone()
-        d["E"].diagonal().add_(c)
-        return self._new(d)
+    @staticmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        data["A"].diagonal().add_(c)
+        data["c"].add_(c)
+        data["E"].diagonal().add_(c)
 
     def average_trace(self) -> Tensor:
         d = self.data

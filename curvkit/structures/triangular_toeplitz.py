@@ -46,10 +46,9 @@ class TriangularToeplitz(Structure):
         counts = torch.arange(dim, 0, -1, device=X.device).to(X.dtype)
         return {"coeffs": diagonal_sums(X) / counts}
 
-    def add_identity(self, c: float) -> TriangularToeplitz:
-        t = self.data["coeffs"].clone()
-        t[:1] += c
-        return self._new({"coeffs": t})
+    @staticmethod
+    def _add_identity_(data: dict[str, Tensor], c: float) -> None:
+        data["coeffs"][:1] += c
 
     def average_trace(self) -> Tensor:
         return self.data["coeffs"][0]
