@@ -69,7 +69,9 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     """
     if not tensors:
         return True
-    sums = torch.stack([t.sum().float() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    sums = [t.sum() for t in tensors]
+    if any(s.dtype != sums[0].dtype for s in sums):
+        sums = [s.float() for s in sums]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

@@ -80,13 +80,15 @@ def layer_matrix(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(d_out, -1) for t in tensors], dim=1)
 
 
-def split_layer_matrix(R: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Inverse of :func:`layer_matrix`: columns of R back to tensors shaped (and typed) like
-    ``like``."""
+def split_layer_matrix(R: Tensor, like: Sequence[Tensor], same_dtype: bool = True
+                       ) -> list[Tensor]:
+    """Inverse of :func:`layer_matrix`: columns of R back to tensors shaped like ``like``
+    (and typed like it, unless ``same_dtype`` is False: then R's dtype is kept)."""
     out, start = [], 0
     for t in like:
         k = t.numel() // t.shape[0]
-        out.append(R[:, start:start + k].reshape(t.shape).to(t.dtype))
+        r = R[:, start:start + k].reshape(t.shape)
+        out.append(r.to(t.dtype) if same_dtype and r.dtype != t.dtype else r)
         start += k
     return out
 

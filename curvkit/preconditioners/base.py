@@ -36,14 +36,21 @@ class Preconditioner(Part):
         super().__init__(options)
         self.model = distributed.unwrap(model) if model is not None else None
         self.state = {"updates": 0}
+        # fixed here, like a torch.optim.Optimizer's parameter list: the structure's state
+        # is laid out over these parameters (and walking the module tree on every apply
+        # cost as much as a diagonal structure's arithmetic)
+        named = trainable(self.model) if self.model is not None else []
+        self._named = named
+        self._params = [p for _, p in named]
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
-        return trainable(self.model)
+        """The trainable ``(name, parameter)`` pairs of the model at construction."""
+        return self._named
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for _, p in trainable(self.model)]
+        return self._params
 
     @classmethod
     def requirements(cls, options: Any) -> frozenset[str]:

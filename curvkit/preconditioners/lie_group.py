@@ -246,7 +246,7 @@ class LieGroup(Preconditioner):
     @staticmethod
     def _projected(X: Structure, factor: Tensor, is_root: bool) -> Structure:
         """Π(Xᵀ F X) for the factor F, or for F = RᵀR given its root R (m, d)."""
-        factor = factor.detach().to(X.dtype)
+        factor = _as(factor.detach() if factor.requires_grad else factor, X.dtype)
         if not is_root:
             return X.congruence(factor)
         if X.DENSE_PRODUCTS and factor.shape[0] > 2 * X.dim:
@@ -357,8 +357,9 @@ class LieGroup(Preconditioner):
             C, CCt = self._side(mod, 1, entry, entry["dim_K"])
             k2 = None if KKt is None else KKt.diagonal_entries()
             c2 = None if CCt is None else CCt.diagonal_entries()
+            # kept in the factors' dtype: the product with the direction is formed in it
             self._outer[key] = None if k2 is None or c2 is None else \
-                split_layer_matrix(c2.unsqueeze(1) * k2.unsqueeze(0), like)
+                split_layer_matrix(c2.unsqueeze(1) * k2.unsqueeze(0), like, same_dtype=False)
         return self._outer[key]
 
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
@@ -366,23 +367,29 @@ class LieGroup(Preconditioner):
         check_like(direction, [p for _, p in named], what="direction")
         index = {n: i for i, (n, _) in enumerate(named)}
         out: list[Tensor | None] = [None] * len(direction)
+        scaled: list[tuple[int, Tensor, Tensor]] = []  # (position, scale, direction)
         for mod, pnames in self.state["layers"].items():
             entry = self.state["factors"][mod]
             ds = [direction[index[p]] for p in pnames]
             scales = self._scales(mod, entry, ds)
             if scales is not None:
-                for p, d, sc in zip(pnames, ds, scales):
-                    out[index[p]] = (sc * d.to(sc.dtype)).to(d.dtype)
+                scaled.extend((index[p], sc, d) for p, d, sc in zip(pnames, ds, scales))
                 continue
             M = layer_matrix(ds)                                         # (d_out, d_K)
             K, KKt = self._side(mod, 0, entry, M.shape[0])
             C, CCt = self._side(mod, 1, entry, M.shape[1])
-            Mt = M.T.to(K.dtype)
+            Mt = _as(M.T, K.dtype)
             Y = KKt.mm(Mt) if KKt is not None else K.mm(K.tmm(Mt))    # K Kᵀ Mᵀ
-            Z = Y.T.to(C.dtype)
+            Z = _as(Y.T, C.dtype)
             R = CCt.mm(Z) if CCt is not None else C.mm(C.tmm(Z))      # C Cᵀ M K Kᵀ
             for p, r in zip(pnames, split_layer_matrix(R, ds)):
                 out[index[p]] = r
+        if scaled:
+            # every element-wise scaling of the step in one call
+            prods = torch._foreach_mul([sc for _, sc, _ in scaled],
+                                       [_as(d, sc.dtype) for _, sc, d in scaled])
+            for (i, _, d), r in zip(scaled, prods):
+                out[i] = _as(r, d.dtype)
         fallback = self.state.get("fallback", {})
         for i, (n, _) in enumerate(named):
             if out[i] is not None:
@@ -390,7 +397,7 @@ class LieGroup(Preconditioner):
             d = direction[i]
             if n in fallback:
                 k = fallback[n]["k"]
-                out[i] = (k.square() * d.to(k.dtype)).to(d.dtype)
+                out[i] = _as(k.square() * _as(d, k.dtype), d.dtype)
             else:
                 out[i] = d
         return out  # type: ignore[return-value]
@@ -411,6 +418,11 @@ class LieGroup(Preconditioner):
 
     def info(self) -> dict[str, Any]:
         return dict(self._last)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a dispatcher call when it already is (most calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 __all__ = ["LieGroup"]

@@ -48,20 +48,18 @@ class Direct(Solver):
             # checked before the momentum buffers absorb it
             return StepResult(list(direction), -ctx.lr, accepted=False,
                               info={"nonfinite": 1})
-        bufs = self.state["momentum_buffer"]
-        if o.momentum != 0 and not bufs:
-            bufs.extend([None] * len(direction))
-        out = []
-        for i, (p, d) in enumerate(zip(ctx.params, direction)):
-            if o.weight_decay != 0:
-                d = d.add(p.detach(), alpha=o.weight_decay)
-            if o.momentum != 0:
-                buf = bufs[i]
-                if buf is None:
-                    buf = torch.clone(d).detach()
-                    bufs[i] = buf
-                else:
-                    buf.mul_(o.momentum).add_(d, alpha=1 - o.dampening)
-                d = d.add(buf, alpha=o.momentum) if o.nesterov else buf
-            out.append(d)
+        # the arithmetic of torch.optim.SGD (foreach=False), one call over all tensors
+        out = list(direction)
+        if o.weight_decay != 0:
+            out = list(torch._foreach_add(out, [p.detach() for p in ctx.params],
+                                          alpha=o.weight_decay))
+        if o.momentum != 0:
+            bufs = self.state["momentum_buffer"]
+            if not bufs:
+                bufs.extend(torch.clone(d).detach() for d in out)
+            else:
+                torch._foreach_mul_(bufs, o.momentum)
+                torch._foreach_add_(bufs, out, alpha=1 - o.dampening)
+            out = list(torch._foreach_add(out, bufs, alpha=o.momentum)) if o.nesterov \
+                else list(bufs)
         return StepResult(out, -ctx.lr)
