@@ -591,38 +591,40 @@ def _mismatches(*pairs: tuple[Tensor, Tensor]) -> bool:
     return False
 
 
-_SKETCHES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+_SKETCHES: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
 
-def _sketch(D: int, d_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (2, D) Gaussian probes of a layer shape, drawn once from a fixed private seed
-    (a generator per call cost more than the check's products on small layers)."""
+def _sketch(D: int, d_out: int, dtype: torch.dtype, device: torch.device
+            ) -> tuple[Tensor, Tensor]:
+    """Gaussian probes P̃ = [P | p_b] (2, D + 1) of a layer shape, as P (2, D) and p_b (2, 1),
+    drawn once from a fixed private seed (a generator per call cost more than the check's
+    products on small layers)."""
     key = (D, d_out, dtype, device)
-    P = _SKETCHES.get(key)
-    if P is None:
+    probes = _SKETCHES.get(key)
+    if probes is None:
         gen = torch.Generator(device=device).manual_seed(1_000_003 * D + d_out)
-        P = _SKETCHES[key] = torch.randn(_PROBES, D, generator=gen, dtype=dtype,
-                                         device=device)
-    return P
+        P = torch.randn(_PROBES, D + 1, generator=gen, dtype=dtype, device=device)
+        probes = _SKETCHES[key] = (P[:, :D].contiguous(), P[:, D:].contiguous())
+    return probes
 
 
 def _sketched_grad_pairs(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
                          ) -> list[tuple[Tensor, Tensor]]:
-    """:func:`_weight_grad_mismatch` on random projections: P (Σ_{n,t} ã gᵀ) against
-    P ∇Wᵀ for P (2, d_in) Gaussian from a fixed private seed (the global RNG is not touched),
-    at O(N·T·(d_in + d_out)) instead of the O(N·T·d_in·d_out) of the gradient itself. For a
-    mismatch E, E‖P Eᵀ‖² = 2‖E‖²: a mismatch beyond round-off is missed with negligible
-    probability, and a false alarm only sends the batch to the ordinary (exactly checked)
-    path. Returns the (implied, observed) pairs for :func:`_mismatches`; the bias gradient
-    Σ_{n,t} g is compared exactly, as its own pair."""
+    """:func:`_weight_grad_mismatch` on random projections: P̃ (Σ_{n,t} ã gᵀ) against
+    P̃ ∇W̃ᵀ for W̃ = [W | b] and P̃ = [P | p_b] (2, d_in + 1) Gaussian from a fixed private
+    seed (the global RNG is not touched), at O(N·T·(d_in + d_out)) instead of the
+    O(N·T·d_in·d_out) of the gradient itself. For a mismatch E, E‖P̃ Eᵀ‖² = 2‖E‖²: a
+    mismatch beyond round-off is missed with negligible probability, and a false alarm only
+    sends the batch to the ordinary (exactly checked) path. Returns the (implied, observed)
+    pair for :func:`_mismatches`, weight and bias in one (P̃ ã = P a + p_b)."""
     d_out, D = g.shape[-1], a.shape[-1]
-    P = _sketch(D, d_out, a.dtype, a.device)
+    P, p_b = _sketch(D, d_out, a.dtype, a.device)
     gf = g.reshape(-1, d_out)
+    aT, WT = a.reshape(-1, D).T, true_grads[0].reshape(d_out, D).T
     # (2, D) times the (D, ·) transposes: the fast layout for a thin product on CPU
-    pairs = [((P @ a.reshape(-1, D).T) @ gf, P @ true_grads[0].reshape(d_out, D).T)]
-    if layer.bias:
-        pairs.append((gf.sum(0), true_grads[1]))
-    return pairs
+    if not layer.bias:
+        return [((P @ aT) @ gf, P @ WT)]
+    return [(torch.addmm(p_b, P, aT) @ gf, torch.addr(P @ WT, p_b[:, 0], true_grads[1]))]
 
 
 def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Observation,
