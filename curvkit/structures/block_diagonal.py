@@ -75,6 +75,12 @@ class BlockDiagonal(Structure):
         return self._new({"blocks": torch.bmm(self.data["blocks"], other.data["blocks"]),
                           "rest": self.data["rest"] @ other.data["rest"]})
 
+    def right_step(self, m: Structure, c: float) -> BlockDiagonal:
+        self._check_same(m)
+        blocks, rest = self.data["blocks"], self.data["rest"]
+        return self._new({"blocks": torch.baddbmm(blocks, blocks, m.data["blocks"], alpha=c),
+                          "rest": torch.addmm(rest, rest, m.data["rest"], alpha=c)})
+
     def inner(self, X: Tensor | None = None) -> BlockDiagonal:
         blocks, rest = self.data["blocks"], self.data["rest"]
         if X is None:

@@ -46,6 +46,11 @@ class Diagonal(Structure):
         self._check_same(other)
         return self._new({"diag": self.data["diag"] * other.data["diag"]})
 
+    def right_step(self, m: Structure, c: float) -> Diagonal:
+        self._check_same(m)
+        return self._new({"diag": torch.addcmul(self.data["diag"], self.data["diag"],
+                                                m.data["diag"], value=c)})
+
     def inner(self, X: Tensor | None = None) -> Diagonal:
         k2 = self.data["diag"].square()
         return self._new({"diag": k2 if X is None else k2 * X.square().sum(1)})
