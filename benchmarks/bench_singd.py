@@ -251,42 +251,35 @@ Reading the two tables:
 - **Steps without update.** Per step, curvkit spends forward + backward + `apply` + the
   optimizer/solver overhead. `apply` is cheaper than singd's natural-gradient computation
   for `dense`, `diagonal` and `block_diagonal`, whose K Kᵀ stays in the structure and is
-  cached between updates (one product per side instead of two); `hierarchical` (not closed
-  under transposition) uses two products per side like singd. The optimizer/solver
-  overhead is the same for every curvkit preconditioner; for the sparse structures, whose
-  own work is tiny, it is what separates the two sides (singd's step is little more than
-  the forward and backward pass).
+  cached between updates whenever forming it costs less than the products it saves over
+  T steps (stored entries per row < T·n_cols: always for `diagonal` and `block_diagonal`,
+  for `dense` when d < T·n_cols); diagonal factors then scale every parameter by c²k²ᵀ in
+  one `_foreach_mul`. `hierarchical` (not closed under transposition) uses two products per
+  side like singd, each writing its block rows into one output with `addmm_`. The
+  optimizer/solver overhead (finiteness checks of the gradient and of the step, momentum
+  as `_foreach_*` calls, the parameter update) is the same for every preconditioner.
 - **The update step.** Like singd, which records the layer inputs and output gradients
   with hooks during the training backward pass, the optimizer runs its own forward and
   backward pass inside `estimator.observe(batch)` when the preconditioner is due for an
   update, and `ef` takes the empirical statistics from it: the backward pass of the loss
   c·Σ_n ℓ_n delivers c·∇ℓ_n at every layer output, the empirical columns are √c·∇ℓ_n, so
-  the statistics are a rescaling of what the pass captured (≈ 0.15 ms of hooks in the pass
-  and ≈ 0.35 ms to form the roots here, against ≈ 3.2 ms for the separate pass in the
-  table above). Until this change the statistics cost a second forward + backward pass on
-  every update step; measured interleaved on the same machine, that took the ratio at
-  T = 1 from 1.20× / 2.0× / 1.41× / 1.47× (dense / diagonal / block_diagonal /
-  hierarchical) to 1.11–1.16× / 1.32–1.34× / 1.01–1.04× / 1.15–1.16×, and at T = 10 from
-  0.83× / 1.25× / 0.94× / 1.13× to 0.82× / 1.14× / 0.87× / 1.06×. The statistics are square
-  roots of the Kronecker factors (`kronecker_roots`), so `lie_group` forms
-  Π(Kᵀ A K) = Π(SᵀS), S = A_root K, at singd's cost instead of building the d × d factor A
-  first (without roots, as with the `ggn` estimator, `diagonal` would pay d²·N for A).
-- **Update-step overhead (this revision).** The update builds a few dozen small
-  structured matrices per layer; they are now made without re-validating their shapes
-  (state is validated where it enters: construction and `load_state_dict`), combined with
-  one allocation each (`Structure.lincomb`, which for the dense structure removed more
-  time than the matrix products differ between the two sides), the consistency checks of
-  the observed pass send all their norms to the host at once with cached random probes,
-  the K-FAC layer list is reused while the model's parameters are unchanged, and the
-  state's finiteness is one fused check. For diagonal factors, `apply` scales each
-  parameter by the precomputed c²k²ᵀ. Measured interleaved before → after at T = 10:
-  diagonal 1.04× → 0.98–1.00×, hierarchical 1.05× → 1.00–1.02×; at T = 1: diagonal
-  1.28× → 1.16–1.21×, hierarchical 1.15× → 0.99–1.04×.
-- **What remains at T = 1.** With an update on every step, `diagonal` and `dense` stay
-  above singd. For `diagonal` the difference is Python work around tiny tensors (the
-  observed pass' hooks and its checks, the update's ~20 structure operations per layer);
-  for `dense` singd updates K and C in place, while curvkit's contract (the optimizer
-  rolls a non-finite update back from a shallow snapshot) requires new tensors.
+  the statistics are a rescaling of what the pass captured instead of the separate pass
+  timed in the table above. They are square roots of the Kronecker factors
+  (`kronecker_roots`), so `lie_group` forms Π(Kᵀ A K) = Π(SᵀS), S = A_root K, at singd's
+  cost instead of building the d × d factor A first. The update itself: per layer and side
+  one linear combination m = c_H·H + c_G·Π(XᵀX) + α₁·m_old − s·I (one allocation), all
+  layers' traces in one host transfer, and X(I − βm) as one fused call (`addmm` for dense,
+  `addcmul` for diagonal, `baddbmm` for block-diagonal).
+- **What remains at T = 1.** With an update on every step, `diagonal` is the one structure
+  above singd; its factors cost almost nothing, so the comparison is between the two
+  libraries' fixed work per update. Measured on its own (interleaved, several hundred
+  repeats), the observed pass costs ≈ 0.16 ms more than a plain forward + backward
+  (capture hooks), and forming the statistics from it ≈ 0.56 ms, of which ≈ 0.34 ms are
+  the checks that singd does not make: that the captured inputs and output gradients
+  reproduce every layer's weight and bias gradient (on two random projections) and that
+  the output gradient is the loss' (so a weight used outside its module, or a pass of
+  another loss, can never give silently wrong factors). With the hooks that is most of
+  the gap; curvkit keeps them.
 """
 
 
