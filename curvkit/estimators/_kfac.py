@@ -112,8 +112,10 @@ def output_gradients(loss_fn: Any, out: Tensor, y: Tensor, where: str = "loss") 
     if kind == "mse" and y.shape == out.shape:
         return 2.0 * (out - y.to(out.dtype))
     if kind == "ce" and not y.is_floating_point() and loss_fn.label_smoothing == 0.0:
-        onehot = F.one_hot(y, out.shape[1]).movedim(-1, 1).to(out.dtype)
-        return torch.softmax(out, dim=1) - onehot
+        # softmax − onehot(y) without materialising the one-hot: −1 added at each label
+        g = torch.softmax(out, dim=1)
+        index = y.unsqueeze(1)
+        return g.scatter_add_(1, index, g.new_full((1,) * g.ndim, -1.0).expand(index.shape))
     z = out.requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(z, y)

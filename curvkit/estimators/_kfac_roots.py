@@ -103,11 +103,16 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
                 r = a.mean(1)
                 scale = w_A / math.sqrt(n_b)
             if layer.bias:
-                r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
+                # [r, 1]·scale written once (not a concatenated copy, then a scaled copy)
+                root = r.new_empty(r.shape[0], r.shape[1] + 1)
+                torch.mul(r, scale, out=root[:, :-1])
+                root[:, -1].fill_(scale)
+            else:
+                root = r * scale
             g = torch.cat(g_rows[layer.name]) if len(g_rows[layer.name]) > 1 else \
                 g_rows[layer.name][0]
             A_list, G_list = rows.setdefault(layer.name, ([], []))
-            A_list.append(r * scale)
+            A_list.append(root)
             G_list.append(g * w_G if w_G != 1.0 else g)
     by_name = {layer.name: layer for layer in layers}
     return {n: KroneckerRoots(module=n, params=by_name[n].params,
