@@ -155,6 +155,11 @@ class StructureContract:
                                  torch.zeros_like(Pd)) + c * eye
             assert type(comb) is self.cls
             torch.testing.assert_close(comb.to_dense(), dense, rtol=1e-12, atol=1e-12)
+            # the same, accumulated into a fresh element's own storage
+            fresh = P.scale(1.0)
+            reused = fresh.lincomb(a, terms, identity=c, reuse=True)
+            torch.testing.assert_close(reused.to_dense(), dense, rtol=1e-12, atol=1e-12)
+            assert all(reused.data[k].data_ptr() == t.data_ptr() for k, t in fresh.data.items())
         # elements are immutable: none of the operations above changed an operand
         after = {**P.data, **{"Q" + k: t for k, t in Q.data.items()}}
         for k, t in before.items():

@@ -297,7 +297,8 @@ class LieGroup(Preconditioner):
             if o.alpha1 != 0.0 and f"m_{key}" in entry:
                 old = self._structure(side, entry[f"dim_{key}"], entry[f"m_{key}"])
                 rest.append((old, o.alpha1))
-            m = H.lincomb(c_H, rest, identity=-half)
+            # H is this update's own intermediate: m is accumulated into its storage
+            m = H.lincomb(c_H, rest, identity=-half, reuse=True)
             beta = o.lr_cov
             if o.normalize_lr_cov:
                 beta = o.lr_cov / max(1.0, float(m.max_abs()))

@@ -189,19 +189,26 @@ class Structure(abc.ABC):
         return self._new({k: t.add(other.data[k], alpha=alpha) for k, t in self.data.items()})
 
     def lincomb(self, a: float | Tensor, terms: Sequence[tuple[Structure, float]] = (),
-                identity: float = 0.0) -> Structure:
+                identity: float = 0.0, *, reuse: bool = False) -> Structure:
         """a·self + Σ_j b_j·X_j + identity·I (same structure) as one new element: one
         allocation per stored tensor, the terms accumulated into it in place. The SINGD
         update forms such combinations of d×d matrices (d the layer's input width); a chain
         of out-of-place ``scale``/``add`` allocated and swept memory once per operation,
         which cost more than the update's matrix products for the dense structure
-        (measured)."""
+        (measured).
+
+        ``reuse=True`` accumulates into this element's own tensors instead (no allocation):
+        only for an element that the caller has just made and that nothing else holds (nor
+        ``terms``), such as an intermediate of the update; elements are otherwise immutable."""
         for X, _ in terms:
             self._check_same(X)
         rest = list(terms)
         data = {}
         for k, t in self.data.items():
-            if rest and isinstance(a, (int, float)) and a == 1.0:
+            if reuse:
+                data[k] = t if isinstance(a, (int, float)) and a == 1.0 else t.mul_(a)
+                todo = rest
+            elif rest and isinstance(a, (int, float)) and a == 1.0:
                 X, b = rest[0]  # self + b·X in one pass
                 data[k] = torch.add(t, X.data[k], alpha=float(b))
                 todo = rest[1:]
