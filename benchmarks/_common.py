@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,20 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} logical CPUs (shared with other jobs), "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+
+
+def sgd_step(model: nn.Module, X: Tensor, y: Tensor, lr: float = 0.05) -> Callable[[], None]:
+    """One plain ``torch.optim.SGD`` step on (X, y): the reference the step benchmarks divide
+    by."""
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()
+
+    return step
 
 
 def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine, models, publish  # noqa: E402
+from _common import machine, models, publish, sgd_step  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -78,18 +78,6 @@ def paired(fn: Callable[[], object], ref: Callable[[], object], steps: int, repe
             out.append((time.perf_counter() - t) / steps)
         ratios.append(t_fn[-1] / t_ref[-1])
     return statistics.median(t_fn), statistics.median(t_ref), statistics.median(ratios)
-
-
-def sgd_step(model: nn.Module, X: Tensor, y: Tensor) -> Callable[[], None]:
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-
-    def step() -> None:
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-
-    return step
 
 
 def time_optimizer(model: nn.Module, X: Tensor, y: Tensor, cfg: dict, steps: int,

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import machine, publish  # noqa: E402
+from _common import machine, publish, sgd_step  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
@@ -92,24 +92,12 @@ def step_times(step: Callable[[], object], steps: int, repeats: int) -> list[flo
     return times
 
 
-def sgd_step_fn(model: nn.Module, X: Tensor, y: Tensor) -> Callable[[], object]:
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-
-    def step() -> None:
-        opt.zero_grad()
-        loss_fn(model(X), y).backward()
-        opt.step()
-
-    return step
-
-
 def run(repeats: int, steps: int) -> list[tuple]:
     import copy
 
     rows = []
     for mname, (model, X, y, small) in models().items():
-        t_sgd = statistics.median(step_times(sgd_step_fn(copy.deepcopy(model), X, y), steps,
+        t_sgd = statistics.median(step_times(sgd_step(copy.deepcopy(model), X, y), steps,
                                              repeats))
         rows.append((mname, "SGD (torch.optim.SGD)", t_sgd, t_sgd, None))
         print(f"{mname:40s} {'SGD':28s} {t_sgd * 1e3:9.3f} ms", flush=True)

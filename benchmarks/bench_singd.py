@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import time
 import warnings
@@ -151,17 +150,6 @@ def breakdown(structure: str, repeats: int) -> dict[str, float]:
         out[name] = statistics.median(ts)
     out["overhead"] = out["step_without_update"] - out["forward_backward"] - out["apply"]
     return out
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
