@@ -28,7 +28,6 @@ from curvkit.preconditioners.base import Preconditioner
 # Layers the estimators' ``kronecker`` capability is expected to cover; used only to
 # report structures before the first update. After an update the factors the estimator
 # actually returned decide.
-KFAC_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 class Kronecker(Preconditioner):
@@ -107,18 +106,6 @@ class Kronecker(Preconditioner):
         self._last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ coverage
-    def _predicted_layers(self) -> dict[str, list[str]]:
-        trainable_names = {n for n, _ in self.named_params}
-        layers: dict[str, list[str]] = {}
-        for mod_name, mod in self.model.named_modules():
-            if not isinstance(mod, KFAC_LAYERS):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
-            if prefix + "weight" in names:
-                layers[mod_name] = names
-        return layers
-
     def _layers(self) -> dict[str, list[str]]:
         return self.state.get("layers") or self._predicted_layers()
 

@@ -159,19 +159,6 @@ class LieGroup(Preconditioner):
         return entry
 
     # ------------------------------------------------------------------ coverage
-    def _predicted_layers(self) -> dict[str, list[str]]:
-        """Linear/Conv2d modules with a trainable weight: {module: [weight, (bias)]}."""
-        trainable_names = {n for n, _ in self.named_params}
-        layers: dict[str, list[str]] = {}
-        for mod_name, mod in self.model.named_modules():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
-            if prefix + "weight" in names:
-                layers[mod_name] = names
-        return layers
-
     def structures(self) -> dict[str, str]:
         k, c = self.options.structures
         label = f"lie_group[{k}, {c}]"
