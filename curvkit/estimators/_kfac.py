@@ -73,7 +73,7 @@ GeneratorArg = torch.Generator | Callable[[int], torch.Generator] | None
 _CHUNK_ELEMENTS = 1 << 22  # output-gradient entries held at once by a batched backward
 
 
-__all__ = ["kronecker_factors", "kfac_layers", "factors_to_dense", "check_loss",
+__all__ = ["kronecker_factors", "kfac_layers", "captured_columns", "factors_to_dense", "check_loss",
            "output_gradients", "hessian_sqrt_columns", "sample_output_gradients",
            "output_columns", "layer_diagonals", "Observation", "observe_pass"]
 
@@ -682,6 +682,26 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     return [layer for layer, _ in checked], A_in
 
 
+def captured_columns(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: Tensor,
+                     observation: Observation | None, columns: Callable[[Tensor], Tensor],
+                     consume: Callable[[KFACLayer, Tensor, Tensor], None]
+                     ) -> tuple[list[KFACLayer], dict[str, Tensor]]:
+    """(layers kept, their inputs (N, T, D)) of one batch, with ``consume`` called on every
+    kept layer's backpropagated columns: from ``observation`` when it can provide them
+    (:func:`_observed_columns`), otherwise from a forward and backward pass of our own with
+    the columns ``columns(out)`` (K, *out.shape) of the detached model output."""
+    found = None if observation is None else _observed_columns(est, layers, observation, y,
+                                                                consume)
+    if found is not None:
+        return found
+    out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
+    if not active:
+        return [], {}
+    kept, A_in, _ = _backprop_columns(out, columns(out.detach()), active, records,
+                                      strict=True, consume=consume)
+    return kept, A_in
+
+
 def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: Tensor,
                    statistic: Statistic, approx: Approx, mc_samples: int,
                    generator: torch.Generator | None, sum_inputs: bool,
@@ -698,21 +718,13 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
         g = g.reshape(-1, g.shape[-1])
         G[layer.name] = g.T @ g + G[layer.name] if layer.name in G else g.T @ g
 
-    found = None if observation is None else _observed_columns(est, layers, observation, y,
-                                                                consume)
-    if found is not None:
-        kept, A_in = found
-    else:
-        out, active, records, _ = _forward_capture(est.model, layers, X, strict=True)
-        if not active:
-            return {}
+    def cols(out: Tensor) -> Tensor:
         if columns is not None:
-            cols = columns(out, y)
-        else:
-            cols = output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
-                                  f"estimator {est.name!r}")
-        kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True,
-                                          consume=consume)
+            return columns(out, y)
+        return output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
+                              f"estimator {est.name!r}")
+
+    kept, A_in = captured_columns(est, layers, X, y, observation, cols, consume)
     res: dict[str, tuple[Tensor, Tensor]] = {}
     for layer in kept:
         a = A_in[layer.name]

@@ -22,14 +22,7 @@ import torch
 from torch import Tensor
 
 from curvkit import distributed
-from curvkit.estimators._kfac import (
-    Observation,
-    _backprop_columns,
-    _forward_capture,
-    _observed_columns,
-    check_loss,
-    kfac_layers,
-)
+from curvkit.estimators._kfac import Observation, captured_columns, check_loss, kfac_layers
 from curvkit.estimators.base import Batch, KroneckerRoots, as_batches
 from curvkit.losses import batch_size
 
@@ -72,18 +65,8 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
             g_rows.setdefault(layer.name, []).append(g.reshape(-1, g.shape[-1]))
 
         obs = None if observed is None else observed(X, y)
-        recorded = None if obs is None else _observed_columns(estimator, layers, obs, y,
-                                                               consume)
-        if recorded is not None:
-            kept, A_in = recorded
-        else:
-            out, active, records, _ = _forward_capture(estimator.model, layers, X, strict=True)
-            kept = []
-            A_in = {}
-            if active:
-                cols = columns(out.detach(), y, i)
-                kept, A_in, _ = _backprop_columns(out, cols, active, records, strict=True,
-                                                  consume=consume)
+        kept, A_in = captured_columns(estimator, layers, X, y, obs,
+                                      lambda out, y=y, i=i: columns(out, y, i), consume)
         found = tuple(layer.name for layer in kept)
         if names is None:
             names = found
