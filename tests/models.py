@@ -174,6 +174,16 @@ def problem(arch: str = "mlp", loss: str = "ce", reduction: str = "mean", n: int
 
 
 # ----------------------------------------------------------------------------- references
+def param_offsets(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({trainable parameter name: its first index in the flat vector}, P)."""
+    offset, start = {}, 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            offset[n] = start
+            start += p.numel()
+    return offset, start
+
+
 def param_shapes(model: nn.Module) -> tuple[list[str], list[torch.Size]]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [n for n, _ in named], [p.shape for _, p in named]

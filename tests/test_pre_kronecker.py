@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from models import Problem, make_data, make_loss, mlp, problem
+from models import Problem, make_data, make_loss, mlp, param_offsets, problem
 from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average
 from torch import nn
 
@@ -56,11 +56,7 @@ def dense_preconditioner(ctx: Context, options: dict) -> torch.Tensor:
     fallback = options.get("fallback", "diagonal")
     factors = ctx.each_update(lambda est, b: est.kronecker(b))
     named = [(n, p) for n, p in ctx.problem.model.named_parameters() if p.requires_grad]
-    offset, start = {}, 0
-    for n, p in named:
-        offset[n] = start
-        start += p.numel()
-    P = start
+    offset, P = param_offsets(ctx.problem.model)
     M = torch.zeros(P, P, dtype=torch.float64)
     covered = set()
     for mod in factors[-1]:

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import test_structures as ts
 import torch
-from models import Problem, make_data, make_loss, mlp
+from models import Problem, make_data, make_loss, mlp, param_offsets
 from preconditioner_suite import Case, Context, PreconditionerSuite, poisoned
 from torch import nn
 
@@ -102,11 +102,8 @@ def dense_preconditioner(ctx: Context, options: dict) -> torch.Tensor:
     """The P×P matrix lie_group multiplies directions by."""
     factors = ctx.each_update(lambda est, b: est.kronecker(b))
     named = [(n, p) for n, p in ctx.problem.model.named_parameters() if p.requires_grad]
-    offset, start = {}, 0
-    for n, p in named:
-        offset[n] = start
-        start += p.numel()
-    M = torch.zeros(start, start, dtype=torch.float64)
+    offset, P = param_offsets(ctx.problem.model)
+    M = torch.zeros(P, P, dtype=torch.float64)
     covered = set()
     for mod, kf in factors[-1].items():
         K, C = singd_factor_recursion([(f[mod].A, f[mod].G) for f in factors], options)
