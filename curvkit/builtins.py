@@ -14,7 +14,7 @@ from curvkit.hookspecs import hookimpl
 from curvkit.parts import Part
 
 PACKAGES = ("curvkit.estimators", "curvkit.preconditioners", "curvkit.solvers",
-            "curvkit.tasks.datasets", "curvkit.tasks.models")
+            "curvkit.tasks.datasets", "curvkit.tasks.models", "curvkit.experiments.executors")
 
 
 def _parts_in(module) -> list[type]:

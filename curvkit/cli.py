@@ -90,8 +90,40 @@ def _print_grid(grid: Any, runs: int) -> None:
         _out(f"  skipped [{p.label}] ({p.skipped}): {p.reason}")
 
 
+def _executor(args: argparse.Namespace, doc: Any, config: str) -> Any:
+    """The executor part: ``--executor NAME`` (default ``[executor] name``, else ``local``)
+    with the options of the config's ``[executor]`` table (``--jobs`` / ``--threads`` for
+    ``local``)."""
+    from curvkit.config import parse_part
+    from curvkit.registry import get_registry
+
+    table = doc.get("executor", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{config}: executor: expected a table (name = ..., options), "
+                          f"got {table!r}")
+    table = dict(table)
+    name = getattr(args, "executor", None)
+    if name is not None and table.get("name", name) != name:
+        raise ConfigError(f"{config}: executor.name: the config's [executor] is for "
+                          f"{table['name']!r}, but --executor {name} was given; its options "
+                          f"would not apply")
+    table["name"] = name or table.get("name", "local")
+    if table["name"] == "local":
+        table.setdefault("jobs", getattr(args, "jobs", 1))
+        table.setdefault("threads", args.threads)
+    choice = parse_part("executor", table, "executor", get_registry())
+    return choice.spec.cls(options=choice.options)
+
+
 def _run(args: argparse.Namespace, mode: str) -> int:
-    from curvkit.experiments.ablate import build_grid, load_config, prepare_directory, run_grid
+    from curvkit.experiments.ablate import (
+        build_grid,
+        load_config,
+        plan,
+        prepare_directory,
+        run_grid,
+    )
+    from curvkit.experiments.lock import DirectoryLock
 
     if args.threads < 0:
         raise ConfigError(f"--threads: must be >= 0, got {args.threads}")
@@ -105,12 +137,23 @@ def _run(args: argparse.Namespace, mode: str) -> int:
     try:
         text, doc = load_config(args.config)
         cache = args.cache_dir
-        grid = build_grid(doc, use_ablate=(mode == "ablate"), cache_dir=cache)
+        try:
+            grid = build_grid(doc, use_ablate=(mode == "ablate"), cache_dir=cache)
+            executor = _executor(args, doc, args.config)
+        except ConfigError as err:
+            raise ConfigError(f"{args.config}: {err}") from err
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         seeds = None
+        if not grid.active:
+            if len(grid.points) == 1:
+                p = grid.points[0]
+                raise IncompatibleError(f"{args.config}: the only configuration "
+                                        f"is {p.skipped}: {p.reason}")
+            raise IncompatibleError(f"{args.config}: every grid point is skipped; nothing "
+                                    f"can run:\n" + "\n".join(
+                                        f"  [{p.label}] ({p.skipped}): {p.reason}"
+                                        for p in grid.points))
         if mode == "train":
-            if not grid.active:
-                raise IncompatibleError(grid.points[0].reason)
             cfg = grid.active[0].config
             seeds = [args.seed if args.seed is not None else cfg.train.seeds[0]]
         runs = len(grid.runs(seeds))
@@ -120,19 +163,35 @@ def _run(args: argparse.Namespace, mode: str) -> int:
             for p in grid.active:
                 log(f"  [{p.label}] config {p.config.config_id()}")
             return 0
-        if rank0:
-            prepare_directory(out, text, doc)
-        if dist_on:
-            import torch.distributed as dist
+        lock = DirectoryLock(out) if rank0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if rank0:
+                prepare_directory(out, text, doc)
+                if mode == "train" and not args.resume:
+                    todo, _ = plan(grid.runs(seeds), out)
+                    started = [r for _, _, r in todo if r is not None and r.steps > 0]
+                    if started:
+                        raise ConfigError(
+                            f"{out}: holds an interrupted run of this config (steps "
+                            f"0..{started[0].steps - 1} recorded); pass --resume to continue "
+                            f"it from its last checkpoint, or use another --out")
+            if dist_on:
+                import torch.distributed as dist
 
-            dist.barrier()
-        result = run_grid(grid, out, jobs=getattr(args, "jobs", 1), seeds=seeds,
-                          threads=args.threads,
-                          cache_dir=cache, progress=not args.no_progress,
-                          retry_failed=getattr(args, "retry_failed", False), desc=mode,
-                          log=log)
+                dist.barrier()
+            result = run_grid(grid, out, jobs=getattr(args, "jobs", 1), seeds=seeds,
+                              threads=args.threads,
+                              cache_dir=cache, progress=not args.no_progress,
+                              retry_failed=getattr(args, "retry_failed", False), desc=mode,
+                              log=log, executor=executor)
+        finally:
+            if lock is not None:
+                lock.release()
     except KeyboardInterrupt:
-        _err("interrupted: finished runs are kept; re-run the same command to resume")
+        again = "the same command with --resume" if mode == "train" else "the same command"
+        _err(f"interrupted: finished runs and checkpoints are kept; re-run {again} to resume")
         return 130
     if result.nothing_to_do:
         what = "run" if mode == "train" else f"all {result.total} runs"
@@ -208,8 +267,9 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("components", help="list every registered part with its options")
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    c.add_argument("--kind", choices=("estimator", "preconditioner", "solver", "dataset",
-                                      "model"), help="only parts of this kind")
+    from curvkit.parts import KINDS
+
+    c.add_argument("--kind", choices=KINDS, help="only parts of this kind")
     c.set_defaults(func=cmd_components)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -226,12 +286,19 @@ def parser() -> argparse.ArgumentParser:
     common(t)
     t.add_argument("--out", default=None, help="results directory (default runs/<config name>)")
     t.add_argument("--seed", type=int, default=None, help="seed (default: first of train.seeds)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its last checkpoint")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser("ablate", help="the [ablate] grid × train.seeds, resumable")
     common(a)
     a.add_argument("--out", required=True, help="results directory")
-    a.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    a.add_argument("--jobs", type=int, default=1,
+                   help="parallel processes of the local executor (default 1)")
+    a.add_argument("--executor", default=None,
+                   help="where runs execute: a registered executor (local, ray, submitit; "
+                        "default [executor] name in the config, else local); its options "
+                        "are the config's [executor] table")
     a.add_argument("--retry-failed", action="store_true",
                    help="also re-run runs that ended with an error")
     a.add_argument("--dry-run", action="store_true", help="validate and list the grid only")

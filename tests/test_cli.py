@@ -156,7 +156,7 @@ def test_config_errors_name_the_dotted_path(tmp_path, capsys, replace, expected)
     assert run_cli("train", str(cfg), "--out", str(tmp_path / "out"), "--no-progress",
                    "--threads", "0") == 2
     err = capsys.readouterr().err
-    assert f"error: {expected}" in err
+    assert f"error: {cfg}: {expected}" in err  # the file, then the dotted path
     assert not (tmp_path / "out" / RESULTS).exists()
 
 
@@ -164,7 +164,8 @@ def test_unknown_section_and_missing_file(tmp_path, capsys):
     cfg = cfg_file(tmp_path)
     cfg.write_text(cfg.read_text() + "\n[trian]\nsteps = 1\n")
     assert run_cli("train", str(cfg), "--no-progress") == 2
-    assert "error: trian: unknown section; did you mean 'train'" in capsys.readouterr().err
+    assert f"error: {cfg}: trian: unknown section; did you mean 'train'" in \
+        capsys.readouterr().err
     assert run_cli("train", str(tmp_path / "nope.toml")) == 2
     assert "config file not found" in capsys.readouterr().err
 

@@ -34,11 +34,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import multiprocessing as mp
 import os
-import queue as queue_mod
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,8 +44,9 @@ import tomllib
 import torch
 
 from curvkit import distributed
-from curvkit.config import load_toml
 from curvkit.errors import ConfigError, IncompatibleError, NonFiniteError, StepError
+from curvkit.experiments.checkpoint import checkpoint_path
+from curvkit.experiments.checkpoint import remove as remove_checkpoint
 from curvkit.experiments.config import (
     PART_KEYS,
     RunConfig,
@@ -56,17 +54,17 @@ from curvkit.experiments.config import (
     part_references,
 )
 from curvkit.experiments.runner import (
+    Resume,
     RunSpec,
     build_model,
     build_training_optimizer,
-    execute,
     load_task,
     torch_step,
 )
 from curvkit.experiments.store import (
     RESULTS,
     ResultsWriter,
-    run_status,
+    load_attempts,
     write_json_atomic,
     write_text_atomic,
 )
@@ -76,6 +74,7 @@ GRID_FILE = "grid.json"
 CONFIG_FILE = "config.toml"
 GRID_OPTIONS = {"unavailable": ("error", "skip")}
 AXIS_ROOTS = ("task", "train", "optimizer")
+EXECUTION_KEYS = ("executor",)
 
 
 @dataclass
@@ -217,13 +216,15 @@ def _fmt(value: Any) -> str:
 
 def describe_optimizer(table: Mapping[str, Any]) -> str:
     """A short name for an optimizer table: ``ggn+kronecker+direct`` or ``torch.Adam``."""
+    if not isinstance(table, Mapping):  # reported by the validation that follows
+        return "optimizer"
     if "torch" in table:
         return f"torch.{table['torch']}"
     names = []
     for key, default in (("estimator", "ggn"), ("preconditioner", "identity"),
                          ("solver", "direct")):
         value = table.get(key, default)
-        names.append(value.get("name", "?") if isinstance(value, Mapping) else str(value))
+        names.append(str(value.get("name", "?")) if isinstance(value, Mapping) else str(value))
     return "+".join(names)
 
 
@@ -236,7 +237,7 @@ def value_label(key: str, value: Any) -> str:
             return describe_optimizer(value) + extra
         if "name" in value:
             opts = [f"{k}={_fmt(v)}" for k, v in value.items() if k != "name"]
-            return value["name"] + (f"({', '.join(opts)})" if opts else "")
+            return str(value["name"]) + (f"({', '.join(opts)})" if opts else "")
         return ",".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return _fmt(value)
 
@@ -349,9 +350,23 @@ def check_buildable(cfg: RunConfig, cache_dir: Any = None) -> None:
 
 # --------------------------------------------------------------------------- directory
 def load_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """The text and the parsed document of a TOML config file."""
-    doc = load_toml(path)
-    return Path(path).read_text(encoding="utf-8"), doc
+    """The text and the parsed document of a TOML config file (errors name the file, and
+    the line of a byte that is not UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} "
+                          f"at offset {err.start}); TOML configs are UTF-8") from err
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    return text, doc
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str:
@@ -381,7 +396,10 @@ def prepare_directory(out: str | os.PathLike, text: str, doc: Mapping[str, Any])
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{cfg_file}: unreadable ({err}); not a curvkit results "
                               f"directory?") from err
-        if old != dict(doc):
+        # where runs execute does not change their results: a grid may resume elsewhere
+        old, new = ({k: v for k, v in d.items() if k not in EXECUTION_KEYS}
+                    for d in (old, dict(doc)))
+        if old != new:
             raise ConfigError(
                 f"{out}: holds results of a different config "
                 f"({first_difference(old, dict(doc))}); resuming would mix them. Use another "
@@ -457,84 +475,43 @@ class AblateResult:
         return self.todo == 0
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _worker_init(q: Any, cache_dir: Any, threads: int, parent: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
-    _WORKER.update(queue=q, cache_dir=cache_dir, parent=parent)
-
-
-def _worker_run(spec: dict[str, Any], attempt: int) -> str:
-    q = _WORKER["queue"]
-
-    def emit(rec: dict[str, Any]) -> None:
-        if os.getppid() != _WORKER["parent"]:
-            os._exit(3)  # the parent (the only writer) is gone: stop instead of blocking
-        q.put(rec)
-
-    run = RunSpec(**spec)
-    execute(run, emit, attempt=attempt, cache_dir=_WORKER["cache_dir"])
-    q.put({"type": "_done", "run": run.run_id})
-    return run.run_id
-
-
-def _run_parallel(todo: list[tuple[RunSpec, int]], writer: ResultsWriter, jobs: int,
-                  cache_dir: Any, progress: Progress, threads: int) -> list[str]:
-    """Runs in ``jobs`` spawned processes; the parent is the only writer of the file."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    errors: list[str] = []
-    done_runs: set[str] = set()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                             initargs=(q, str(cache_dir) if cache_dir else None, threads,
-                                       os.getpid())) as pool:
-        futures = {pool.submit(_worker_run, spec.to_dict(), attempt): spec
-                   for spec, attempt in todo}
-        waiting = set(futures)
-        while waiting:
-            try:
-                rec = q.get(timeout=0.2)
-            except queue_mod.Empty:
-                rec = None
-            if rec is not None:
-                if rec.get("type") == "_done":
-                    done_runs.add(rec["run"])
-                else:
-                    writer.append(rec)
-                    progress.record(rec, per_step=False)
-            for fut in [f for f in waiting if f.done()]:
-                spec = futures[fut]
-                err = fut.exception()
-                if err is not None:
-                    errors.append(f"run {spec.run_id} [{spec.label}, seed {spec.seed}]: worker "
-                                  f"failed: {type(err).__name__}: {err}")
-                    waiting.discard(fut)
-                elif spec.run_id in done_runs:
-                    waiting.discard(fut)
-    return errors
+def plan(runs: list[RunSpec], out: Path, retry_failed: bool = False
+         ) -> tuple[list[tuple[RunSpec, int, Resume | None]], int]:
+    """The pending runs ``(spec, attempt if started over, interrupted attempt or None)`` and
+    the number of runs already done. A run is done when its chosen attempt ended whole
+    (finished or diverged; failed too unless ``retry_failed``)."""
+    status = load_attempts(out / RESULTS)
+    todo: list[tuple[RunSpec, int, Resume | None]] = []
+    already = 0
+    for spec in runs:
+        chosen, highest = status.get(spec.run_id, (None, 0))
+        st = chosen.status if chosen is not None else "new"
+        if st in ("finished", "diverged") or (st == "failed" and not retry_failed):
+            already += 1
+            continue
+        resume = None
+        if chosen is not None and st == "incomplete" and not chosen.damaged and \
+                chosen.attempt == highest:
+            last_eval = max((e["step"] for e in chosen.evals), default=-1)
+            resume = Resume(chosen.attempt, chosen.steps_done, last_eval)
+        todo.append((spec, highest + 1, resume))
+    return todo, already
 
 
 def run_grid(grid: Grid, out: Path, *, jobs: int = 1, seeds: list[int] | None = None,
              threads: int = 0,
              cache_dir: Any = None, progress: bool = True, retry_failed: bool = False,
-             desc: str = "ablate", log: Callable[[str], None] = print) -> AblateResult:
+             desc: str = "ablate", log: Callable[[str], None] = print,
+             executor: Any = None) -> AblateResult:
     """Run every pending run of ``grid`` into ``out/results.jsonl`` (resuming).
 
-    ``jobs > 1`` runs in that many spawned processes, each with ``threads`` torch threads
-    (0: torch's default); the calling process stays the only writer of the file."""
+    ``executor``: an executor part (see :mod:`curvkit.experiments.executors`); default the
+    ``local`` executor with ``jobs`` spawned processes, each with ``threads`` torch threads
+    (0: torch's default). Whatever the executor, the calling process is the only writer of
+    the file; interrupted runs continue from their checkpoints."""
     runs = grid.runs(seeds)
     is_writer = distributed.rank() == 0
-    status = run_status(out / RESULTS)
-    todo: list[tuple[RunSpec, int]] = []
-    already = 0
-    for spec in runs:
-        st, attempt = status.get(spec.run_id, ("new", 0))
-        if st in ("finished", "diverged") or (st == "failed" and not retry_failed):
-            already += 1
-            continue
-        todo.append((spec, attempt + 1))
+    todo, already = plan(runs, out, retry_failed)
     if is_writer:
         write_json_atomic(out / GRID_FILE, grid.to_dict())
     if distributed.active():
@@ -547,21 +524,23 @@ def run_grid(grid: Grid, out: Path, *, jobs: int = 1, seeds: list[int] | None = 
     errors: list[str] = []
     if not todo:
         return AblateResult(out, grid, len(runs), already, 0, counts, errors)
-    bar = Progress([s for s, _ in todo], enabled=progress and is_writer, desc=desc)
+    bar = Progress([s for s, _, _ in todo], enabled=progress and is_writer, desc=desc)
     writer = ResultsWriter(out / RESULTS) if is_writer else None
-    try:
-        if jobs > 1 and len(todo) > 1:
-            assert writer is not None
-            errors = _run_parallel(todo, writer, jobs, cache_dir, bar, threads)
-        else:
-            for spec, attempt in todo:
-                def emit(rec: dict[str, Any], _w=writer) -> None:
-                    if _w is not None:
-                        _w.append(rec)
-                    bar.record(rec, per_step=True)
 
-                execute(spec, emit, attempt=attempt, cache_dir=cache_dir,
-                        progress=lambda n, _r=spec.run_id: bar.steps(_r, n))
+    def write(rec: dict[str, Any], per_step: bool) -> None:
+        if writer is not None:
+            writer.append(rec)
+            if rec["type"] == "end":  # the run is whole in the file: its checkpoint is done
+                remove_checkpoint(checkpoint_path(out, rec["run"]))
+        bar.record(rec, per_step=per_step)
+
+    try:
+        if executor is None:
+            from curvkit.experiments.executors.local import LocalExecutor
+
+            executor = LocalExecutor(LocalExecutor.Options(jobs=jobs, threads=threads))
+        errors = executor.run(todo, write, out=out, cache_dir=cache_dir,
+                              steps=bar.steps)
     finally:
         bar.close()
         if writer is not None:

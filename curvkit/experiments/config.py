@@ -50,7 +50,7 @@ from curvkit.errors import ConfigError
 from curvkit.options import build_options, option, option_specs
 from curvkit.registry import Registry, get_registry
 
-SECTIONS = ("title", "description", "task", "train", "optimizer", "ablate")
+SECTIONS = ("title", "description", "task", "train", "optimizer", "ablate", "executor")
 # Keys holding a part, by section: (section, key) -> kind
 PART_KEYS = {("task", "dataset"): "dataset", ("task", "model"): "model",
              ("optimizer", "estimator"): "estimator",
@@ -86,6 +86,10 @@ class TrainOptions:
     diverge_factor: float = option(1e6, "a run whose batch loss exceeds this multiple of its "
                                         "initial train loss counts as diverged (0: never)",
                                    min=0.0)
+    checkpoint_every: int = option(100, "write a checkpoint (model, optimizer, RNG states, "
+                                        "data position) every this many steps, so an "
+                                        "interrupted run resumes where it was (0: never)",
+                                   min=0)
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -127,6 +131,7 @@ class RunConfig:
         (JSON types only). Its hash with the seed is the run id."""
         train = asdict(self.train)
         train.pop("seeds")
+        train.pop("checkpoint_every")  # how a run is kept, not what it computes
         task = asdict(self.task)
         task["dataset"] = self.dataset.as_table()
         task["model"] = self.model.as_table()

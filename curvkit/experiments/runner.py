@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import __version__, distributed
+from curvkit.experiments import checkpoint
 from curvkit.experiments.config import RunConfig, parse_run_config
 from curvkit.optimizer import CurvkitOptimizer
 from curvkit.tasks.base import TaskData, as_dtype
@@ -113,6 +114,14 @@ class BatchSampler:
         self.gen = torch.Generator().manual_seed(int(seed) + 0x5EED)
         self.perm = torch.arange(n)
         self.pos = n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
 
     def next(self) -> tuple[Tensor, int]:
         """This rank's sample indices of the next batch, and the size of the whole batch."""
@@ -225,11 +234,53 @@ class _Chunk:
                 "rejected": counters["rejected"], "info": self.info}
 
 
+@dataclass
+class Resume:
+    """Where an interrupted attempt can continue: its number, and how far the results file
+    holds its records (steps recorded, last evaluation step; -1 if none)."""
+
+    attempt: int
+    steps: int
+    last_eval: int
+
+
+def usable_checkpoint(path: Any, resume: Resume | None, cfg: RunConfig
+                      ) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if the results file holds its attempt's records through
+    its step (steps before it, and its last evaluation), else None."""
+    if path is None or resume is None:
+        return None
+    state = checkpoint.load(path)
+    if state is None or state.get("attempt") != resume.attempt:
+        return None
+    step = int(state["step"])
+    every = cfg.train.eval_every
+    if resume.steps < step or resume.last_eval < step - step % every:
+        return None
+    return state
+
+
 def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
-          cache_dir: Any = None, progress: Callable[[int], None] | None = None
+          cache_dir: Any = None, progress: Callable[[int], None] | None = None,
+          checkpoint_file: Any = None, state: dict[str, Any] | None = None
           ) -> dict[str, Any]:
     """Train one run, emitting ``steps`` and ``eval`` records; returns the ``end`` record
-    fields (status ``finished`` or ``diverged``). Exceptions propagate."""
+    fields (status ``finished`` or ``diverged``). Exceptions propagate.
+
+    ``checkpoint_file``: where to write a checkpoint every ``train.checkpoint_every`` steps
+    (None: no checkpoints); ``state``: a checkpoint to continue from (a ``resume`` record
+    is emitted first). Torch's, numpy's and Python's global RNGs are seeded from ``seed``
+    (or restored from the checkpoint) and put back as they were when the run ends."""
+    outer_rng = checkpoint.rng_state()
+    try:
+        return _train(cfg, seed, emit, base, cache_dir, progress, checkpoint_file, state)
+    finally:
+        checkpoint.set_rng_state(outer_rng)
+
+
+def _train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], cache_dir: Any,
+           progress: Callable[[int], None] | None, checkpoint_file: Any,
+           state: dict[str, Any] | None) -> dict[str, Any]:
     wall0 = time.perf_counter()
     data = load_task(cfg, cache_dir)
     model = build_model(cfg, data, seed)
@@ -238,17 +289,22 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
     sampler = BatchSampler(int(data.train[1].shape[0]), cfg.task.batch_size, seed)
     X_train, y_train = data.train
     steps, every = cfg.train.steps, cfg.train.eval_every
+    save_every = cfg.train.checkpoint_every if checkpoint_file is not None else 0
     counters = {"nonfinite": 0, "rejected": 0}
     train_time, streak, reason = 0.0, 0, ""
     chunk = _Chunk()
     last_other: dict[str, Any] = {}
     last_eval: dict[str, Any] = {}
+    limit: float | None = None
+    first = 0
+    wall_before = 0.0
+    checkpoint.seed_all(seed)
 
     def do_eval(step: int) -> None:
         nonlocal last_eval
         metrics = evaluate(model, data, cfg.task.eval_batch_size)
         rec = {**base, "type": "eval", "step": step, "time": train_time,
-               "wall": time.perf_counter() - wall0, **metrics}
+               "wall": wall_before + time.perf_counter() - wall0, **metrics}
         if last_other:
             rec["snapshot"] = dict(last_other)
         emit(rec)
@@ -263,14 +319,40 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
             emit(chunk.record(base, counters))
             chunk = _Chunk()
 
+    def save(done: int) -> None:
+        checkpoint.save(checkpoint_file, {
+            "run": base["run"], "attempt": base["attempt"], "step": done,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
+            "runner": {"counters": dict(counters), "train_time": train_time,
+                       "streak": streak, "limit": limit, "last_other": last_other,
+                       "last_eval": last_eval,
+                       "wall": wall_before + time.perf_counter() - wall0}})
+
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        r = state["runner"]
+        counters.update(r["counters"])
+        train_time, streak, limit = float(r["train_time"]), int(r["streak"]), r["limit"]
+        last_other, last_eval = dict(r["last_other"]), dict(r["last_eval"])
+        wall_before = float(r["wall"])
+        first = int(state["step"])
+        emit({**base, "type": "resume", "step": first, "time": time.time()})
+
     status = "finished"
-    done = 0
+    done = first
+    if progress is not None and first:
+        progress(first)
     try:
-        do_eval(0)
-        initial = last_eval.get("train_loss")
-        limit = cfg.train.diverge_factor * initial if cfg.train.diverge_factor > 0 and \
-            initial is not None and initial > 0 else None
-        for step in range(steps):
+        if state is None:
+            do_eval(0)
+            initial = last_eval.get("train_loss")
+            limit = cfg.train.diverge_factor * initial if cfg.train.diverge_factor > 0 and \
+                initial is not None and initial > 0 else None
+        for step in range(first, steps):
             t0 = time.perf_counter()
             idx, full = sampler.next()
             batch = (X_train[idx], y_train[idx])
@@ -310,10 +392,13 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
             streak = streak + 1 if event else 0
             if streak >= cfg.train.max_nonfinite:
                 raise Diverged(f"{streak} non-finite events in a row (last at step {step})")
-            if done % every == 0 or done == steps or len(chunk.step) >= STEP_CHUNK:
+            due = save_every > 0 and done % save_every == 0 and done < steps
+            if done % every == 0 or done == steps or len(chunk.step) >= STEP_CHUNK or due:
                 flush()
             if done % every == 0 or done == steps:
                 do_eval(done)
+            if due:  # after the records through this step were handed to the writer
+                save(done)
     except Diverged as err:
         status, reason = "diverged", str(err)
         flush()
@@ -321,7 +406,7 @@ def train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], *,
             progress(steps - done)
     structures = opt.structures() if isinstance(opt, CurvkitOptimizer) else {}
     return {"status": status, "reason": reason, "steps": done, "time": train_time,
-            "wall": time.perf_counter() - wall0, "final": last_eval,
+            "wall": wall_before + time.perf_counter() - wall0, "final": last_eval,
             "nonfinite": counters["nonfinite"], "rejected": counters["rejected"],
             "steps_per_second": done / train_time if train_time > 0 else None,
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -362,23 +447,36 @@ def torch_step(opt: torch.optim.Optimizer, model: nn.Module, loss_fn: nn.Module,
 
 
 def execute(spec: RunSpec, emit: Emit, *, attempt: int = 1, cache_dir: Any = None,
-            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[int], None] | None = None, checkpoint_dir: Any = None,
+            resume: Resume | None = None) -> dict[str, Any]:
     """Run one spec end to end: ``start``, ``steps``/``eval`` records and an ``end`` record
-    (status finished / diverged / failed). Only rank 0 emits under torch.distributed."""
+    (status finished / diverged / failed). Only rank 0 emits under torch.distributed.
+
+    ``checkpoint_dir``: the results directory whose ``checkpoints/`` keeps this run's
+    checkpoint (None: none). ``resume``: the interrupted attempt of this run; if its
+    checkpoint is usable (:func:`usable_checkpoint`) the run continues that attempt from
+    it, else it starts over as ``attempt``."""
     if distributed.rank() != 0:
         def emit(record: dict[str, Any]) -> None:  # noqa: F811 - rank ≠ 0 writes nothing
             return None
-    base = {"run": spec.run_id, "attempt": attempt}
     cfg = parse_run_config(spec.doc)
+    ckpt_file = None if checkpoint_dir is None or distributed.active() else \
+        checkpoint.checkpoint_path(checkpoint_dir, spec.run_id)
+    state = usable_checkpoint(ckpt_file, resume, cfg)
+    if state is not None:
+        attempt = int(state["attempt"])
+    base = {"run": spec.run_id, "attempt": attempt}
     wall0 = time.perf_counter()
-    emit({**base, "type": "start", "config_id": spec.config_id, "label": spec.label,
-          "seed": spec.seed, "index": spec.index, "config": cfg.resolved(),
-          "time": time.time(), "versions": {"curvkit": __version__,
-                                            "torch": torch.__version__,
-                                            "python": platform.python_version()},
-          "world_size": distributed.world_size(), **spec.extra})
+    if state is None:
+        emit({**base, "type": "start", "config_id": spec.config_id, "label": spec.label,
+              "seed": spec.seed, "index": spec.index, "config": cfg.resolved(),
+              "time": time.time(), "versions": {"curvkit": __version__,
+                                                "torch": torch.__version__,
+                                                "python": platform.python_version()},
+              "world_size": distributed.world_size(), **spec.extra})
     try:
-        end = train(cfg, spec.seed, emit, base, cache_dir=cache_dir, progress=progress)
+        end = train(cfg, spec.seed, emit, base, cache_dir=cache_dir, progress=progress,
+                    checkpoint_file=ckpt_file, state=state)
     except Exception as err:  # recorded, so one broken configuration does not stop a grid
         end = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                "traceback": traceback.format_exc(limit=8)[-4000:],
