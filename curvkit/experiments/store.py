@@ -357,8 +357,9 @@ class Run:
         self.end = None
 
     def check(self) -> str:
-        """Why this attempt's records are not whole: steps missing (a skipped or lost line)
-        or an end record whose step count disagrees with the steps recorded."""
+        """Why this attempt's records are not whole: steps missing (a skipped or lost line),
+        an end record whose step count disagrees with the steps recorded, or (finished runs)
+        an evaluation missing at step 0, every ``eval_every`` steps or the last step."""
         expected = 0
         for rec in self.steps:
             first = rec["step"][0]
@@ -373,6 +374,13 @@ class Run:
                     f"0..{expected - 1} are recorded")
         if self.end is not None and not self.start:
             return "its start record is missing"
+        if self.end is not None and self.end["status"] == "finished":
+            every = self.start.get("config", {}).get("train", {}).get("eval_every")
+            if _is_int(every) and every > 0:
+                wanted = {0, expected, *range(every, expected + 1, every)}
+                lost = sorted(wanted - {e["step"] for e in self.evals})
+                if lost:
+                    return f"its evaluation at step {lost[0]} is missing"
         return ""
 
 
