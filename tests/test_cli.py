@@ -197,3 +197,50 @@ def test_experiments_doc_tables_are_generated_from_the_options():
     assert doc[start:end] == schema_markdown(), (
         "docs/experiments.md is out of date: regenerate the block between the markers with "
         "curvkit.experiments.config.schema_markdown()")
+
+
+# --------------------------------------------------------------------------- malformed input
+@pytest.mark.parametrize("optimizer, expected", [
+    ("optimizer = [1, 2]\n", "optimizer: expected a table, got [1, 2]"),
+    ("[[optimizer]]\nlr = 0.1\n", "optimizer: expected a table, got [{'lr': 0.1}]"),
+    ('[optimizer]\nestimator = { name = { x = 1 } }\n',
+     "optimizer.estimator.name: expected str, got {'x': 1}"),
+    ('[optimizer]\n[optimizer.estimator]\nggn = { damping = 1 }\n',
+     "optimizer.estimator.name: missing"),
+    ('[optimizer]\nlr = 0.1\n[ablate]\n"optimizer.estimator" = [{ name = { x = 1 } }, "ggn"]\n',
+     "ablate point 1 [estimator={'x': 1}]: optimizer.estimator.name: expected str"),
+    ('[optimizer]\nlr = 0.1\n[ablate]\noptimizer = [[1], { lr = 0.1 }]\n',
+     "ablate point 1 [optimizer=[1]]: optimizer: expected a table, got [1]"),
+])
+def test_malformed_optimizer_is_a_config_error_naming_file_and_path(tmp_path, capsys,
+                                                                     optimizer, expected):
+    cfg = cfg_file(tmp_path, optimizer=optimizer)
+    if optimizer.startswith("optimizer ="):  # a top-level key must precede the tables
+        cfg.write_text(optimizer + cfg.read_text().replace(optimizer, ""))
+    assert run_cli("ablate", str(cfg), "--out", str(tmp_path / "o"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"error: {cfg}: {expected}" in err and "Traceback" not in err
+
+
+def test_invalid_utf8_is_a_clear_error(tmp_path, capsys):
+    cfg = cfg_file(tmp_path)
+    cfg.write_bytes(cfg.read_bytes() + b"# caf\xe9\n")
+    line = cfg.read_bytes().count(b"\n")
+    assert run_cli("train", str(cfg), "--no-progress") == 2
+    assert f"error: {cfg}: line {line}: not UTF-8 text (byte 0xe9" in capsys.readouterr().err
+
+
+def test_grid_whose_only_point_is_incompatible_says_so(tmp_path, capsys):
+    cfg = cfg_file(tmp_path, optimizer='[optimizer]\nestimator = "outer_product"\n'
+                                       'preconditioner = "kronecker"\n'
+                                       '[ablate]\n"optimizer.lr" = [0.1]\n')
+    assert run_cli("ablate", str(cfg), "--out", str(tmp_path / "o"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"error: {cfg}: the only configuration is incompatible: optimizer.preconditioner" \
+        in err and "nothing to do" not in err
+    cfg.write_text(cfg.read_text().replace('"optimizer.lr" = [0.1]',
+                                           '"optimizer.preconditioner" = ["kronecker", '
+                                           '{ name = "kronecker", damping = 0.1 }]'))
+    assert run_cli("ablate", str(cfg), "--out", str(tmp_path / "o"), "--no-progress") == 2
+    assert "every grid point is skipped; nothing can run:\n  [preconditioner=kronecker] " \
+           "(incompatible)" in capsys.readouterr().err
