@@ -140,6 +140,9 @@ def _run(args: argparse.Namespace, mode: str) -> int:
         try:
             grid = build_grid(doc, use_ablate=(mode == "ablate"), cache_dir=cache)
             executor = _executor(args, doc, args.config)
+            from curvkit.experiments.tune import parse_tune
+
+            parse_tune(doc)  # [tune] errors before anything runs
         except ConfigError as err:
             raise ConfigError(f"{args.config}: {err}") from err
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -177,6 +180,12 @@ def _run(args: argparse.Namespace, mode: str) -> int:
                             f"{out}: holds an interrupted run of this config (steps "
                             f"0..{started[0].steps - 1} recorded); pass --resume to continue "
                             f"it from its last checkpoint, or use another --out")
+                from curvkit.experiments.tune import tune_grid
+
+                try:
+                    tune_grid(grid, doc, out, cache_dir=cache, log=log)
+                except ConfigError as err:
+                    raise ConfigError(f"{args.config}: {err}") from err
             if dist_on:
                 import torch.distributed as dist
 

@@ -85,17 +85,22 @@ def test_summary_numbers(tmp_path):
     a, b = rows["a"], rows["b"]
     sd = statistics.stdev([0.4, 0.2])
     assert a[1] == "2"
-    assert a[2] == f"{0.3:.4g} ± {sd:.4g}"          # final train loss
-    assert a[3] == f"{0.7:.4g} ± {sd:.4g}"          # final test loss
-    assert a[4] == f"{1.25:.3g} ± {statistics.stdev([1.0, 1.5]):.3g} (2/2)"  # time to 0.5
-    assert a[5] == f"{2.0:.3g} ± {0.0:.3g}"         # steps/s: 4 steps in 2 s
+    # one format per cell, chosen from the mean (4 significant digits, 3 for times)
+    assert a[2] == "0.3000 ± 0.1414" and f"{sd:.4f}" == "0.1414"  # final train loss
+    assert a[3] == "0.7000 ± 0.1414"                # final test loss
+    assert a[4] == "1.25 ± 0.35 (2/2)"              # time to 0.5
+    assert a[5] == "2.00 ± 0.00"                    # steps/s: 4 steps in 2 s
     assert a[6] == "50%"                            # curvature share
-    assert a[7] == f"{1.0:.3g} ± {0.0:.3g}"         # rejected
-    assert a[-2:] == ["0", "0"]
+    assert a[7] == "2 (25.0% of steps)"             # rejected: total over the seeds' steps
+    header = next(line for line in text.splitlines() if line.startswith("| configuration"))
+    # columns that are 0 on every row are left out, and the text says so
+    assert "non-finite" not in header and "failed" not in header and "diverged" in header
+    assert "No run skipped a non-finite update or failed (those columns are left out)" in text
+    assert a[-1] == "0"
     assert b[1] == "2 (1 incomplete)"
-    assert b[2] == "3"  # only the partial run counts; the diverged one is excluded
+    assert b[2] == "3.000"  # only the partial run counts; the diverged one is excluded
     assert b[4] == "not reached (0/2)"
-    assert b[-2:] == ["1", "0"]
+    assert b[-1] == "1"
     assert "**Partial results**: 1 run(s)" in text
     assert "diverged: **b** seed 0: non-finite training loss at step 1" in text
     assert (tmp_path / "figures" / "loss_vs_step.png").stat().st_size > 1000
@@ -143,6 +148,26 @@ def test_partition_heatmaps_and_group_rates(tmp_path):
     figs = sorted(p.name for p in (out / "figures").iterdir())
     assert any(n.startswith("heatmap_") for n in figs), figs
     assert any(n.startswith("group_lr_") for n in figs), figs
+
+
+def test_number_formats():
+    from curvkit.experiments.report import _mean_std
+
+    assert _mean_std([2000.0, 2115.0]) == "2058 ± 81"   # not "2e+03 ± 81.4"
+    assert _mean_std([1e-7, 2e-7]) == "1.50e-07 ± 7.07e-08"
+    assert _mean_std([0.0, 0.0]) == "0 ± 0" and _mean_std([None, float("nan")]) == "—"
+    assert _mean_std([0.5]) == "0.5000"
+
+
+def test_readable_layer_names_and_distinct_line_styles():
+    from curvkit.experiments.report import line_style, readable_names
+
+    assert readable_names(["net.0.weight", "net.0.bias", "net.2.weight", "fc.bias"]) == \
+        ["layer 1 W", "layer 1 b", "layer 2 W", "fc b"]
+    assert readable_names(["weights", "biases"]) == ["weights", "biases"]
+    styles = [line_style(i, 8) for i in range(8)]
+    keys = {(str(s["color"]), s["linestyle"], s["marker"]) for s in styles}
+    assert len(keys) == 8 and len({s["marker"] for s in styles}) == 8
 
 
 def test_helpers():

@@ -50,7 +50,8 @@ from curvkit.errors import ConfigError
 from curvkit.options import build_options, option, option_specs
 from curvkit.registry import Registry, get_registry
 
-SECTIONS = ("title", "description", "task", "train", "optimizer", "ablate", "executor")
+SECTIONS = ("title", "description", "task", "train", "optimizer", "ablate", "executor",
+            "tune")
 # Keys holding a part, by section: (section, key) -> kind
 PART_KEYS = {("task", "dataset"): "dataset", ("task", "model"): "model",
              ("optimizer", "estimator"): "estimator",

@@ -62,14 +62,40 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:60] or "config"
 
 
-def _mean_std(values: list[float], fmt: str = "{:.4g}") -> str:
+def _num(value: float, decimals: int | None) -> str:
+    return f"{value:.{decimals}f}" if decimals is not None else f"{value:.2e}"
+
+
+def _decimals(scale: float, sig: int) -> int | None:
+    """Decimals that show ``sig`` significant digits of ``scale`` in fixed notation, or None
+    (scientific notation) when ``scale`` is too large or small for it."""
+    if scale == 0 or not math.isfinite(scale):
+        return 0
+    exponent = math.floor(math.log10(abs(scale)))
+    if exponent >= 5 or exponent < -4:
+        return None
+    return max(0, sig - 1 - exponent)
+
+
+def _mean_std(values: list[float], sig: int = 4) -> str:
+    """``mean ± std`` of the finite values, both in one format chosen from the mean (e.g.
+    ``2013 ± 81``, ``0.008366 ± 0.000120``, ``2.01e+07 ± 8.14e+05``); "—" if none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "—"
     mean = statistics.fmean(values)
-    if len(values) == 1:
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(values))}"
+    std = statistics.stdev(values) if len(values) > 1 else None
+    decimals = _decimals(mean if mean != 0 else (std or 0.0), sig)
+    if std is None:
+        return _num(mean, decimals)
+    return f"{_num(mean, decimals)} ± {_num(std, decimals)}"
+
+
+def _count_cell(total: int, steps: int) -> str:
+    """A count over all seeds' steps: ``0``, or ``12 (0.8% of steps)``."""
+    if total == 0:
+        return "0"
+    return f"{total} ({100 * total / steps:.1f}% of steps)" if steps else str(total)
 
 
 def _final(run: Run) -> dict[str, Any]:
@@ -139,31 +165,48 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
                _mean_std([_final(r).get("train_loss") for r in ok]),
                _mean_std([_final(r).get("test_loss") for r in ok])]
         if classification:
-            row.append(_mean_std([_final(r).get("test_accuracy") for r in ok], "{:.3f}"))
+            row.append(_mean_std([_final(r).get("test_accuracy") for r in ok], 3))
         if target is None:
             row.append("—")
         else:
             times = [_time_to_target(r, target) for r in ok]
             reached = [t for t in times if t is not None]
-            row.append(f"{_mean_std(reached, '{:.3g}')} ({len(reached)}/{len(g.runs)})"
+            row.append(f"{_mean_std(reached, 3)} ({len(reached)}/{len(g.runs)})"
                        if reached else f"not reached (0/{len(g.runs)})")
         rates = []
         for r in g.runs:
             steps, seconds = _train_time(r)
             if seconds > 0:
                 rates.append(steps / seconds)
-        row.append(_mean_std(rates, "{:.3g}"))
+        row.append(_mean_std(rates, 3))
         shares = [_curvature_share(r) for r in g.runs]
         shares = [s for s in shares if s is not None]
         row.append(f"{100 * statistics.fmean(shares):.0f}%" if shares else "—")
-        rejected = [int(r.steps[-1].get("rejected", 0)) for r in g.runs if r.steps]
-        nonfinite = [int(r.steps[-1].get("nonfinite", 0)) for r in g.runs if r.steps]
-        row.append(_mean_std([float(v) for v in rejected], "{:.3g}"))
-        row.append(_mean_std([float(v) for v in nonfinite], "{:.3g}"))
+        steps_total = sum(r.steps_done for r in g.runs)
+        row.append(_count_cell(sum(int(r.steps[-1].get("rejected", 0)) for r in g.runs
+                                   if r.steps), steps_total))
+        row.append(_count_cell(sum(int(r.steps[-1].get("nonfinite", 0)) for r in g.runs
+                                   if r.steps), steps_total))
         row.append(str(g.count("diverged")))
         row.append(str(g.count("failed")))
         rows.append(row)
+    # counts that are 0 in every row say nothing: the columns go, the text says why
+    for name in ("rejected", "non-finite", "diverged", "failed"):
+        j = header.index(name)
+        if all(row[j] == "0" for row in rows):
+            header.pop(j)
+            for row in rows:
+                row.pop(j)
     return header, rows
+
+
+def _absent_counts(header: list[str]) -> str:
+    gone = [n for n in ("rejected", "non-finite", "diverged", "failed") if n not in header]
+    names = {"rejected": "rejected a step", "non-finite": "skipped a non-finite update",
+             "diverged": "diverged", "failed": "failed"}
+    if not gone:
+        return ""
+    return " No run " + " or ".join(names[n] for n in gone) + " (those columns are left out)."
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -248,25 +291,41 @@ XLABELS = {"step": "step", "time": "training time (s, evaluation excluded)",
            "work": "work (network passes: forward, backward, JVP, VJP; 2 per gradient)"}
 
 
+LINESTYLES = ["-", "--", "-.", ":"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
+def line_style(i: int, n: int) -> dict[str, Any]:
+    """Colour, line style and marker of the i-th of n curves: no two curves share all three,
+    and markers sit at staggered points so that curves lying on top of each other (e.g.
+    K-FAC with the Fisher and with the GGN) both stay visible."""
+    return {"color": _colors(n)[i], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+            "marker": MARKERS[i % len(MARKERS)], "markersize": 4,
+            "markevery": (i % 5 / 5 * 0.2, 0.2), "linewidth": 1.4}
+
+
 def loss_figure(groups: list[Group], x: str, path: Path) -> bool:
     """Train and test loss against ``x`` ("step", "time" or "work") with min–max seed
-    bands; for "work" only the configurations that log it."""
+    bands; for "work" only the configurations that log it (work on a log axis when it
+    spans more than two decades). The legend sits outside the axes."""
     keys = [k for k in ("train_loss", "test_loss")
             if any(_eval_curves(g, k, x) is not None for g in groups)]
     if not keys:
         return False
-    # Large grids: the legend goes below the axes (inside, it would cover them) and the
-    # figure grows to hold it; beyond 20 colours the line style tells curves apart.
+    # Large grids: the legend goes below the axes, else to their right; the figure grows
+    # to hold it, so it never covers a curve.
     many = len(groups) > LEGEND_INSIDE_MAX
-    ncol = 1 if max(len(g.label) for g in groups) > 80 else 2
+    ncol = 1 if max(len(g.label) for g in groups) > 80 or not many else 2
     rows = math.ceil(len(groups) / ncol) if many else 0
-    fig, axes = _figure(len(keys), 1, size=(6.0, 4.0 + 0.14 * rows))
-    colors = _colors(len(groups))
-    styles = ["-", "--", ":", "-."]
+    widest = max(len(g.label) for g in groups)
+    extra_w = 0.0 if many else min(4.0, 0.6 + 0.055 * widest)
+    fig, axes = _figure(len(keys), 1, size=(5.0 + extra_w / len(keys), 4.0 + 0.14 * rows))
     for ax, key in zip(axes[0], keys):
         positive = True
         starts: list[float] = []
-        for i, (g, color) in enumerate(zip(groups, colors)):
+        spans: list[float] = []
+        firsts: list[float] = []
+        for i, g in enumerate(groups):
             curves = _eval_curves(g, key, x)
             if curves is None:
                 continue
@@ -275,17 +334,24 @@ def loss_figure(groups: list[Group], x: str, path: Path) -> bool:
             if x == "work":
                 # the seeds' work differs (rejected steps, CG iterations): mean per eval
                 n_ok = sum(cumulative_work(r) is not None for r in g.ok_runs)
+                if len(xs) > 1 and xs[1] > 0:
+                    spans.append(float(xs[-1] / xs[1]))
+                    firsts.append(float(xs[1]))
             else:
                 n_ok = len(g.ok_runs)
-            ax.plot(xs, mean, color=color, linestyle=styles[(i // 20) % len(styles)],
-                    label=f"{g.label} ({n_ok})")
+            style = line_style(i, len(groups))
+            ax.plot(xs, mean, label=f"{g.label} ({n_ok})", **style)
             if n_ok > 1:
-                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
             positive = positive and bool(np.all(lo > 0))
             if np.isfinite(mean[0]):
                 starts.append(float(mean[0]))
         if positive:
             ax.set_yscale("log")
+        if x == "work" and spans and max(spans) > 100:
+            # direct solvers do a few passes per step, Krylov ones hundreds: a log axis
+            # (linear below the first evaluation's work, so work 0 at step 0 stays)
+            ax.set_xscale("symlog", linthresh=min(firsts))
         # a diverging configuration would flatten every other curve: the axis stops at
         # CLIP_FACTOR × the largest initial loss (the table still has its numbers)
         if starts and positive and ax.get_ylim()[1] > CLIP_FACTOR * max(starts):
@@ -294,13 +360,19 @@ def loss_figure(groups: list[Group], x: str, path: Path) -> bool:
         ax.set_xlabel(XLABELS[x])
         ax.set_ylabel(key.replace("_", " ") + " (whole split)")
         ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a configuration may only have a test curve
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     if many:
-        handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=6,
                    frameon=False)
     else:
-        axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"loss vs {x}: mean over seeds, band = min–max")
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
+    fig.suptitle(f"loss vs {x}: mean over seeds (runs per line in brackets), "
+                 f"band = min–max", fontsize=10)
     fig.savefig(path, dpi=110)
     return True
 
@@ -344,6 +416,25 @@ def _block_order(names: list[str] | None, size: int) -> tuple[list[int], list[in
     return order, cuts
 
 
+def readable_names(names: list[str]) -> list[str]:
+    """Parameter names as layer names: ``net.0.weight``, ``net.2.bias`` → ``layer 1 W``,
+    ``layer 2 b`` (layers numbered in order of appearance; a named module keeps its
+    name: ``fc1.weight`` → ``fc1 W``). Other group names are kept."""
+    modules: dict[str, int] = {}
+    out = []
+    for name in names:
+        head, dot, tail = name.rpartition(".")
+        if not dot or tail not in ("weight", "bias") and not tail.endswith(("weight", "bias")):
+            out.append(name)
+            continue
+        index = modules.setdefault(head, len(modules) + 1)
+        last = head.rpartition(".")[2]
+        layer = f"layer {index}" if last.isdigit() or not last else last
+        short = {"weight": "W", "bias": "b"}.get(tail, tail)
+        out.append(f"{layer} {short}")
+    return out if len(set(out)) == len(out) else names
+
+
 def normalized(M: np.ndarray) -> np.ndarray:
     """M_ij / sqrt(|M_ii M_jj|): the interaction between groups i and j on a common scale."""
     d = np.sqrt(np.abs(np.diag(M)))
@@ -380,9 +471,9 @@ def heatmap_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> lis
                     ax.axvline(c - 0.5, color="k", linewidth=0.8)
                 ax.set_title(f"{title}, step {step}", fontsize=9)
                 if names and len(names) <= 24:
-                    shown = [names[i] for i in order]
-                    ax.set_xticks(range(len(shown)), shown, rotation=90, fontsize=6)
-                    ax.set_yticks(range(len(shown)), shown, fontsize=6)
+                    shown = readable_names([names[i] for i in order])
+                    ax.set_xticks(range(len(shown)), shown, rotation=90, fontsize=8)
+                    ax.set_yticks(range(len(shown)), shown, fontsize=8)
                 fig.colorbar(im, ax=ax, shrink=0.8)
         fig.suptitle(f"{label} (seed {run.seed}): {key} and its (pseudo-)inverse, "
                      f"normalized M_ij/√|M_ii M_jj|", fontsize=10)
@@ -401,6 +492,7 @@ def group_lr_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> li
     paths = []
     names = None
     snaps = _matrix_snapshots(run)
+    series: list[tuple[list[str], np.ndarray, np.ndarray]] = []
     for key in keys:
         steps, values = run.step_series(key)
         pairs = [(s, v) for s, v in zip(steps, values) if isinstance(v, list)]
@@ -411,13 +503,25 @@ def group_lr_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> li
         for i, (_, v) in enumerate(pairs):
             data[i, :len(v)] = [np.nan if x is None else abs(x) for x in v]
         xs = np.array([s for s, _ in pairs])
+        # the same rates logged under two keys (the cubic solver echoes the partition
+        # preconditioner's η) are drawn once, titled with both keys
+        same = next((k for k, d, x0 in series if d.shape == data.shape and
+                     np.array_equal(x0, xs) and np.array_equal(d, data, equal_nan=True)), None)
+        if same is not None:
+            same.append(key)
+            continue
+        series.append(([key], data, xs))
+    for keys_of, data, xs in series:
+        key, width = keys_of[0], data.shape[1]
         if snaps:
             names = _group_names(snaps[-1][1], width)
+            names = readable_names(names) if names else None
         fig, axes = _figure(1, 1, size=(7.0, 4.2))
         ax = axes[0][0]
         colors = _colors(width)
         for j in range(width):
             ax.plot(xs, data[:, j], color=colors[j], linewidth=1,
+                    linestyle=LINESTYLES[(j // 10) % len(LINESTYLES)],
                     label=names[j] if names else f"group {j}")
         if np.nanmin(data, initial=np.inf) > 0:
             ax.set_yscale("log")
@@ -425,12 +529,48 @@ def group_lr_figure(run: Run, label: str, path_for: Callable[[str], Path]) -> li
         ax.set_ylabel(f"|{key}|")
         ax.grid(True, alpha=0.3)
         if width <= 16:
-            ax.legend(fontsize=6, ncol=2)
-        ax.set_title(f"{label} (seed {run.seed}): per-group {key} over training", fontsize=9)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title(f"{label} (seed {run.seed}): per-group {' = '.join(keys_of)} over "
+                     f"training", fontsize=9)
         path = path_for(key)
         fig.savefig(path, dpi=110)
         paths.append(path)
     return paths
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def tuning_lines(directory: Path) -> list[str]:
+    """The ``[tune]`` searches (``tune.jsonl``): per point, trials, best value, values."""
+    from curvkit.experiments.tune import load_searches
+
+    searches = load_searches(directory)
+    if not searches:
+        return []
+    rows = []
+    for entry in searches.values():
+        trials = entry["trials"]
+        best = entry["best"]
+        scored = [t["value"] for t in trials if t.get("value") is not None]
+        failed = len(trials) - len(scored)
+        metric = (best or {}).get("metric", "val_loss")
+        rows.append([entry["label"], f"{len(trials)}" + (f" ({failed} diverged)" if failed
+                                                         else ""),
+                     _value(best["value"]) if best and best.get("value") is not None else
+                     ("—" if best else "searching"),
+                     f"{_value(min(scored))} … {_value(max(scored))}" if scored else "—",
+                     ", ".join(f"{k} = {_value(v)}" for k, v in (best or {}).get(
+                         "params", {}).items()) or "—", metric])
+    return ["## Tuning", "",
+            "Each configuration's options in `[tune] space` were searched with Optuna (TPE) "
+            "on the validation split, every trial training for the same budget; the seeds "
+            "then ran with the best values (the summary's rows).", "",
+            markdown_table(["configuration", "trials", "best", "range of trial values",
+                            "best values", "metric"], rows), ""]
 
 
 # --------------------------------------------------------------------------- report
@@ -481,8 +621,10 @@ def build_report(directory: str | Path, target_loss: float | None = None,
                   "mean ± sample standard deviation over seeds (diverged and failed runs "
                   "excluded). Times are training time only (evaluation excluded); "
                   "'curvature time' is the share spent refreshing curvature statistics "
-                  "(`last_info['time_curvature']`); rejected and non-finite are counts per "
-                  "run.", ""]
+                  "(`last_info['time_curvature']`); rejected (trust-region steps not "
+                  "taken) and non-finite (updates skipped because a value was not finite) "
+                  "are totals over the seeds' steps." + _absent_counts(header), ""]
+    lines += tuning_lines(directory)
     skipped = [p for p in grid.get("points", []) if p.get("skipped")]
     if skipped:
         lines += ["## Skipped grid points", ""]
