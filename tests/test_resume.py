@@ -113,6 +113,7 @@ def _kill_at_random_moments(argv: list[str], out: Path, seed: int, kills: int,
     return hits
 
 
+@pytest.mark.slow  # subprocesses; test_ablate.py's SIGKILL test and the next one run by default
 def test_train_killed_at_random_moments_resumes_to_the_uninterrupted_records(tmp_path):
     cfg = _config(tmp_path, steps=400)
     reference, out = tmp_path / "ref", tmp_path / "out"
@@ -180,5 +181,21 @@ def test_train_killed_many_times(tmp_path):
     argv = ["train", str(cfg), "--out", str(out), "--no-progress"]
     assert _kill_at_random_moments(argv, out, seed=7, kills=8, resume=["--resume"]) >= 2
     assert main([*argv, "--resume"]) == 0
+    _check_file(out)
+    assert _signature(load_runs(out)) == _signature(load_runs(reference))
+
+
+@pytest.mark.slow
+def test_ablate_with_submitit_killed_at_random_moments(tmp_path):
+    """The jobs of a killed command are cancelled by the next one before it resumes."""
+    pytest.importorskip("submitit")
+    cfg = _config(tmp_path, steps=300, ablate=GRID)
+    reference, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(reference), "--no-progress"]) == 0
+    cfg.write_text(cfg.read_text() + '\n[executor]\nname = "submitit"\ncluster = "local"\n'
+                                     'poll_seconds = 0.05\n')
+    argv = ["ablate", str(cfg), "--out", str(out), "--no-progress"]
+    assert _kill_at_random_moments(argv, out, seed=3, kills=3, resume=[]) >= 1
+    assert main(argv) == 0
     _check_file(out)
     assert _signature(load_runs(out)) == _signature(load_runs(reference))

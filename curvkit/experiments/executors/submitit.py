@@ -7,12 +7,19 @@ A job cannot reach this process, so each job appends its records to its own file
 share (as Slurm setups have). ``cluster = "local"`` runs the jobs as local processes
 through submitit's local executor (what the tests use); ``"debug"`` runs them in this
 process. Needs the ``slurm`` extra.
+
+Jobs outlive a killed ``ablate``: the ids of the jobs in flight are kept in
+``DIR/submitit/jobs.json``, and the next command on the directory cancels those still
+running before it resumes their runs (from their checkpoints, as with any executor).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +27,50 @@ from typing import Any, Literal
 
 from curvkit.errors import ConfigError
 from curvkit.experiments.executors.base import Executor, Pending, Write, resume_dict, run_one
-from curvkit.experiments.store import ResultsWriter, validate_record
+from curvkit.experiments.store import ResultsWriter, validate_record, write_json_atomic
 from curvkit.options import option
 
 FOLDER = "submitit"
+JOBS = "jobs.json"       # the jobs of the command in progress (cancelled if it was killed)
 
 
 def _job(spec: dict[str, Any], attempt: int, resume: dict[str, Any] | None, records: str,
          out: str, cache_dir: Any, threads: int) -> str:
     with ResultsWriter(records) as writer:
         return run_one(spec, attempt, resume, writer.append, out, cache_dir, threads)
+
+
+def stop_orphans(folder: Path, submitit: Any) -> None:
+    """Cancel the jobs of an earlier command on this directory that was killed: they would
+    go on writing the checkpoints of the runs this command resumes. Local jobs are
+    processes of this machine (their id is their pid, checked to be a submitit job)."""
+    try:
+        listed = json.loads((folder / JOBS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return
+    cluster, ids = listed.get("cluster"), [str(i) for i in listed.get("jobs", [])]
+    for job_id in ids:
+        if cluster == "slurm":
+            try:
+                submitit.SlurmJob(folder / "logs", job_id).cancel(check=False)
+            except Exception as err:  # already gone, or scancel unavailable here
+                warnings.warn(f"submitit: could not cancel job {job_id} of an earlier "
+                              f"command ({err})", UserWarning, stacklevel=2)
+        elif cluster == "local" and job_id.isdigit():
+            pid = int(job_id)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"submitit" in cmdline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                deadline = time.monotonic() + 10
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+    (folder / JOBS).unlink(missing_ok=True)
 
 
 class _Tail:
@@ -90,6 +131,7 @@ class SubmititExecutor(Executor):
         records.mkdir(parents=True, exist_ok=True)
         cluster = None if o.cluster == "auto" else o.cluster
         ex = submitit.AutoExecutor(folder=folder / "logs", cluster=cluster)
+        stop_orphans(folder, submitit)
         params: dict[str, Any] = {"timeout_min": o.timeout_min, "cpus_per_task": o.cpus_per_task,
                                   "mem_gb": o.mem_gb}
         if ex.cluster == "slurm":
@@ -106,6 +148,8 @@ class SubmititExecutor(Executor):
             jobs.append(ex.submit(_job, spec.to_dict(), attempt, resume_dict(resume),
                                   str(path), str(out), str(cache_dir) if cache_dir else None,
                                   o.threads))
+        write_json_atomic(folder / JOBS, {"cluster": ex.cluster,
+                                          "jobs": [str(j.job_id) for j in jobs]})
         errors: list[str] = []
         waiting = set(range(len(jobs)))
         while waiting:
@@ -127,4 +171,5 @@ class SubmititExecutor(Executor):
                     tails[i].path.unlink(missing_ok=True)
             if waiting:
                 time.sleep(o.poll_seconds)
+        (folder / JOBS).unlink(missing_ok=True)
         return errors
