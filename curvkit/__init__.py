@@ -20,6 +20,7 @@ from curvkit.errors import (  # noqa: E402
 )
 from curvkit.estimators.base import CurvatureEstimator  # noqa: E402
 from curvkit.hookspecs import hookimpl  # noqa: E402
+from curvkit.losses import GaussianNLL, LossPart  # noqa: E402
 from curvkit.optimizer import CurvkitOptimizer, build_optimizer  # noqa: E402
 from curvkit.options import option  # noqa: E402
 from curvkit.parts import Part  # noqa: E402
@@ -43,7 +44,8 @@ def create(kind: str, name: str, **kwargs: Any) -> Part:
 __all__ = [
     "__version__", "components", "create", "build_optimizer", "CurvkitOptimizer",
     "hookimpl", "option", "Part", "CurvatureEstimator", "Preconditioner", "Solver",
-    "StepContext", "StepResult", "DatasetPart", "ModelPart", "get_registry", "reload_registry",
+    "StepContext", "StepResult", "LossPart", "GaussianNLL", "DatasetPart", "ModelPart",
+    "get_registry", "reload_registry",
     "ConfigError", "CurvkitError", "IncompatibleError", "NonFiniteError", "RegistryError",
     "StepError",
 ]

@@ -25,8 +25,8 @@ def curvkit_parts() -> list[type]:
     """Return the part classes this plugin registers.
 
     Each class derives from one of the part bases (``curvkit.CurvatureEstimator``,
-    ``curvkit.Preconditioner``, ``curvkit.Solver``, ``curvkit.DatasetPart``,
-    ``curvkit.ModelPart``) and sets the class attribute ``name``; its options come
-    from its nested ``Options`` dataclass, its description from the first line of
-    its docstring, its capabilities from ``provides`` / ``needs``.
+    ``curvkit.Preconditioner``, ``curvkit.Solver``, ``curvkit.LossPart``,
+    ``curvkit.DatasetPart``, ``curvkit.ModelPart``) and sets the class attribute
+    ``name``; its options come from its nested ``Options`` dataclass, its description from
+    the first line of its docstring, its capabilities from ``provides`` / ``needs``.
     """

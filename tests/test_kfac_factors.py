@@ -156,25 +156,26 @@ def test_mc_factors_estimate_backpack_kflr_for_cross_entropy(arch, reduction):
 
 def test_mc_labels_do_not_depend_on_sharding():
     """Rows offset:offset+n of a global draw equal the same rows of the unsharded draw."""
-    from curvkit.estimators._kfac import sample_output_gradients
+    from curvkit.losses import loss_part
 
     torch.manual_seed(0)
     for loss_fn, out in ((nn.CrossEntropyLoss(), torch.randn(10, 4, 3, dtype=torch.float64)),
-                         (nn.MSELoss(), torch.randn(10, 2, dtype=torch.float64))):
-        full = sample_output_gradients(loss_fn, out, 3, torch.Generator().manual_seed(5))
-        part = sample_output_gradients(loss_fn, out[4:9], 3, torch.Generator().manual_seed(5),
-                                       rows=(4, 10))
-        assert torch.equal(part, full[:, 4:9])
+                         (nn.MSELoss(), torch.randn(10, 2, dtype=torch.float64)),
+                         (nn.BCEWithLogitsLoss(), torch.randn(10, 2, dtype=torch.float64))):
+        part = loss_part(loss_fn)
+        full = part.sample_labels(out, 3, torch.Generator().manual_seed(5))
+        some = part.sample_labels(out[4:9], 3, torch.Generator().manual_seed(5), rows=(4, 10))
+        assert torch.equal(some, full[:, 4:9])
 
 
 def test_inverse_cdf_labels_follow_the_softmax():
-    from curvkit.estimators._kfac import sample_output_gradients
+    from curvkit.losses import loss_part
 
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
-    s = sample_output_gradients(nn.CrossEntropyLoss(), logits, 200000,
-                                torch.Generator().manual_seed(0))
+    labels = loss_part(nn.CrossEntropyLoss()).sample_labels(logits, 200000,
+                                                            torch.Generator().manual_seed(0))
     p = torch.softmax(logits, 1)[0]
-    freq = (p - s[:, 0]).mean(0)  # s = p - onehot → mean of onehot = p - mean(s)
+    freq = torch.bincount(labels[:, 0], minlength=4).to(p.dtype) / labels.shape[0]
     torch.testing.assert_close(freq, p, atol=4e-3, rtol=0)
 
 

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
-from curvkit.losses import batch_size, reduction_factor
+from curvkit.losses import LOSS_GRADIENT, LOSS_HESSIAN, LOSS_SAMPLING, LossPart, loss_part
+from curvkit.losses.base import Terms
 
 if TYPE_CHECKING:
     from curvkit.estimators.base import CurvatureEstimator
@@ -73,142 +74,34 @@ GeneratorArg = torch.Generator | Callable[[int], torch.Generator] | None
 _CHUNK_ELEMENTS = 1 << 22  # output-gradient entries held at once by a batched backward
 
 
-__all__ = ["kronecker_factors", "kfac_layers", "captured_columns", "factors_to_dense", "check_loss",
-           "output_gradients", "hessian_sqrt_columns", "sample_output_gradients",
-           "output_columns", "layer_diagonals", "Observation", "observe_pass"]
+__all__ = ["kronecker_factors", "kfac_layers", "captured_columns", "factors_to_dense",
+           "output_columns", "layer_diagonals", "Observation", "observe_pass", "STATISTIC_NEEDS"]
+
+# what each statistic needs from the loss part
+STATISTIC_NEEDS = {"exact": LOSS_HESSIAN, "mc": LOSS_SAMPLING, "empirical": LOSS_GRADIENT}
 
 
-# ============================================================================ losses
-def check_loss(loss_fn: Any, where: str) -> str:
-    """``"ce"`` or ``"mse"``; a clear error for a loss whose curvature curvkit cannot scale."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None:
-            raise ValueError(f"{where}: CrossEntropyLoss with class weights is not supported "
-                             f"(the loss is no longer a fixed multiple of Σ_n ℓ_n)")
-        return "ce"
-    if isinstance(loss_fn, nn.MSELoss):
-        return "mse"
-    raise TypeError(f"{where}: loss {type(loss_fn).__name__} is not supported; supported "
-                    f"losses are nn.CrossEntropyLoss and nn.MSELoss")
-
-
-def _check_targets(loss_fn: Any, out: Tensor, y: Tensor, where: str) -> None:
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if out.ndim < 2:
-            raise ValueError(f"{where}: CrossEntropyLoss needs batched logits (N, C, ...), "
-                             f"got shape {tuple(out.shape)}")
-        if not y.is_floating_point() and bool((y == loss_fn.ignore_index).any()):
-            raise ValueError(f"{where}: labels equal to ignore_index={loss_fn.ignore_index} "
-                             f"are not supported (they change the mean's normalisation)")
-
-
-def output_gradients(loss_fn: Any, out: Tensor, y: Tensor, where: str = "loss") -> Tensor:
-    """∇_{f_n} ℓ_n for every sample, shaped like ``out``: the per-sample loss (summed over
-    outputs) differentiated w.r.t. the model output; ``loss = c · Σ_n ℓ_n``."""
-    kind = check_loss(loss_fn, where)
-    _check_targets(loss_fn, out, y, where)
-    out = out.detach()
-    # closed forms for the common cases; autograd for the rest (soft labels, smoothing)
-    if kind == "mse" and y.shape == out.shape:
-        return 2.0 * (out - y.to(out.dtype))
-    if kind == "ce" and not y.is_floating_point() and loss_fn.label_smoothing == 0.0:
-        # softmax − onehot(y) without materialising the one-hot: −1 added at each label
-        g = torch.softmax(out, dim=1)
-        index = y.unsqueeze(1)
-        return g.scatter_add_(1, index, g.new_full((1,) * g.ndim, -1.0).expand(index.shape))
-    z = out.requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn(z, y)
-    (g,) = torch.autograd.grad(loss, z)
-    return g / reduction_factor(loss_fn, out)
-
-
-def hessian_sqrt_columns(loss_fn: Any, out: Tensor, y: Tensor, where: str = "loss") -> Tensor:
-    """S (K, *out.shape) with Σ_k S_k[n] S_k[n]ᵀ = ∂²ℓ_n/∂f_n² for every sample n.
-
-    CrossEntropyLoss, logits (N, C, *spatial): per position, columns √p_k (e_k − p) since
-    Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − ppᵀ; one column per (class, position)
-    (K = C·∏spatial) because positions are separate loss terms. MSELoss: ℓ_n = ‖f_n − y_n‖²,
-    Hessian 2I, columns √2 e_d (K = number of outputs per sample).
-    """
-    kind = check_loss(loss_fn, where)
-    _check_targets(loss_fn, out, y, where)
-    out = out.detach()
-    N = out.shape[0]
-    if kind == "mse":
-        D = out[0].numel()
-        eye = torch.eye(D, dtype=out.dtype, device=out.device) * math.sqrt(2.0)
-        return eye.unsqueeze(1).expand(D, N, D).reshape(D, *out.shape)
-    C = out.shape[1]
-    p = torch.softmax(out, dim=1).reshape(N, C, -1)  # (N, C, R)
-    R = p.shape[2]
-    eye = torch.eye(C, dtype=out.dtype, device=out.device)
-    # cols[k, n, :, r] = √p_k (e_k − p) at position r
-    cols = p.sqrt().permute(1, 0, 2).unsqueeze(2) * (eye[:, None, :, None] - p.unsqueeze(0))
-    if R == 1:
-        return cols.reshape(C, *out.shape)
-    pos = torch.eye(R, dtype=out.dtype, device=out.device)  # column (k, r) lives at r only
-    full = cols.unsqueeze(1) * pos[None, :, None, None, :]  # (C, R, N, C, R)
-    return full.reshape(C * R, *out.shape)
-
-
-def sample_output_gradients(loss_fn: Any, out: Tensor, mc_samples: int,
-                            generator: torch.Generator, where: str = "loss",
-                            rows: tuple[int, int] | None = None) -> Tensor:
-    """(M, *out.shape): ∇_{f_n} ℓ(f_n, ŷ_m) with labels drawn from the model's predictive
-    distribution, so that E[s sᵀ] = ∂²ℓ_n/∂f_n² for each sample.
-
-    CrossEntropyLoss: ŷ ~ Categorical(softmax(f)) independently at every position,
-    s = p − onehot(ŷ). MSELoss (ℓ = ‖f − y‖²): ŷ ~ N(f, ½ I), s = 2(f − ŷ), whose
-    covariance 4·½ I = 2I is the loss Hessian. Draws only from ``generator``.
-
-    ``rows = (offset, total)``: these N samples are rows offset:offset+N of a global batch of
-    ``total`` (data parallelism). The noise is drawn for the whole global batch and sliced,
-    and categorical labels come from inverse-CDF sampling of uniforms (the randomness
-    consumed does not depend on the probabilities), so sample n's label depends only on its
-    global index: sharding the batch over ranks does not change the draw.
-    """
-    kind = check_loss(loss_fn, where)
-    out = out.detach()
-    n = out.shape[0]
-    offset, total = rows if rows is not None else (0, n)
-    if kind == "mse":
-        eps = torch.randn((mc_samples, total, *out.shape[1:]), generator=generator,
-                          dtype=out.dtype, device=out.device)[:, offset:offset + n]
-        y_hat = out.unsqueeze(0) + math.sqrt(0.5) * eps
-        return 2.0 * (out.unsqueeze(0) - y_hat)
-    if out.ndim < 2:
-        raise ValueError(f"{where}: CrossEntropyLoss needs batched logits (N, C, ...), got "
-                         f"shape {tuple(out.shape)}")
-    C = out.shape[1]
-    p = torch.softmax(out, dim=1).movedim(1, -1)  # (N, *spatial, C)
-    u = torch.rand((mc_samples, total, *p.shape[1:-1]), generator=generator,
-                   dtype=p.dtype, device=p.device)[:, offset:offset + n]  # (M, N, *spatial)
-    cdf = p.cumsum(-1).unsqueeze(0).expand(mc_samples, *p.shape).contiguous()
-    # category k has mass [cdf_{k-1}, cdf_k); clamp guards cdf_C < 1 from rounding
-    labels = torch.searchsorted(cdf, u.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
-    onehot = F.one_hot(labels.clamp_(max=C - 1), C).to(out.dtype)  # (M, N, *spatial, C)
-    s = p.unsqueeze(0) - onehot
-    return s.movedim(-1, 2)
-
-
-def output_columns(loss_fn: Any, out: Tensor, y: Tensor, statistic: Statistic,
+# ============================================================================ columns
+def output_columns(loss: LossPart, out: Tensor, y: Tensor, statistic: Statistic,
                    mc_samples: int = 1, generator: torch.Generator | None = None,
-                   where: str = "loss", rows: tuple[int, int] | None = None) -> Tensor:
-    """Columns s_k (K, *out.shape) with Σ_k s_k[n] s_k[n]ᵀ = c·B_n (see the module doc)."""
-    c = reduction_factor(loss_fn, out)
+                   where: str = "loss", rows: tuple[int, int] | None = None,
+                   terms: Terms = "joint") -> Tensor:
+    """Columns s_k (K, *out.shape) with Σ_k s_k[n] s_k[n]ᵀ = c·B_n (see the module doc),
+    from the loss part (:mod:`curvkit.losses`; the loss math lives there): its output-Hessian
+    factorization (``"exact"``, ``terms`` as for :meth:`LossPart.hessian_sqrt`), its sampled
+    gradients (``"mc"``) or its gradient at the true labels (``"empirical"``), times √c."""
+    loss.check(out, y, where)
+    c = loss.reduction_factor(out, y)
     if statistic == "exact":
-        S = hessian_sqrt_columns(loss_fn, out, y, where)
-        return S * math.sqrt(c)
+        return loss.hessian_sqrt(out, y, terms) * math.sqrt(c)
     if statistic == "mc":
         if generator is None:
             raise ValueError(f"{where}: statistic 'mc' needs a generator (curvkit never draws "
                              f"from the global RNG)")
-        _check_targets(loss_fn, out, y, where)
-        S = sample_output_gradients(loss_fn, out, mc_samples, generator, where, rows)
+        S = loss.sampled_gradients(out, y, mc_samples, generator, rows)
         return S * math.sqrt(c / mc_samples)
     if statistic == "empirical":
-        return output_gradients(loss_fn, out, y, where).unsqueeze(0) * math.sqrt(c)
+        return loss.gradient(out, y).unsqueeze(0) * math.sqrt(c)
     raise ValueError(f"{where}: statistic must be 'exact', 'mc' or 'empirical', got "
                      f"{statistic!r}")
 
@@ -655,8 +548,10 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
         return [], {}
     if obs.out_grad is None:
         return None
-    c = reduction_factor(est.loss_fn, out)
-    expected = output_gradients(est.loss_fn, out, y, f"estimator {est.name!r}") * c
+    loss = est.loss
+    loss.check(out, y, f"estimator {est.name!r}")
+    c = loss.reduction_factor(out, y)
+    expected = loss.gradient(out, y) * c
     if obs.out_grad.shape != expected.shape:
         return None
     A_in = {layer.name: _layer_inputs(layer, obs.records[layer.name].inputs)
@@ -706,7 +601,8 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
                    statistic: Statistic, approx: Approx, mc_samples: int,
                    generator: torch.Generator | None, sum_inputs: bool,
                    columns: Callable[[Tensor, Tensor], Tensor] | None = None,
-                   observation: Observation | None = None
+                   observation: Observation | None = None,
+                   counts: dict[str, int] | None = None
                    ) -> dict[str, tuple[Tensor, Tensor]]:
     """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``);
     the empirical statistics are taken from ``observation`` when it can provide them."""
@@ -721,7 +617,7 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
     def cols(out: Tensor) -> Tensor:
         if columns is not None:
             return columns(out, y)
-        return output_columns(est.loss_fn, out, y, statistic, mc_samples, generator,
+        return output_columns(est.loss, out, y, statistic, mc_samples, generator,
                               f"estimator {est.name!r}")
 
     kept, A_in = captured_columns(est, layers, X, y, observation, cols, consume)
@@ -734,6 +630,8 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
         else:
             A = _augmented_outer(a.mean(1), layer.bias, 1.0)
         res[layer.name] = (A if sum_inputs else A / N, G[layer.name])
+        if counts is not None:
+            counts[layer.name] = N
     return res
 
 
@@ -818,7 +716,9 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
     if statistic == "mc" and generator is None and columns is None:
         raise ValueError("statistic 'mc' needs a generator (curvkit never draws from the "
                          "global RNG)")
-    check_loss(estimator.loss_fn, f"estimator {estimator.name!r}")
+    if columns is None or observed is not None:
+        loss_part(estimator.loss or estimator.loss_fn, f"estimator {estimator.name!r}",
+                  needs=[STATISTIC_NEEDS[statistic]])
     layers = kfac_layers(estimator.model)
     if not layers:
         return {}
@@ -832,9 +732,11 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         gen = generator(i) if callable(generator) and not isinstance(
             generator, torch.Generator) else generator
         cols = None if columns is None else (lambda out, y_: columns(out, y_, i))
+        counts: dict[str, int] = {}
         fac = _batch_factors(estimator, layers, X, y, statistic, approx, int(mc_samples),
                              gen, sum_inputs=sum_red, columns=cols,
-                             observation=None if observed is None else observed(X, y))
+                             observation=None if observed is None else observed(X, y),
+                             counts=counts)
         names = tuple(fac)
         if state["names"] is None:
             state["names"] = names
@@ -844,14 +746,16 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         out: dict[str, Any] = {"A": {n: a for n, (a, _) in fac.items()},
                                "G": {n: g for n, (_, g) in fac.items()}}
         if sum_red:
-            ref = next(iter(fac.values()))[0] if fac else torch.zeros(())
-            out["count"] = torch.tensor(float(batch_size((X, y))), dtype=ref.dtype,
-                                        device=ref.device)
+            # A is a mean over what each layer saw (its samples, or the positions a model
+            # folds into the batch), not over the targets: summed here, divided below
+            out["count"] = {n: torch.tensor(float(c), dtype=fac[n][0].dtype,
+                                            device=fac[n][0].device)
+                            for n, c in counts.items()}
         return out
 
     acc = estimator.accumulate(batches, one, reduction=estimator.reduction)
     if sum_red:
-        acc["A"] = {n: a / acc["count"] for n, a in acc["A"].items()}
+        acc["A"] = {n: a / acc["count"][n] for n, a in acc["A"].items()}
     by_name = {layer.name: layer for layer in layers}
     return {n: KroneckerFactors(module=n, params=by_name[n].params, A=acc["A"][n],
                                 G=acc["G"][n]) for n in acc["A"]}

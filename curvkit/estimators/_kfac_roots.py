@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from curvkit import distributed
-from curvkit.estimators._kfac import Observation, captured_columns, check_loss, kfac_layers
+from curvkit.estimators._kfac import Observation, captured_columns, kfac_layers
 from curvkit.estimators.base import Batch, KroneckerRoots, as_batches
 from curvkit.losses import batch_size
 
@@ -47,7 +47,6 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     if distributed.active():
         return None
-    check_loss(estimator.loss_fn, f"estimator {estimator.name!r}")
     layers = kfac_layers(estimator.model)
     if not layers:
         return {}
@@ -55,6 +54,9 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
     total = sum(batch_size(b) for b in batches)
     mean = estimator.reduction == "mean"
     rows: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    # A is a mean over what each layer saw (samples, or positions folded into the batch):
+    # the rows are scaled by 1/√(that count) once all batches are in
+    seen: dict[str, int] = {}
     names: tuple[str, ...] | None = None
     for i, (X, y) in enumerate(batches):
         g_rows: dict[str, list[Tensor]] = {}
@@ -74,17 +76,17 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
             raise ValueError(f"kronecker: the layers used in the forward pass differ between "
                              f"batches ({names} vs {found})")
         n_b = batch_size((X, y))
-        w_A = math.sqrt(n_b / total)
-        w_G = w_A if mean else 1.0
+        w_G = math.sqrt(n_b / total) if mean else 1.0
         for layer in kept:
             a = A_in[layer.name]                    # (N_b, T, D), without the bias' 1
             T = a.shape[1]
+            seen[layer.name] = seen.get(layer.name, 0) + a.shape[0]
             if approx == "expand":
                 r = a.reshape(-1, a.shape[-1])
-                scale = w_A / math.sqrt(n_b * T)
+                scale = 1.0 / math.sqrt(T)
             else:
                 r = a.mean(1)
-                scale = w_A / math.sqrt(n_b)
+                scale = 1.0
             if layer.bias:
                 # [r, 1]·scale written once (not a concatenated copy, then a scaled copy)
                 root = r.new_empty(r.shape[0], r.shape[1] + 1)
@@ -98,6 +100,9 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
             A_list.append(root)
             G_list.append(g * w_G if w_G != 1.0 else g)
     by_name = {layer.name: layer for layer in layers}
+    for n, (A, _) in rows.items():
+        s = 1.0 / math.sqrt(seen[n])
+        A[:] = [r.mul_(s) for r in A]
     return {n: KroneckerRoots(module=n, params=by_name[n].params,
                               A_root=A[0] if len(A) == 1 else torch.cat(A),
                               G_root=G[0] if len(G) == 1 else torch.cat(G))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -33,8 +33,9 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
-from curvkit.estimators._kfac import Observation, check_loss, layer_diagonals
+from curvkit.estimators._kfac import Observation, layer_diagonals
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
+from curvkit.losses import LOSS_GRADIENT, loss_part
 from curvkit.params import check_like
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC
 
@@ -44,10 +45,30 @@ class LowRankOutputEstimator(CurvatureEstimator):
 
     provides = frozenset({MATVEC, DENSE, DIAGONAL, KRONECKER})
 
+    #: what the columns need from the loss part (curvkit.losses)
+    loss_needs: ClassVar[str] = LOSS_GRADIENT
+
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
         require_trainable(self)
-        check_loss(loss_fn, f"estimator {self.name!r}")
+        self.loss = loss_part(loss_fn, f"estimator {self.name!r}", needs=[self.loss_needs])
+
+    def _separate_terms(self) -> bool:
+        """Whether B_n = Σ_k Σ_t (s_{n,k} on term t)(…)ᵀ, one outer product per loss term
+        (the loss part's terms: positions of a sequence, …), instead of Σ_k s_{n,k}s_{n,k}ᵀ
+        over the whole sample. Default: per sample."""
+        return False
+
+    def _term_columns(self, cols: Tensor, shape: torch.Size) -> Tensor:
+        """(K·T, *shape): each column restricted to each of the T loss terms, so that
+        Σ over them of the outer products is the per-term B_n (unchanged when T = 1)."""
+        ct = self.loss.terms(cols, lead=1)                  # (K, N, T, D)
+        K, N, T, D = ct.shape
+        if T == 1:
+            return cols
+        eye = torch.eye(T, dtype=cols.dtype, device=cols.device)
+        ex = ct.unsqueeze(1) * eye[None, :, None, :, None]  # (K, T, N, T, D)
+        return self.loss.untermed(ex.reshape(K * T, N, T, D), shape, lead=1)
 
     # ------------------------------------------------------------- for subclasses
     @abc.abstractmethod
@@ -106,8 +127,13 @@ class LowRankOutputEstimator(CurvatureEstimator):
         jv = torch.zeros_like(out) if jv is None else jv.detach()
         cols = self._columns(out.detach(), y, index)
         K, N = cols.shape[0], out.shape[0]
-        coef = (cols.reshape(K, N, -1) * jv.reshape(1, N, -1)).sum(2)  # ⟨s_{n,k}, (Jv)_n⟩
-        u = (coef.reshape(K, N, *([1] * (out.ndim - 1))) * cols).sum(0)
+        if self._separate_terms():
+            ct = self.loss.terms(cols, lead=1)                     # (K, N, T, D)
+            coef = (ct * self.loss.terms(jv).unsqueeze(0)).sum(-1)  # ⟨s_{n,t,k}, (Jv)_{n,t}⟩
+            u = self.loss.untermed((coef.unsqueeze(-1) * ct).sum(0), out.shape)
+        else:
+            coef = (cols.reshape(K, N, -1) * jv.reshape(1, N, -1)).sum(2)  # ⟨s_{n,k}, (Jv)_n⟩
+            u = (coef.reshape(K, N, *([1] * (out.ndim - 1))) * cols).sum(0)
         with torch.enable_grad():
             res = grad_with_zeros([out], params, [u])
         return [r.detach() for r in res]
@@ -117,7 +143,13 @@ class LowRankOutputEstimator(CurvatureEstimator):
         N, M, P = out.shape[0], out.numel(), J.shape[1]
         J = J.reshape(N, M // N, P)
         cols = self._columns(out, y, index)
-        W = torch.einsum("kno,nop->knp", cols.reshape(cols.shape[0], N, -1), J).reshape(-1, P)
+        if self._separate_terms():
+            Jt = self.loss.terms(J.reshape(M, P).T.reshape(P, *out.shape), lead=1)
+            W = torch.einsum("kntd,pntd->kntp", self.loss.terms(cols, lead=1), Jt)
+            W = W.reshape(-1, P)
+        else:
+            W = torch.einsum("kno,nop->knp", cols.reshape(cols.shape[0], N, -1),
+                             J).reshape(-1, P)
         return W.T @ W
 
     def _diagonal_at(self, X: Any, y: Tensor, index: int) -> list[Tensor]:
@@ -127,7 +159,11 @@ class LowRankOutputEstimator(CurvatureEstimator):
                     f"estimator {self.name!r}: the diagonal needs per-sample quantities, but "
                     f"module {mod_name or '<model>'} ({type(mod).__name__}) is in training "
                     f"mode and couples the samples of a batch; call model.eval() first")
-        covered, out, cols = layer_diagonals(self, X, lambda o: self._columns(o, y, index))
+        def columns(o: Tensor) -> Tensor:
+            cols = self._columns(o, y, index)
+            return self._term_columns(cols, o.shape) if self._separate_terms() else cols
+
+        covered, out, cols = layer_diagonals(self, X, columns)
         named = self.named_params
         rest = [i for i, (n, _) in enumerate(named) if n not in covered]
         other = self._per_sample_diagonal(X, cols, rest) if rest else []

@@ -23,7 +23,7 @@ from torch.func import functional_call, jacfwd, jacrev
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvkit import distributed
-from curvkit.losses import batch_size, reduction_of
+from curvkit.losses import batch_size, reduction_of, try_loss_part
 from curvkit.params import check_like, flatten, trainable, unflatten
 from curvkit.parts import DENSE, MATVEC, Part
 
@@ -154,6 +154,9 @@ class CurvatureEstimator(Part, abc.ABC):
         self.model = distributed.unwrap(model)
         self.loss_fn = loss_fn
         self.reduction = reduction_of(loss_fn)
+        # the registered loss part describing loss_fn (None: no part does; estimators that
+        # need one refuse such a loss in their constructor, see curvkit.losses.loss_part)
+        self.loss = try_loss_part(loss_fn)
         # Monte Carlo parts seed their generator from (seed, draw); the optimizer advances
         # `draw` once per step, so all products within a step see one and the same operator.
         self.state = {"draw": 0}

@@ -52,14 +52,21 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
     class Options:
         kfac_approx: Literal["expand", "reduce"] = option(
             "expand", "K-FAC flavour for weight-sharing layers (used by `kronecker`)")
+        outer_products: Literal["per_term", "per_sample"] = option(
+            "per_term", "one gradient outer product per loss term (a sequence position, …; "
+                        "curvlinops' convention) or per sample (its terms' gradients summed "
+                        "first)")
 
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
         # (X, y, key, observation) of the last observed pass, dropped by `advance`
         self._recorded: tuple[Any, Tensor, tuple, Observation] | None = None
 
+    def _separate_terms(self) -> bool:
+        return self.options.outer_products == "per_term"
+
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
-        return output_columns(self.loss_fn, out, y, "empirical",
+        return output_columns(self.loss, out, y, "empirical",
                               where=f"estimator {self.name!r}")
 
     def kronecker(self, batch: Batch | Iterable[Batch], approx: str | None = None

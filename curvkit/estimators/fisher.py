@@ -13,6 +13,7 @@ from curvkit import distributed
 from curvkit.estimators._kfac import kronecker_factors, output_columns
 from curvkit.estimators._lowrank import LowRankOutputEstimator
 from curvkit.estimators.base import Batch, KroneckerFactors
+from curvkit.losses import LOSS_SAMPLING
 from curvkit.options import option
 
 
@@ -35,6 +36,7 @@ class FisherEstimator(LowRankOutputEstimator):
     """
 
     name = "fisher"
+    loss_needs = LOSS_SAMPLING
 
     @dataclass
     class Options:
@@ -69,7 +71,7 @@ class FisherEstimator(LowRankOutputEstimator):
     def _columns(self, out: Tensor, y: Tensor, index: int) -> Tensor:
         # the generator is not seeded by rank: each sample's noise is indexed by its global
         # row, so any sharding of the batch over ranks draws the same labels
-        return output_columns(self.loss_fn, out, y, "mc", self.options.mc_samples,
+        return output_columns(self.loss, out, y, "mc", self.options.mc_samples,
                               self.batch_generator(index, out.device),
                               where=f"estimator {self.name!r}",
                               rows=self._rows(index, out.shape[0]))

@@ -19,13 +19,10 @@ from curvkit.estimators._autograd import (
     require_trainable,
 )
 from curvkit.estimators.base import Batch, CurvatureEstimator, Summary
-from curvkit.losses import reduction_factor
+from curvkit.losses import LOSS_HESSIAN, loss_part, output_hvp
 from curvkit.options import option
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC, SUMMARY
 
-
-class _NoClosedForm(Exception):
-    """The loss has no closed-form output Hessian: use the full-Jacobian diagonal."""
 
 class GGNEstimator(CurvatureEstimator):
     """Generalized Gauss-Newton matrix G = Jᵀ H_loss J.
@@ -35,8 +32,8 @@ class GGNEstimator(CurvatureEstimator):
     "mean" this is the GGN of the mean loss, for "sum" of the summed loss.
 
     ``matvec``: one forward pass with forward-mode duals gives f and Jv together (the primal
-    keeps its autograd graph), w = H_loss (Jv) — closed forms for CrossEntropyLoss and
-    MSELoss, ``torch.func`` on the loss as a function of the output for any other loss —
+    keeps its autograd graph), w = H_loss (Jv) — the loss part's output-Hessian product
+    (:mod:`curvkit.losses`), ``torch.func`` on the loss for a loss no part describes —
     then one backward gives Jᵀw. Measured 0.3–0.45× curvlinops' ``GGNLinearOperator``
     (``benchmarks/bench_estimators.py``).
 
@@ -66,42 +63,21 @@ class GGNEstimator(CurvatureEstimator):
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
         require_trainable(self)
+        if self.loss is not None and LOSS_HESSIAN not in self.loss.provides:
+            # e.g. NLLLoss: linear in the output, a zero GGN (the message says so)
+            loss_part(self.loss, f"estimator {self.name!r}", needs=[LOSS_HESSIAN])
 
     # ------------------------------------------------------------- pieces
     def _chunk(self) -> int | None:
         return self.options.chunk_size or None
 
-    def _closed_form(self, out: Tensor, y: Tensor) -> bool:
-        """Whether the loss has the closed-form output Hessian used by matvec and diagonal:
-        MSELoss, or CrossEntropyLoss on (N, C) logits with class-index targets, no class
-        weights and no ignored targets (label smoothing does not change the Hessian)."""
-        loss_fn = self.loss_fn
-        if isinstance(loss_fn, nn.MSELoss):
-            return True
-        return (isinstance(loss_fn, nn.CrossEntropyLoss) and out.ndim == 2
-                and loss_fn.weight is None and not y.dtype.is_floating_point
-                and not bool((y == loss_fn.ignore_index).any()))
-
     def _output_hvp(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
-        """w ↦ H_loss w, the Hessian of the loss w.r.t. the model output at ``out``.
-
-        Closed forms (c = reduction factor): cross-entropy c·(p ⊙ w − p (pᵀw)) per sample,
-        p = softmax(f); MSE 2c·w. Any other loss: ``torch.func`` on the loss as a function
-        of the output.
-        """
-        out = out.detach()
-        if self._closed_form(out, y):
-            c = reduction_factor(self.loss_fn, out)
-            if isinstance(self.loss_fn, nn.MSELoss):
-                return lambda w: (2.0 * c) * w
-            p = torch.softmax(out, dim=1)
-            return lambda w: c * (p * w - p * (p * w).sum(dim=1, keepdim=True))
-        loss_fn = self.loss_fn
-        # reverse-over-reverse (H_loss is symmetric): forward-over-reverse hits a ZeroTensor
-        # error in some losses' backward formulas (MSELoss, torch 2.x), and the output space
-        # is small, so the pass structure hardly matters.
-        _, pull = vjp(grad(lambda o: loss_fn(o, y)), out)
-        return lambda w: pull(w.to(out.dtype))[0]
+        """w ↦ H_loss w, the Hessian of the loss (under its reduction) w.r.t. the model
+        output at ``out``: the loss part's c·H (:mod:`curvkit.losses`), or ``torch.func`` on
+        the loss itself for a loss no part describes."""
+        if self.loss is not None:
+            self.loss.check(out, y, f"estimator {self.name!r}")
+        return output_hvp(self.loss_fn, out, y, self.loss)
 
     def _forward_jvp(self, X: Any, v: Sequence[Tensor]) -> tuple[list[Tensor], Tensor, Tensor]:
         """(leaves θ, f(θ, X) with its graph, Jv) from one forward pass with duals."""
@@ -172,19 +148,17 @@ class GGNEstimator(CurvatureEstimator):
 
         diag(G) = Σ_n Σ_k (J_nᵀ s_{n,k})² with Σ_k s_{n,k} s_{n,k}ᵀ = c·∂²ℓ_n/∂f_n² a
         square-root factorization of the (scaled) per-sample loss Hessian, c the reduction
-        factor (1 for sum, 1/N for cross-entropy mean, 1/(N·C) for MSE mean):
-          CrossEntropyLoss (logits (N, C), class-index targets, no class weights):
-            s_{n,k} = √c √p_{n,k} (e_k − p_n), p_n = softmax(f_n), since
-            Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − ppᵀ;
-          MSELoss: s_{n,k} = √(2c) e_k.
+        factor — the loss part's ``hessian_sqrt`` with one column per loss term and output
+        dimension (:mod:`curvkit.losses`; e.g. cross-entropy √p_k (e_k − p) per position,
+        MSE √2 e_k), so the diagonal is exact also for models that mix positions.
         J_nᵀ s_{n,k} is never formed for Linear/Conv2d parameters: their diagonal comes from
         the layer inputs a and the backpropagated columns g, Σ_{n,k} (g_{n,k}²)ᵀ(a_n²)
         (:func:`curvkit.estimators._kfac.layer_diagonals`, one forward and one batched
         backward). Every other parameter (a module called twice, bare parameters, …) uses
         per-sample vector-Jacobian products (``torch.func.vmap`` over samples, each model
-        call on one sample). Other losses, non-tensor inputs, and models that couple the
-        samples of a batch (BatchNorm in training mode) use diag(Jᵀ H_loss J) from the full
-        Jacobian (exact, costlier).
+        call on one sample). A loss no part describes, non-tensor inputs, and models that
+        couple the samples of a batch (BatchNorm in training mode) use diag(Jᵀ H_loss J)
+        from the full Jacobian (exact, costlier).
         """
         return self.accumulate(batch, self._diagonal)
 
@@ -195,20 +169,15 @@ class GGNEstimator(CurvatureEstimator):
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
         from curvkit.estimators._kfac import layer_diagonals, output_columns
 
-        if not isinstance(X, Tensor) or self._couples_samples():
+        if not isinstance(X, Tensor) or self._couples_samples() or self.loss is None:
             return self._diagonal_from_jacobian(X, y)
         where = f"estimator {self.name!r}"
 
         def columns(o: Tensor) -> Tensor:
-            # decided on the capture pass's own output: no separate forward just for a shape
-            if not self._closed_form(o, y):
-                raise _NoClosedForm
-            return output_columns(self.loss_fn, o, y, "exact", where=where)
+            # one column per (term, output dimension): exact for models that mix positions
+            return output_columns(self.loss, o, y, "exact", where=where, terms="separate")
 
-        try:
-            covered, out, cols = layer_diagonals(self, X, columns)
-        except _NoClosedForm:
-            return self._diagonal_from_jacobian(X, y)
+        covered, out, cols = layer_diagonals(self, X, columns)
         named = self.named_params
         rest = [i for i, (n, _) in enumerate(named) if n not in covered]
         res = [covered.get(n) for n, _ in named]
