@@ -115,6 +115,9 @@ class KFACLayer:
     module: nn.Module
     params: tuple[str, ...]
     bias: bool
+    # False for a frozen weight with a trainable bias: the layer is the bias alone, with
+    # the constant input 1 (A = [1]) and the usual G
+    weight: bool = True
 
 
 _LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer]]]] = \
@@ -154,16 +157,17 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
             continue
         seen.add(id(mod))
         weight = mod.weight
-        if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
-            continue
+        use_weight = isinstance(weight, nn.Parameter) and weight.requires_grad
         label = f"{mod_name or '<model>'} ({type(mod).__name__})"
         bias = mod.bias
         use_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
+        if not use_weight and not use_bias:
+            continue
         problem = ""
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             problem = (f"has groups={mod.groups}; K-FAC factors are implemented for groups=1 "
                        f"only")
-        for p in (weight, bias) if use_bias else (weight,):
+        for p in ((weight,) if use_weight else ()) + ((bias,) if use_bias else ()):
             where = holders.get(id(p), set())
             if len(where) > 1:
                 problem = (f"holds a parameter shared by {', '.join(sorted(where))}; the "
@@ -172,8 +176,9 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
             if strict:
                 raise ValueError(f"kronecker: module {label} {problem}")
             continue
-        params = (full_name[id(weight)],) + ((full_name[id(bias)],) if use_bias else ())
-        layers.append(KFACLayer(mod_name, mod, params, use_bias))
+        params = ((full_name[id(weight)],) if use_weight else ()) + \
+            ((full_name[id(bias)],) if use_bias else ())
+        layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight))
     return layers
 
 
@@ -217,7 +222,7 @@ def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
             raise ValueError(f"kronecker: module {_label(layer)} got unbatched input of shape "
                              f"{tuple(x.shape)}")
         a = x.reshape(x.shape[0], -1, x.shape[-1])
-    return a
+    return a if layer.weight else a[..., :0]
 
 
 def _augmented_outer(a: Tensor, bias: bool, count: float) -> Tensor:
@@ -243,14 +248,14 @@ def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
 
 def _layer_params(layer: KFACLayer) -> list[Tensor]:
     mod = layer.module
-    return [mod.weight, mod.bias] if layer.bias else [mod.weight]
+    return ([mod.weight] if layer.weight else []) + ([mod.bias] if layer.bias else [])
 
 
 def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
                           ) -> str:
     """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message."""
     W = layer.module.weight
-    parts = [torch.einsum("ntd,nte->de", g, a).reshape(W.shape)]
+    parts = [torch.einsum("ntd,nte->de", g, a).reshape(W.shape)] if layer.weight else []
     if layer.bias:
         parts.append(g.sum((0, 1)))
     tol = min(0.05, 1e4 * torch.finfo(a.dtype).eps)
@@ -513,8 +518,10 @@ def _sketched_grad_pairs(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: lis
     sends the batch to the ordinary (exactly checked) path. Returns the (implied, observed)
     pair for :func:`_mismatches`, weight and bias in one (P̃ ã = P a + p_b)."""
     d_out, D = g.shape[-1], a.shape[-1]
-    P, p_b = _sketch(D, d_out, a.dtype, a.device)
     gf = g.reshape(-1, d_out)
+    if not layer.weight:  # the bias alone: its gradient is Σ g, compared directly
+        return [(gf.sum(0), true_grads[0])]
+    P, p_b = _sketch(D, d_out, a.dtype, a.device)
     aT, WT = a.reshape(-1, D).T, true_grads[0].reshape(d_out, D).T
     # (2, D) times the (D, ·) transposes: the fast layout for a thin product on CPU
     if not layer.bias:
@@ -626,7 +633,7 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
         a = A_in[layer.name]
         N, T = a.shape[0], a.shape[1]
         if approx == "expand":
-            A = _augmented_outer(a.reshape(-1, a.shape[-1]), layer.bias, T)
+            A = _augmented_outer(a.flatten(0, 1), layer.bias, T)
         else:
             A = _augmented_outer(a.mean(1), layer.bias, 1.0)
         res[layer.name] = (A if sum_inputs else A / N, G[layer.name])
@@ -657,14 +664,14 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
     def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
         if a.shape[1] == 1:
             g2 = g[:, :, 0] ** 2
-            d = [torch.einsum("knd,ne->de", g2, a[:, 0] ** 2)]
+            d = [torch.einsum("knd,ne->de", g2, a[:, 0] ** 2)] if layer.weight else []
             if layer.bias:
                 d.append(g2.sum((0, 1)))
         else:
             # per-sample gradients Σ_t g ãᵀ, a few columns at a time (bounded memory)
-            step = max(1, _CHUNK_ELEMENTS // (a.shape[0] * g.shape[-1] * a.shape[-1]))
+            step = max(1, _CHUNK_ELEMENTS // max(a.shape[0] * g.shape[-1] * a.shape[-1], 1))
             d = [sum((torch.einsum("kntd,nte->knde", g[i:i + step], a) ** 2).sum((0, 1))
-                     for i in range(0, g.shape[0], step))]
+                     for i in range(0, g.shape[0], step))] if layer.weight else []
             if layer.bias:
                 d.append((g.sum(2) ** 2).sum((0, 1)))
         old = D.get(layer.name)
@@ -674,9 +681,10 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
     res: dict[str, Tensor] = {}
     for layer in kept:
         d = D[layer.name]
-        res[layer.params[0]] = d[0].reshape(layer.module.weight.shape)
+        if layer.weight:
+            res[layer.params[0]] = d[0].reshape(layer.module.weight.shape)
         if layer.bias:
-            res[layer.params[1]] = d[1]
+            res[layer.params[-1]] = d[-1]
     return res, out.detach(), cols
 
 

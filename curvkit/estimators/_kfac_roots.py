@@ -82,7 +82,7 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
             T = a.shape[1]
             seen[layer.name] = seen.get(layer.name, 0) + a.shape[0]
             if approx == "expand":
-                r = a.reshape(-1, a.shape[-1])
+                r = a.flatten(0, 1)
                 scale = 1.0 / math.sqrt(T)
             else:
                 r = a.mean(1)

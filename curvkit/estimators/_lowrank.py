@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -177,8 +177,16 @@ class LowRankOutputEstimator(CurvatureEstimator):
         f = self.forward_fn()
         params = [p.detach() for p in self.params]
 
+        # vmap maps over tensors, tuples, lists and dicts: another mapping (UserDict, a
+        # BatchEncoding) goes in as a dict and is rebuilt for the model
+        rebuild = None
+        if isinstance(X, Mapping) and type(X) is not dict:
+            rebuild, X = type(X), dict(X)
+
         def per_sample(xn: Any, sn: Tensor) -> list[Tensor]:
             x1 = tree_map(lambda t: t.unsqueeze(0), xn)
+            if rebuild is not None:
+                x1 = rebuild(x1)
 
             def fn(sub: list[Tensor]) -> Tensor:
                 ps = list(params)

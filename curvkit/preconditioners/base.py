@@ -74,7 +74,7 @@ class Preconditioner(Part):
 
     def _predicted_layers(self) -> dict[str, list[str]]:
         """The layers Kronecker-factored structures cover, before any statistics: every
-        Linear/Conv2d module with a trainable weight, {module: [weight, (bias)]}."""
+        Linear/Conv2d module with a trainable weight or bias, {module: [weight, (bias)]}."""
         trainable_names = {n for n, _ in self.named_params}
         layers: dict[str, list[str]] = {}
         for mod_name, mod in self.model.named_modules():
@@ -82,7 +82,7 @@ class Preconditioner(Part):
                 continue
             prefix = f"{mod_name}." if mod_name else ""
             names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
-            if prefix + "weight" in names:
+            if names:
                 layers[mod_name] = names
         return layers
 
