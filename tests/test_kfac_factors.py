@@ -380,7 +380,7 @@ def test_hooks_removed_torch_func_works_inplace_ops_and_uncovered_modules():
         torch.testing.assert_close(facs[n].A, ref[n].A)
 
 
-def test_frozen_weight_module_is_left_out_and_frozen_bias_is_not_augmented():
+def test_frozen_weight_keeps_its_bias_factors_and_frozen_bias_is_not_augmented():
     torch.manual_seed(51)
     model = mlp(seed=51)
     model[0].weight.requires_grad_(False)
@@ -388,8 +388,10 @@ def test_frozen_weight_module_is_left_out_and_frozen_bias_is_not_augmented():
     X, y = torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,))
     e = est("ggn", model, nn.CrossEntropyLoss())
     facs = e.kronecker((X, y))
-    assert set(facs) == {"2"}
+    assert set(facs) == {"0", "2"}
     assert facs["2"].params == ("2.weight",) and facs["2"].A.shape == (5, 5)
+    # the frozen weight's trainable bias: A = [1] (curvlinops returns G for it too)
+    assert facs["0"].params == ("0.bias",) and facs["0"].A.shape == (1, 1)
 
 
 class Twice(nn.Module):
