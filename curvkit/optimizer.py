@@ -46,6 +46,14 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.estimator = _construct(est, model=model, loss_fn=loss_fn)
         self.preconditioner = _construct(pre, model=model)
         self.solver = _construct(sol)
+        # a structure that can tell before training whether the estimator serves it on this
+        # model and loss (layer-wise Kronecker: factors for the loss, the fallback diagonal)
+        check = getattr(self.preconditioner, "check_estimator", None)
+        if callable(check):
+            try:
+                check(self.estimator)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{pre.path}: {err}") from err
         try:
             self.solver.bind(self)
         except (ValueError, TypeError) as err:

@@ -152,13 +152,20 @@ class LowRankOutputEstimator(CurvatureEstimator):
                              J).reshape(-1, P)
         return W.T @ W
 
+    def refusal(self, capability: str) -> str:
+        if capability == DIAGONAL:
+            for mod_name, mod in self.model.named_modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+                    return (f"the diagonal needs per-sample quantities, but module "
+                            f"{mod_name or '<model>'} ({type(mod).__name__}) is in training "
+                            f"mode and couples the samples of a batch")
+        return ""
+
     def _diagonal_at(self, X: Any, y: Tensor, index: int) -> list[Tensor]:
-        for mod_name, mod in self.model.named_modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-                raise ValueError(
-                    f"estimator {self.name!r}: the diagonal needs per-sample quantities, but "
-                    f"module {mod_name or '<model>'} ({type(mod).__name__}) is in training "
-                    f"mode and couples the samples of a batch; call model.eval() first")
+        why = self.refusal(DIAGONAL)
+        if why:
+            raise ValueError(f"estimator {self.name!r}: {why}; call model.eval() first, or "
+                             f"use estimator 'ggn'")
         def columns(o: Tensor) -> Tensor:
             cols = self._columns(o, y, index)
             return self._term_columns(cols, o.shape) if self._separate_terms() else cols

@@ -261,6 +261,12 @@ class CurvatureEstimator(Part, abc.ABC):
         """
         return contextlib.nullcontext()
 
+    def refusal(self, capability: str) -> str:
+        """'' if this estimator can give ``capability`` on its model and loss, else a
+        sentence saying why not (asked when an optimizer is built, so that an impossible
+        combination is refused before training). Default: every declared capability."""
+        return ""
+
     def advance(self) -> None:
         """Start a new Monte Carlo draw (called by the optimizer once per step)."""
         self.state["draw"] = int(self.state.get("draw", 0)) + 1

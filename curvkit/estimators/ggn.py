@@ -19,7 +19,7 @@ from curvkit.estimators._autograd import (
     require_trainable,
 )
 from curvkit.estimators.base import Batch, CurvatureEstimator, Summary
-from curvkit.losses import LOSS_HESSIAN, loss_part, output_hvp
+from curvkit.losses import LOSS_HESSIAN, UnsupportedLossError, loss_part, output_hvp
 from curvkit.options import option
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC, SUMMARY
 
@@ -66,6 +66,14 @@ class GGNEstimator(CurvatureEstimator):
         if self.loss is not None and LOSS_HESSIAN not in self.loss.provides:
             # e.g. NLLLoss: linear in the output, a zero GGN (the message says so)
             loss_part(self.loss, f"estimator {self.name!r}", needs=[LOSS_HESSIAN])
+
+    def refusal(self, capability: str) -> str:
+        if capability == KRONECKER and self.loss is None:
+            try:  # the loss part's own refusal: unknown loss, or settings it cannot handle
+                loss_part(self.loss_fn, f"estimator {self.name!r}", needs=[LOSS_HESSIAN])
+            except UnsupportedLossError as err:
+                return str(err)
+        return ""
 
     # ------------------------------------------------------------- pieces
     def _chunk(self) -> int | None:

@@ -125,9 +125,10 @@ class LayerwiseKronecker(Preconditioner):
         for mod, names in self._predicted_layers().items():
             if mod not in layers and mod not in self._warned:
                 self._warned.add(mod)
+                kind = type(self.model.get_submodule(mod)).__name__
                 warnings.warn(f"preconditioner {self.name!r}: the estimator returned no "
-                              f"Kronecker factors for {type(self.model.get_submodule(mod)).__name__}"
-                              f" module {mod!r} (its weight is used outside its forward, or "
+                              f"Kronecker factors for {kind} module {mod!r} (its weight is "
+                              f"used outside its forward, or "
                               f"it is not used); its parameters {names} use the {fallback!r} "
                               f"fallback", stacklevel=4)
         if "<other modules>" in self._warned:

@@ -72,20 +72,6 @@ class Preconditioner(Part):
         """P⁻¹ d. The base is the identity and returns ``direction`` itself."""
         return list(direction)
 
-    def _predicted_layers(self) -> dict[str, list[str]]:
-        """The layers Kronecker-factored structures cover, before any statistics: every
-        Linear/Conv2d module with a trainable weight or bias, {module: [weight, (bias)]}."""
-        trainable_names = {n for n, _ in self.named_params}
-        layers: dict[str, list[str]] = {}
-        for mod_name, mod in self.model.named_modules():
-            if not isinstance(mod, (nn.Linear, nn.Conv2d)):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
-            if names:
-                layers[mod_name] = names
-        return layers
-
     def structures(self) -> dict[str, str]:
         """Parameter name → the structure that preconditions it."""
         return {n: self.name for n, _ in self.named_params}

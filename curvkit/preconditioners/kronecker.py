@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -12,10 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import distributed
-from curvkit.estimators.base import KroneckerFactors, layer_matrix, split_layer_matrix
+from curvkit.estimators.base import layer_matrix, split_layer_matrix
 from curvkit.options import option
 from curvkit.params import check_like
 from curvkit.parts import KRONECKER
+from curvkit.preconditioners._layerwise import LayerwiseKronecker
 from curvkit.preconditioners._running import (
     blend,
     ema_weight,
@@ -23,14 +23,9 @@ from curvkit.preconditioners._running import (
     psd_inverse,
     working_dtype,
 )
-from curvkit.preconditioners.base import Preconditioner
-
-# Layers the estimators' ``kronecker`` capability is expected to cover; used only to
-# report structures before the first update. After an update the factors the estimator
-# actually returned decide.
 
 
-class Kronecker(Preconditioner):
+class Kronecker(LayerwiseKronecker):
     """K-FAC: per Linear/Conv2d layer the curvature block of vec_r([W | b]) is G ⊗ A.
 
     With Ḡ, Ā the running averages (``ema``) of the factors the estimator's ``kronecker``
@@ -102,48 +97,14 @@ class Kronecker(Preconditioner):
 
     def __init__(self, model: nn.Module, options: Options | None = None) -> None:
         super().__init__(model, options)
-        self._warned: set[str] = set()
         self._last: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ coverage
-    def _layers(self) -> dict[str, list[str]]:
-        return self.state.get("layers") or self._predicted_layers()
-
-    def structures(self) -> dict[str, str]:
-        covered = {p for names in self._layers().values() for p in names}
-        fallback = self.options.fallback
-        return {n: "kronecker" if n in covered else fallback for n, _ in self.named_params}
-
     # ------------------------------------------------------------------ update
-    def _check_factors(self, kf: KroneckerFactors, shapes: dict[str, torch.Size]) -> None:
-        where = f"preconditioner 'kronecker': factors of module {kf.module!r}"
-        unknown = [p for p in kf.params if p not in shapes]
-        if unknown or not kf.params:
-            raise ValueError(f"{where} cover {list(kf.params)}, which are not all trainable "
-                             f"parameters of the model")
-        d_out = shapes[kf.params[0]][0]
-        cols = sum(math.prod(shapes[p]) // d_out for p in kf.params)
-        if kf.G.shape != (d_out, d_out) or kf.A.shape != (cols, cols):
-            raise ValueError(f"{where}: G has shape {tuple(kf.G.shape)} and A "
-                             f"{tuple(kf.A.shape)}; parameters {list(kf.params)} need "
-                             f"G ({d_out}, {d_out}) and A ({cols}, {cols})")
-
     def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
         o = self.options
-        shapes = {n: p.shape for n, p in self.named_params}
         dtypes = {n: p.dtype for n, p in self.named_params}
         found = estimator.kronecker(batch)
-        layers: dict[str, list[str]] = {}
-        seen: dict[str, str] = {}
-        for kf in found.values():
-            self._check_factors(kf, shapes)
-            for p in kf.params:
-                if p in seen:
-                    raise ValueError(f"preconditioner 'kronecker': parameter {p!r} is covered "
-                                     f"by the factors of both {seen[p]!r} and {kf.module!r}")
-                seen[p] = kf.module
-            layers[kf.module] = list(kf.params)
-        self._warn_uncovered(layers)
+        layers = self._coverage(found.values())
 
         count = int(self.state.get("updates", 0)) + 1
         w = ema_weight(count, o.ema, o.bias_correction)
@@ -183,15 +144,6 @@ class Kronecker(Preconditioner):
                       "kfac_fallback_params": len(fallback_names)}
         if pis and o.pi_correction:
             self._last["kfac_pi_mean"] = sum(pis.values()) / len(pis)
-
-    def _warn_uncovered(self, layers: dict[str, list[str]]) -> None:
-        for mod, names in self._predicted_layers().items():
-            if mod not in layers and mod not in self._warned:
-                self._warned.add(mod)
-                warnings.warn(f"preconditioner 'kronecker': the estimator returned no Kronecker "
-                              f"factors for {type(self.model.get_submodule(mod)).__name__} "
-                              f"module {mod!r}; its parameters {names} use the "
-                              f"{self.options.fallback!r} fallback", stacklevel=3)
 
     def _invert_layers(self, todo: list[str], factors: dict[str, dict[str, Tensor]],
                        inverses: dict[str, Any]) -> dict[str, float]:

@@ -30,14 +30,14 @@ from curvkit.estimators.base import (
 from curvkit.options import option
 from curvkit.params import check_like
 from curvkit.parts import KRONECKER
-from curvkit.preconditioners.base import Preconditioner
+from curvkit.preconditioners._layerwise import LayerwiseKronecker
 from curvkit.structures.base import Structure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
 
-class LieGroup(Preconditioner):
+class LieGroup(LayerwiseKronecker):
     """SINGD: inverse-free structured Kronecker factors updated on a matrix Lie group.
 
     Every ``update_every`` steps, with A, G the layer's Kronecker factors from the estimator,
@@ -159,12 +159,9 @@ class LieGroup(Preconditioner):
         return entry
 
     # ------------------------------------------------------------------ coverage
-    def structures(self) -> dict[str, str]:
+    def _label(self) -> str:
         k, c = self.options.structures
-        label = f"lie_group[{k}, {c}]"
-        covered = {p for names in self.state["layers"].values() for p in names}
-        fallback = self.options.fallback
-        return {n: label if n in covered else fallback for n, _ in self.named_params}
+        return f"lie_group[{k}, {c}]"
 
     # ------------------------------------------------------------------ update
     def _statistics(self, estimator: Any, batch: Any
@@ -176,45 +173,23 @@ class LieGroup(Preconditioner):
         found = roots(batch, **extra) if callable(roots) else None
         return estimator.kronecker(batch, **extra) if found is None else found
 
-    def _check_factors(self, kf: KroneckerFactors | KroneckerRoots,
-                       shapes: dict[str, torch.Size]) -> tuple[int, int]:
-        where = f"preconditioner 'lie_group': factors of module {kf.module!r}"
-        if not kf.params or any(p not in shapes for p in kf.params):
-            raise ValueError(f"{where} cover {list(kf.params)}, which are not all trainable "
-                             f"parameters of the model")
-        d_out = shapes[kf.params[0]][0]
-        cols = sum(shapes[p].numel() // d_out for p in kf.params)
-        if isinstance(kf, KroneckerRoots):
-            A, G, what = kf.A_root, kf.G_root, "A_root and G_root need {} and {} columns"
-            ok = A.ndim == 2 and G.ndim == 2 and A.shape[1] == cols and G.shape[1] == d_out
-        else:
-            A, G, what = kf.A, kf.G, "A and G need shapes ({0}, {0}) and ({1}, {1})"
-            ok = A.shape == (cols, cols) and G.shape == (d_out, d_out)
-        if not ok:
-            raise ValueError(f"{where}: got shapes {tuple(A.shape)} and {tuple(G.shape)}; for "
-                             f"parameters {list(kf.params)} " + what.format(cols, d_out))
-        return cols, d_out
-
     def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
         o = self.options
         named = dict(self.named_params)
         shapes = {n: p.shape for n, p in named.items()}
         found = self._statistics(estimator, batch)
-        layers = dict(self.state["layers"])
-        factors = dict(self.state["factors"])
-        seen: dict[str, str] = {}
-        dims = {}
+        # the layers of this update are exactly those with statistics: a predicted layer
+        # whose factors never arrive is not reported, or applied, as lie_group
+        layers = self._coverage(found.values())
+        old_layers, old = self.state["layers"], self.state["factors"]
+        factors: dict[str, Any] = {}
         for kf in found.values():
-            dims[kf.module] = self._check_factors(kf, shapes)
-            for p in kf.params:
-                if p in seen:
-                    raise ValueError(f"preconditioner 'lie_group': parameter {p!r} is covered "
-                                     f"by the factors of both {seen[p]!r} and {kf.module!r}")
-                seen[p] = kf.module
-            if layers.get(kf.module) != list(kf.params) or kf.module not in factors:
+            if old_layers.get(kf.module) == list(kf.params) and kf.module in old:
+                factors[kf.module] = old[kf.module]
+            else:
                 W = named[kf.params[0]]
-                layers[kf.module] = list(kf.params)
-                factors[kf.module] = self._initial(*dims[kf.module], W.dtype, W.device)
+                factors[kf.module] = self._initial(*self._check_factors(kf, shapes),
+                                                   W.dtype, W.device)
         # all layers' curvature terms first, so that their traces reach the host at once
         terms = [self._curvature_terms(factors[kf.module], kf) for kf in found.values()]
         traces = self._traces(terms)
