@@ -119,6 +119,9 @@ class KFACLayer:
     # False for a frozen weight with a trainable bias: the layer is the bias alone, with
     # the constant input 1 (A = [1]) and the usual G
     weight: bool = True
+    # True for an Embedding: its weight (V, d) is the transpose of the Linear it equals on
+    # one-hot inputs, W_lin = Wᵀ (d, V); its factors are returned with the slots swapped
+    transposed: bool = False
 
 
 _LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer]]]] = \
@@ -154,13 +157,13 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
     layers: list[KFACLayer] = []
     seen: set[int] = set()
     for mod_name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, *CONV)) or id(mod) in seen:
+        if not isinstance(mod, (nn.Linear, nn.Embedding, *CONV)) or id(mod) in seen:
             continue
         seen.add(id(mod))
         weight = mod.weight
         use_weight = isinstance(weight, nn.Parameter) and weight.requires_grad
         label = f"{mod_name or '<model>'} ({type(mod).__name__})"
-        bias = mod.bias
+        bias = getattr(mod, "bias", None)
         use_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
         if not use_weight and not use_bias:
             continue
@@ -168,6 +171,10 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
         if isinstance(mod, CONV) and mod.groups != 1:
             problem = (f"has groups={mod.groups}; K-FAC factors are implemented for groups=1 "
                        f"only")
+        if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse
+                                              or mod.scale_grad_by_freq):
+            problem = ("has max_norm, sparse or scale_grad_by_freq set; K-FAC factors are "
+                       "implemented for a plain lookup")
         for p in ((weight,) if use_weight else ()) + ((bias,) if use_bias else ()):
             where = holders.get(id(p), set())
             if len(where) > 1:
@@ -179,7 +186,8 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
             continue
         params = ((full_name[id(weight)],) if use_weight else ()) + \
             ((full_name[id(bias)],) if use_bias else ())
-        layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight))
+        layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight,
+                                transposed=isinstance(mod, nn.Embedding)))
     return layers
 
 
@@ -206,6 +214,11 @@ def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
     mod = layer.module
     if isinstance(mod, CONV):
         a = _conv_patches(layer, x)
+    elif isinstance(mod, nn.Embedding):
+        # the lookup is a Linear on one-hot inputs; the padding row gets no gradient
+        a = F.one_hot(x.reshape(x.shape[0], -1), mod.num_embeddings).to(mod.weight.dtype)
+        if mod.padding_idx is not None:
+            a[..., mod.padding_idx] = 0.0
     else:
         if x.ndim < 2:
             raise ValueError(f"kronecker: module {_label(layer)} got unbatched input of shape "
@@ -273,7 +286,8 @@ def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: li
                           ) -> str:
     """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message."""
     W = layer.module.weight
-    parts = [torch.einsum("ntd,nte->de", g, a).reshape(W.shape)] if layer.weight else []
+    wg = torch.einsum("ntd,nte->de", g, a)
+    parts = [(wg.T if layer.transposed else wg.reshape(W.shape))] if layer.weight else []
     if layer.bias:
         parts.append(g.sum((0, 1)))
     tol = min(0.05, 1e4 * torch.finfo(a.dtype).eps)
@@ -544,7 +558,8 @@ def _sketched_grad_pairs(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: lis
     if not layer.weight:  # the bias alone: its gradient is Σ g, compared directly
         return [(gf.sum(0), true_grads[0])]
     P, p_b = _sketch(D, d_out, a.dtype, a.device)
-    aT, WT = a.reshape(-1, D).T, true_grads[0].reshape(d_out, D).T
+    aT = a.reshape(-1, D).T
+    WT = true_grads[0] if layer.transposed else true_grads[0].reshape(d_out, D).T
     # (2, D) times the (D, ·) transposes: the fast layout for a thin product on CPU
     if not layer.bias:
         return [((P @ aT) @ gf, P @ WT)]
@@ -704,7 +719,8 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
     for layer in kept:
         d = D[layer.name]
         if layer.weight:
-            res[layer.params[0]] = d[0].reshape(layer.module.weight.shape)
+            w = d[0].T if layer.transposed else d[0]
+            res[layer.params[0]] = w.reshape(layer.module.weight.shape)
         if layer.bias:
             res[layer.params[-1]] = d[-1]
     return res, out.detach(), cols
@@ -787,8 +803,13 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
     if sum_red:
         acc["A"] = {n: a / acc["count"][n] for n, a in acc["A"].items()}
     by_name = {layer.name: layer for layer in layers}
-    return {n: KroneckerFactors(module=n, params=by_name[n].params, A=acc["A"][n],
-                                G=acc["G"][n]) for n in acc["A"]}
+    res = {}
+    for n in acc["A"]:
+        A, G = acc["A"][n], acc["G"][n]
+        if by_name[n].transposed:  # rows of the stored weight are the inputs (Embedding)
+            A, G = G, A
+        res[n] = KroneckerFactors(module=n, params=by_name[n].params, A=A, G=G)
+    return res
 
 
 def factors_to_dense(factors: KroneckerFactors, shapes: dict[str, torch.Size]) -> Tensor:

@@ -103,7 +103,12 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
     for n, (A, _) in rows.items():
         s = 1.0 / math.sqrt(seen[n])
         A[:] = [r.mul_(s) for r in A]
-    return {n: KroneckerRoots(module=n, params=by_name[n].params,
-                              A_root=A[0] if len(A) == 1 else torch.cat(A),
-                              G_root=G[0] if len(G) == 1 else torch.cat(G))
-            for n, (A, G) in rows.items()}
+    res = {}
+    for n, (A, G) in rows.items():
+        a_root = A[0] if len(A) == 1 else torch.cat(A)
+        g_root = G[0] if len(G) == 1 else torch.cat(G)
+        if by_name[n].transposed:  # Embedding: the stored weight is W_linᵀ
+            a_root, g_root = g_root, a_root
+        res[n] = KroneckerRoots(module=n, params=by_name[n].params, A_root=a_root,
+                                G_root=g_root)
+    return res

@@ -37,7 +37,8 @@ from curvkit.preconditioners.base import Preconditioner
 
 #: module types whose parameters a Kronecker handler may cover (used for the prediction
 #: before the first update and for the warning about uncovered modules)
-KRONECKER_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+KRONECKER_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                        nn.Embedding)
 
 
 class LayerwiseKronecker(Preconditioner):
