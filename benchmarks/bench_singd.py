@@ -123,6 +123,8 @@ def breakdown(structure: str, repeats: int) -> dict[str, float]:
     stats = est.kronecker_roots(batch)
 
     class Recorded:
+        provides = frozenset({"kronecker_roots"})
+
         def kronecker_roots(self, b):
             return stats
 

@@ -21,6 +21,9 @@ DENSE = "dense"
 DIAGONAL = "diagonal"
 KRONECKER = "kronecker"
 SUMMARY = "summary"
+# Square roots of the Kronecker factors (``kronecker_roots(batch)``, KroneckerRoots): provided
+# by estimators whose statistics are low-rank (ef, fisher); lie_group prefers them.
+KRONECKER_ROOTS = "kronecker_roots"
 # Provided by preconditioners that turn a summary into per-group rates (``partition``);
 # needed by the ``cubic`` solver.
 GROUP_SUMMARY = "group_summary"

@@ -77,7 +77,7 @@ def _check_part(cls: Any, plugin: str) -> None:
     if not cls.name or not isinstance(cls.name, str):
         raise RegistryError(f"{where}: part {cls.__qualname__} has no `name`")
     for cap in cls.provides:
-        if cap in ("matvec", "dense", "diagonal", "kronecker", "summary") and \
+        if cap in ("matvec", "dense", "diagonal", "kronecker", "kronecker_roots", "summary") and \
                 not callable(getattr(cls, cap, None)):
             raise RegistryError(f"{where}: {cls.kind} {cls.name!r} declares capability {cap!r} "
                                 f"but has no method `{cap}`")

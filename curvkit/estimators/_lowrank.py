@@ -37,13 +37,13 @@ from curvkit.estimators._kfac import Observation, layer_diagonals
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
 from curvkit.losses import LOSS_GRADIENT, loss_part
 from curvkit.params import check_like
-from curvkit.parts import DENSE, DIAGONAL, KRONECKER, MATVEC
+from curvkit.parts import DENSE, DIAGONAL, KRONECKER, KRONECKER_ROOTS, MATVEC
 
 
 class LowRankOutputEstimator(CurvatureEstimator):
     """C = Σ_n J_nᵀ (Σ_k s_{n,k} s_{n,k}ᵀ) J_n; subclasses define the columns s."""
 
-    provides = frozenset({MATVEC, DENSE, DIAGONAL, KRONECKER})
+    provides = frozenset({MATVEC, DENSE, DIAGONAL, KRONECKER, KRONECKER_ROOTS})
 
     #: what the columns need from the loss part (curvkit.losses)
     loss_needs: ClassVar[str] = LOSS_GRADIENT

@@ -62,7 +62,8 @@ class KroneckerRoots:
     sample and, for "expand", position) and G_root (m_G, d_out) the scaled output gradients.
     A consumer that only needs a structured part of Kᵀ A K (``lie_group``) forms it from
     S = A_root K at the cost of products with A_root, without the d_in² · m_A of A itself.
-    Estimators may offer ``kronecker_roots(batch)`` returning ``{module: KroneckerRoots}``,
+    Estimators that declare the capability ``kronecker_roots`` (``parts.KRONECKER_ROOTS``)
+    offer ``kronecker_roots(batch)`` returning ``{module: KroneckerRoots}``,
     or ``None`` where roots cannot be combined (several ranks): callers then use
     ``kronecker``.
     """

@@ -29,7 +29,7 @@ from curvkit.estimators.base import (
 )
 from curvkit.options import option
 from curvkit.params import check_like
-from curvkit.parts import KRONECKER
+from curvkit.parts import KRONECKER, KRONECKER_ROOTS
 from curvkit.preconditioners._layerwise import LayerwiseKronecker
 from curvkit.structures.base import Structure
 
@@ -169,8 +169,9 @@ class LieGroup(LayerwiseKronecker):
         """The factors' square roots if the estimator offers them, else the factors."""
         # passed only when set, so estimators whose kronecker takes just the batch still work
         extra = {"approx": self.options.kfac_approx} if self.options.kfac_approx else {}
-        roots = getattr(estimator, "kronecker_roots", None)
-        found = roots(batch, **extra) if callable(roots) else None
+        # a declared capability (parts.KRONECKER_ROOTS), not a guess from an attribute
+        has_roots = KRONECKER_ROOTS in getattr(estimator, "provides", frozenset())
+        found = estimator.kronecker_roots(batch, **extra) if has_roots else None
         return estimator.kronecker(batch, **extra) if found is None else found
 
     def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
