@@ -99,7 +99,7 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
     ef = curvkit.create("estimator", "ef", model=model, loss_fn=loss_fn)
 
     def capture_exact() -> object:
-        return layer_diagonals(ggn, X, lambda out: output_columns(loss_fn, out, y, "exact"))
+        return layer_diagonals(ggn, X, lambda out: output_columns(ggn.loss, out, y, "exact"))
 
     def bp(extension: object) -> Callable[[], object]:
         return backpack_runner(model, loss_fn, X, y, extension)
