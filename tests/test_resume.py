@@ -90,8 +90,11 @@ def _kill_at_random_moments(argv: list[str], out: Path, seed: int, kills: int,
     hits = 0
     for k in range(kills):
         cmd = argv + (resume if k else [])
-        proc = subprocess.Popen([sys.executable, "-m", "curvkit", *cmd], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr to a file, not a pipe: jobs the command started (submitit) inherit it
+        log = out.parent / f"kill{k}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "curvkit", *cmd], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=fh)
         deadline = time.monotonic() + 180
         try:
             before = (out / RESULTS).stat().st_size if (out / RESULTS).exists() else 0
@@ -106,10 +109,10 @@ def _kill_at_random_moments(argv: list[str], out: Path, seed: int, kills: int,
         finally:
             if proc.poll() is None and time.monotonic() >= deadline:
                 proc.kill()
-            _, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         if proc.returncode == 0:
             break
-        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     return hits
 
 
