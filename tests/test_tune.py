@@ -82,6 +82,20 @@ def test_tuned_grid_runs_the_seeds_with_the_best_values(tmp_path, capsys):
     assert "## Tuning" in report and "| kfac | 3 |" in report
 
 
+def test_tune_only_the_listed_points(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.replace("trials = 3", 'trials = 2\npoints = ["Adam"]'))
+    out = tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert [s["label"] for s in load_searches(out).values()] == ["Adam"]
+    kfac = [r for r in load_runs(out).values() if r.label == "kfac"]
+    assert all(r.start["config"]["optimizer"]["lr"] == 0.1 for r in kfac)  # as written
+    cfg.write_text(CONFIG.replace("trials = 3", 'points = ["adam"]'))
+    assert main(["ablate", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "tune.points: no grid point is labelled 'adam' (labels: 'kfac', 'Adam')" in \
+        capsys.readouterr().err
+
+
 def test_interrupted_search_continues_from_its_trials(tmp_path):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG.replace("trials = 3", "trials = 2"))

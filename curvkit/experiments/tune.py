@@ -10,6 +10,7 @@ same budget. ``[tune]`` lists the options to search and the budget::
     seed = 0                    # seed of the trials' runs and of the sampler
     metric = "val_loss"         # minimised: the validation split at the trial's last step
     timeout_s = 0               # optional wall-clock limit of a point's search (0: none)
+    points = ["Adam"]           # optional: tune only the grid points with these labels
     [tune.space]
     "optimizer.lr" = { low = 1e-3, high = 1.0, log = true }
     "optimizer.preconditioner.damping" = { low = 1e-4, high = 0.1, log = true }
@@ -46,7 +47,7 @@ from curvkit.errors import ConfigError, CurvkitError
 from curvkit.experiments.store import ResultsWriter
 
 TUNE_FILE = "tune.jsonl"
-OPTIONS = ("trials", "steps", "seed", "metric", "timeout_s", "space")
+OPTIONS = ("trials", "steps", "seed", "metric", "timeout_s", "points", "space")
 METRICS = ("val_loss", "val_accuracy", "train_loss")
 
 
@@ -88,6 +89,7 @@ class TuneOptions:
     metric: str
     timeout_s: float
     space: list[Dimension]
+    points: list[str] | None = None
 
 
 def _number(value: Any) -> bool:
@@ -121,6 +123,11 @@ def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
     timeout = table.get("timeout_s", 0)
     if not _number(timeout) or timeout < 0:
         raise ConfigError(f"tune.timeout_s: expected a number >= 0, got {timeout!r}")
+    points = table.get("points")
+    if points is not None and (not isinstance(points, list) or not points or
+                               not all(isinstance(x, str) for x in points)):
+        raise ConfigError(f"tune.points: expected a non-empty list of grid point labels, got "
+                          f"{points!r}")
     space_table = table.get("space")
     if not isinstance(space_table, Mapping) or not space_table:
         raise ConfigError("tune.space: expected a table of dotted keys → {low, high, log} or "
@@ -164,7 +171,7 @@ def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
         if dim.key in ("train.seeds", "train.steps"):
             raise ConfigError(f"tune.space.{dim.key}: not searchable (the budget is "
                               f"tune.steps)")
-    return TuneOptions(trials, steps, seed, metric, float(timeout), space)
+    return TuneOptions(trials, steps, seed, metric, float(timeout), space, points)
 
 
 # --------------------------------------------------------------------------- the search
@@ -328,9 +335,17 @@ def tune_grid(grid: Any, doc: Mapping[str, Any], out: Path, *, cache_dir: Any = 
     if distributed.active():
         raise ConfigError("tune: tune without torchrun first (the search runs in one "
                           "process); the tuned runs can then resume under torchrun")
+    chosen = grid.active
+    if opts.points is not None:
+        labels = [p.label for p in grid.active]
+        unknown = [x for x in opts.points if x not in labels]
+        if unknown:
+            raise ConfigError(f"tune.points: no grid point is labelled {unknown[0]!r} "
+                              f"(labels: {', '.join(repr(x) for x in labels)})")
+        chosen = [p for p in grid.active if p.label in opts.points]
     searches = load_searches(out)
     with ResultsWriter(out / TUNE_FILE) as writer:
-        for point in grid.active:
+        for point in chosen:
             point_id = point.config.config_id()
             best = tune_point(point, opts, out, writer, searches.get(point_id), cache_dir, log)
             if best:
