@@ -8,7 +8,7 @@ Compared, in one process, on the same model and batch (float32, CPU, 1 thread):
   (1 MC sample) vs ``DiagGGNMC(mc_samples=1)``; ``ef.diagonal`` vs ``SumGradSquared``
   (the same work; BackPACK's is scaled by c² instead of c). For information, the exact GGN
   diagonal through the layer-capture path that ``ef``/``fisher`` use
-  (``_kfac.layer_diagonals`` with exact loss-Hessian columns).
+  (``kfac.layer_diagonals`` with exact loss-Hessian columns).
 - Kronecker factors: ``ggn.kronecker`` (KFLR) vs BackPACK ``KFLR``; ``fisher.kronecker``
   (KFAC, 1 sample) vs BackPACK ``KFAC(mc_samples=1)``; ``ef.kronecker`` (empirical K-FAC);
   each also vs curvlinops' ``KFACLinearOperator.compute_kronecker_factors`` (type-2 / mc /
@@ -38,7 +38,7 @@ from _common import machine, models  # noqa: E402
 from torch import Tensor, nn
 
 import curvkit
-from curvkit.estimators._kfac import layer_diagonals, output_columns
+from curvkit.estimators.kfac import layer_diagonals, output_columns
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "extraction.md"
 

@@ -10,7 +10,7 @@ from models import mlp, problem
 from torch import nn
 
 import curvkit
-from curvkit.estimators._kfac import factors_to_dense
+from curvkit.estimators.kfac import factors_to_dense
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

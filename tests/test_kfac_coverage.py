@@ -21,7 +21,7 @@ from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError
-from curvkit.estimators._kfac import factors_to_dense
+from curvkit.estimators.kfac import factors_to_dense
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""K-FAC factors (curvkit.estimators._kfac) against BackPACK, curvlinops and exact blocks.
+"""K-FAC factors (curvkit.estimators.kfac) against BackPACK, curvlinops and exact blocks.
 
 Scaling conventions compared explicitly:
 
@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import curvkit
-from curvkit.estimators._kfac import factors_to_dense, kronecker_factors
+from curvkit.estimators.kfac import factors_to_dense, kronecker_factors
 
 DT = torch.float64
 

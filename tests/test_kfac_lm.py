@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.estimators._kfac import factors_to_dense
+from curvkit.estimators.kfac import factors_to_dense
 
 DT = torch.float64
 

@@ -10,9 +10,9 @@ sample n's output, c the loss' reduction factor (:func:`curvkit.losses.reduction
 * ``dense``: the Jacobian J (forward or reverse mode, whichever needs fewer passes), then
   C = Σ_{n,k} (J_nᵀ s_{n,k})(J_nᵀ s_{n,k})ᵀ.
 * ``diagonal``: Linear/Conv2d parameters from the layers' inputs and output gradients
-  (:func:`curvkit.estimators._kfac.layer_diagonals`); all other parameters from per-sample
+  (:func:`curvkit.estimators.kfac.layer_diagonals`); all other parameters from per-sample
   vector-Jacobian products (``torch.func.vmap`` over samples).
-* ``kronecker``: :func:`curvkit.estimators._kfac.kronecker_factors`.
+* ``kronecker``: :func:`curvkit.estimators.kfac.kronecker_factors`.
 
 Several batches are combined by :meth:`CurvatureEstimator.accumulate`; each batch gets its
 index, so that Monte Carlo columns are drawn per batch from a generator seeded by that index
@@ -33,8 +33,8 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
-from curvkit.estimators._kfac import Observation, layer_diagonals
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
+from curvkit.estimators.kfac import Observation, layer_diagonals
 from curvkit.losses import LOSS_GRADIENT, loss_part
 from curvkit.params import check_like
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, KRONECKER_ROOTS, MATVEC
@@ -84,8 +84,8 @@ class LowRankOutputEstimator(CurvatureEstimator):
                         ) -> dict[str, Any] | None:
         """Square roots of ``kronecker``'s factors, A = A_rootᵀA_root, G = G_rootᵀG_root
         (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
-        columns as ``kronecker``; see :mod:`curvkit.estimators._kfac_roots`."""
-        from curvkit.estimators._kfac_roots import kronecker_roots
+        columns as ``kronecker``; see :mod:`curvkit.estimators.kfac`."""
+        from curvkit.estimators.kfac import kronecker_roots
         return kronecker_roots(self, batch, approx or self.options.kfac_approx, self._columns,
                                observed=self._observation)
 

@@ -9,15 +9,15 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from curvkit.estimators._kfac import (
+from curvkit.estimators._lowrank import LowRankOutputEstimator
+from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
+from curvkit.estimators.kfac import (
     Observation,
     kfac_layers,
     kronecker_factors,
     observe_pass,
     output_columns,
 )
-from curvkit.estimators._lowrank import LowRankOutputEstimator
-from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
 from curvkit.options import option
 from curvkit.parts import KRONECKER
 
@@ -71,7 +71,7 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
 
     def kronecker(self, batch: Batch | Iterable[Batch], approx: str | None = None
                   ) -> dict[str, KroneckerFactors]:
-        """Empirical K-FAC factors (see ``curvkit.estimators._kfac``); ``approx`` overrides
+        """Empirical K-FAC factors (see ``curvkit.estimators.kfac``); ``approx`` overrides
         the ``kfac_approx`` option for this call."""
         return kronecker_factors(self, batch, statistic="empirical",
                                  approx=approx or self.options.kfac_approx,

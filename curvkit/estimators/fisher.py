@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from curvkit import distributed
-from curvkit.estimators._kfac import kronecker_factors, output_columns
 from curvkit.estimators._lowrank import LowRankOutputEstimator
 from curvkit.estimators.base import Batch, KroneckerFactors
+from curvkit.estimators.kfac import kronecker_factors, output_columns
 from curvkit.losses import LOSS_SAMPLING
 from curvkit.options import option
 

@@ -46,7 +46,7 @@ class GGNEstimator(CurvatureEstimator):
 
     Capabilities: matvec, dense, diagonal (exact: Σ_n Σ_k (J_nᵀ s_{n,k})² with
     Σ_k s_{n,k}s_{n,k}ᵀ the scaled per-sample loss Hessian; see ``diagonal``), kronecker
-    (K-FAC/KFLR factors, see ``curvkit.estimators._kfac``), summary (ḡ and H̄ = ŪᵀGŪ; D3 is
+    (K-FAC/KFLR factors, see ``curvkit.estimators.kfac``), summary (ḡ and H̄ = ŪᵀGŪ; D3 is
     None: the GGN is not the Hessian of φ(η), so it has no third derivative to go with it).
     """
 
@@ -161,7 +161,7 @@ class GGNEstimator(CurvatureEstimator):
         MSE √2 e_k), so the diagonal is exact also for models that mix positions.
         J_nᵀ s_{n,k} is never formed for Linear/Conv2d parameters: their diagonal comes from
         the layer inputs a and the backpropagated columns g, Σ_{n,k} (g_{n,k}²)ᵀ(a_n²)
-        (:func:`curvkit.estimators._kfac.layer_diagonals`, one forward and one batched
+        (:func:`curvkit.estimators.kfac.layer_diagonals`, one forward and one batched
         backward). Every other parameter (a module called twice, bare parameters, …) uses
         per-sample vector-Jacobian products (``torch.func.vmap`` over samples, each model
         call on one sample). A loss no part describes, non-tensor inputs, and models that
@@ -175,7 +175,7 @@ class GGNEstimator(CurvatureEstimator):
                    for m in self.model.modules())
 
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
-        from curvkit.estimators._kfac import layer_diagonals, output_columns
+        from curvkit.estimators.kfac import layer_diagonals, output_columns
 
         if not isinstance(X, Tensor) or self._couples_samples() or self.loss is None:
             return self._diagonal_from_jacobian(X, y)
@@ -228,9 +228,9 @@ class GGNEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------- kronecker
     def kronecker(self, batch, approx=None):
-        """K-FAC factors of the GGN (exact loss-Hessian factors, KFLR); see _kfac.
+        """K-FAC factors of the GGN (exact loss-Hessian factors, KFLR); see curvkit.estimators.kfac.
         ``approx`` overrides the ``kfac_approx`` option for this call."""
-        from curvkit.estimators._kfac import kronecker_factors
+        from curvkit.estimators.kfac import kronecker_factors
         return kronecker_factors(self, batch, statistic="exact",
                                  approx=approx or self.options.kfac_approx)
 

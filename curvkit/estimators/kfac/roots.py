@@ -1,6 +1,6 @@
 """Square roots of the K-FAC factors (``KroneckerRoots``), for structured consumers.
 
-Same capture and the same columns as :func:`curvkit.estimators._kfac.kronecker_factors`
+Same capture and the same columns as :func:`curvkit.estimators.kfac.factors.kronecker_factors`
 (module doc there), but instead of A = Σ ã ãᵀ/count and G = Σ g gᵀ it returns the rows,
 
     "expand":  A_root = [ã_{n,t} / √(N·T)]_{n,t},        G_root = [g_{n,t,k}]_{n,t,k}
@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from curvkit import distributed
-from curvkit.estimators._kfac import Observation, captured_columns, kfac_layers
 from curvkit.estimators.base import Batch, KroneckerRoots, as_batches
+from curvkit.estimators.kfac.layers import kfac_layers
+from curvkit.estimators.kfac.observe import Observation, captured_columns
 from curvkit.losses import batch_size
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def kronecker_roots(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch
     ``columns(out, y, i)`` gives the output columns s_k (K, *out.shape) of batch i, loss
     scaling included (the estimator's own, as for its ``kronecker``). ``observed(X, y)``, for
     empirical columns only, returns the observed pass of that batch or None (see
-    :func:`curvkit.estimators._kfac.kronecker_factors`).
+    :func:`curvkit.estimators.kfac.factors.kronecker_factors`).
     """
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")

@@ -1,0 +1,73 @@
+"""K-FAC (Kronecker factors) of Linear, Conv1d/2d/3d and Embedding layers, for ggn, fisher, ef.
+
+Convention (see :class:`curvkit.estimators.base.KroneckerFactors`): for a layer with weight
+W (d_out, d_in) — a Conv2d weight viewed as (C_out, C_in·kh·kw) — and a trainable bias b,
+W̃ = [W | b], and the curvature block over vec_r(W̃) is approximated by G ⊗ A.
+
+Per sample n the layer sees inputs ã_{n,t} (augmented by a trailing 1 when the bias is
+included) at T positions t (T = 1 for a Linear on (N, d_in) inputs; the leading extra dims
+of a Linear input, or the output pixels of a Conv2d, are weight-sharing positions). The
+curvature is C = Σ_n Σ_k (Σ_t g_{n,t,k} ⊗ ã_{n,t})(Σ_t g_{n,t,k} ⊗ ã_{n,t})ᵀ where
+g_{n,t,k} is the gradient w.r.t. the layer output at position t of the scalar ⟨f_n, s_{n,k}⟩,
+and the columns s_{n,k} of the output space satisfy Σ_k s_{n,k} s_{n,k}ᵀ = c·B_n with c the
+loss' reduction factor and B_n
+
+* ``"exact"`` (KFLR): the loss Hessian ∂²ℓ_n/∂f_n² (its symmetric square root's columns),
+* ``"mc"`` (KFAC): (1/M) Σ_m ∇ℓ(f_n, ŷ_m)∇ℓ(f_n, ŷ_m)ᵀ with ŷ_m ~ p(y | f_n),
+* ``"empirical"``: ∇ℓ(f_n, y_n)∇ℓ(f_n, y_n)ᵀ with the true labels.
+
+The two weight-sharing flavours of Eschenhagen et al. (2023):
+
+* ``"expand"``: positions are extra samples,
+  A = 1/(N·T) Σ_{n,t} ã_{n,t} ã_{n,t}ᵀ,   G = Σ_{n,t,k} g_{n,t,k} g_{n,t,k}ᵀ;
+* ``"reduce"``: positions are summed first,
+  A = 1/N Σ_n ā_n ā_nᵀ with ā_n = (1/T) Σ_t ã_{n,t},   G = Σ_{n,k} ĝ_{n,k} ĝ_{n,k}ᵀ with
+  ĝ_{n,k} = Σ_t g_{n,t,k}.
+
+Both coincide when T = 1. For a single sample and a single layer they are exact
+(``expand`` when the loss treats positions separately, ``reduce`` when the positions are
+summed before the loss).
+
+Module inputs and output gradients are captured with temporary forward hooks on the
+user's model, removed in ``finally``; each hook hands on a copy of the layer output, so a
+later in-place operation (``ReLU(inplace=True)``) cannot corrupt the captured tensor. A
+module called more than once, with several inputs, a grouped convolution or a tied
+parameter raises an error naming the module. As a guard against any other silently wrong
+factor, the weight gradient implied by the captured inputs and output gradients is compared
+with the true weight gradient (from the same backward pass); a mismatch (the weight also
+used outside the module's forward, a subclass with a different forward) raises too.
+
+Observed passes (the ``"empirical"`` statistic only): :func:`observe_pass` installs the same
+capture, plus tensor hooks for the gradients, around someone else's forward and backward pass
+of the loss (the optimizer's). With one column √c·∇_f ℓ_n per sample and the pass delivering
+c·∇ℓ_n at every layer output, the statistics follow by dividing those gradients by √c, with
+no pass of their own (:func:`_observed_columns`, which also checks that the pass was the
+loss' and otherwise leaves the batch to the ordinary path).
+
+The same capture gives exact diagonals (:func:`layer_diagonals`, BackPACK's algorithm for
+``DiagGGN*``/``SumGradSquared``), where such layers are left to the caller instead.
+
+Layout of this subpackage: ``layers`` (the handlers, one per module family: Linear,
+Conv1d/2d/3d, Embedding; what a layer sees as inputs and output gradients), ``capture``
+(the own pass: hooks, backpropagated columns, the gradient check), ``observe`` (an
+observed pass, and ``captured_columns``: observed, else own), ``factors`` (columns from the
+loss part, the factor accumulator, layer diagonals), ``roots`` (the same statistics as
+square roots, for ``kronecker_roots``).
+"""
+
+from curvkit.estimators.kfac.factors import (
+    STATISTIC_NEEDS,
+    Approx,
+    Statistic,
+    factors_to_dense,
+    kronecker_factors,
+    layer_diagonals,
+    output_columns,
+)
+from curvkit.estimators.kfac.layers import CONV, KFACLayer, kfac_layers
+from curvkit.estimators.kfac.observe import Observation, captured_columns, observe_pass
+from curvkit.estimators.kfac.roots import kronecker_roots
+
+__all__ = ["kronecker_factors", "kronecker_roots", "kfac_layers", "captured_columns",
+           "factors_to_dense", "output_columns", "layer_diagonals", "Observation",
+           "observe_pass", "STATISTIC_NEEDS", "KFACLayer", "CONV", "Statistic", "Approx"]

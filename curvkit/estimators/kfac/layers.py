@@ -1,0 +1,184 @@
+"""K-FAC layer handlers: which modules are covered and what each layer sees.
+
+One handler per module family — ``nn.Linear`` (extra input dims are weight-sharing
+positions), ``nn.Conv1d``/``Conv2d``/``Conv3d`` (input patches at the output positions),
+``nn.Embedding`` (a Linear on one-hot inputs, stored transposed) — gives the layer inputs
+(N, T, d_in) and output gradients (K, N, T, d_out) in one layout; a frozen weight with a
+trainable bias is the bias alone. See :mod:`curvkit.estimators.kfac` for the convention.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    pass
+
+_CHUNK_ELEMENTS = 1 << 22  # output-gradient entries held at once by a batched backward
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class KFACLayer:
+    """A Linear/Conv2d layer K-FAC covers: its name, the module, the parameters covered."""
+
+    name: str
+    module: nn.Module
+    params: tuple[str, ...]
+    bias: bool
+    # False for a frozen weight with a trainable bias: the layer is the bias alone, with
+    # the constant input 1 (A = [1]) and the usual G
+    weight: bool = True
+    # True for an Embedding: its weight (V, d) is the transpose of the Linear it equals on
+    # one-hot inputs, W_lin = Wᵀ (d, V); its factors are returned with the slots swapped
+    transposed: bool = False
+
+
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def kfac_layers(model: nn.Module, strict: bool = True) -> list[KFACLayer]:
+    """Every nn.Linear / nn.Conv2d whose weight is trainable, in module order.
+
+    A configuration whose factors would be wrong — a grouped convolution, or a weight/bias
+    that other modules also hold (tied) — raises a clear error naming the module, or, with
+    ``strict=False``, is left out.
+
+    The result is reused while the model's parameters (identity, trainability) are
+    unchanged: it is asked for on every preconditioner update, and finding it walks the
+    module tree three times. (A module swapped for another brings new parameters.)
+    """
+    key = tuple((id(p), p.requires_grad) for p in model.parameters())
+    cached = _LAYERS.setdefault(model, {}).get(strict)
+    if cached is not None and cached[0] == key:
+        return list(cached[1])
+    layers = _find_layers(model, strict)
+    _LAYERS[model][strict] = (key, layers)
+    return list(layers)
+
+
+def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
+    holders: dict[int, set[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), set()).add(f"{mod_name}.{attr}" if mod_name else attr)
+    full_name = {id(p): n for n, p in model.named_parameters()}
+    layers: list[KFACLayer] = []
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Embedding, *CONV)) or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        weight = mod.weight
+        use_weight = isinstance(weight, nn.Parameter) and weight.requires_grad
+        label = f"{mod_name or '<model>'} ({type(mod).__name__})"
+        bias = getattr(mod, "bias", None)
+        use_bias = isinstance(bias, nn.Parameter) and bias.requires_grad
+        if not use_weight and not use_bias:
+            continue
+        problem = ""
+        if isinstance(mod, CONV) and mod.groups != 1:
+            problem = (f"has groups={mod.groups}; K-FAC factors are implemented for groups=1 "
+                       f"only")
+        if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.sparse
+                                              or mod.scale_grad_by_freq):
+            problem = ("has max_norm, sparse or scale_grad_by_freq set; K-FAC factors are "
+                       "implemented for a plain lookup")
+        for p in ((weight,) if use_weight else ()) + ((bias,) if use_bias else ()):
+            where = holders.get(id(p), set())
+            if len(where) > 1:
+                problem = (f"holds a parameter shared by {', '.join(sorted(where))}; the "
+                           f"curvature of a tied parameter is not a per-layer Kronecker product")
+        if problem:
+            if strict:
+                raise ValueError(f"kronecker: module {label} {problem}")
+            continue
+        params = ((full_name[id(weight)],) if use_weight else ()) + \
+            ((full_name[id(bias)],) if use_bias else ())
+        layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight,
+                                transposed=isinstance(mod, nn.Embedding)))
+    return layers
+
+
+def _label(layer: KFACLayer) -> str:
+    return f"{layer.name or '<model>'} ({type(layer.module).__name__})"
+
+
+def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
+    """(N, T, d_in): the layer's inputs per sample and weight-sharing position (the bias'
+    constant 1 is not appended: it is accounted for in closed form, saving a copy)."""
+    mod = layer.module
+    if isinstance(mod, CONV):
+        a = _conv_patches(layer, x)
+    elif isinstance(mod, nn.Embedding):
+        # the lookup is a Linear on one-hot inputs; the padding row gets no gradient
+        a = F.one_hot(x.reshape(x.shape[0], -1), mod.num_embeddings).to(mod.weight.dtype)
+        if mod.padding_idx is not None:
+            a[..., mod.padding_idx] = 0.0
+    else:
+        if x.ndim < 2:
+            raise ValueError(f"kronecker: module {_label(layer)} got unbatched input of shape "
+                             f"{tuple(x.shape)}")
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    return a if layer.weight else a[..., :0]
+
+
+def _conv_patches(layer: KFACLayer, x: Tensor) -> Tensor:
+    """(N, T, C_in·∏k): the input patches of a Conv1d/2d/3d at its T output positions, in
+    the order of the weight's flattening (C_in, k₁, …)."""
+    mod = layer.module
+    nd = mod.weight.ndim - 2
+    if x.ndim != nd + 2:
+        raise ValueError(f"kronecker: module {_label(layer)} got input of shape "
+                         f"{tuple(x.shape)}; a batched (N, C, {nd} spatial) input is required")
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str) or nd == 3:
+        # the convolution pads explicitly in these cases (see nn.Conv2d._conv_forward)
+        mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+        padding: tuple[int, ...] = (0,) * nd
+    else:
+        padding = tuple(mod.padding)
+    k, d, st = tuple(mod.kernel_size), tuple(mod.dilation), tuple(mod.stride)
+    if nd == 1:  # a Conv1d is a Conv2d over a height-1 image
+        x, k, d, st, padding = x.unsqueeze(2), (1, *k), (1, *d), (1, *st), (0, *padding)
+    if nd <= 2:
+        cols = F.unfold(x, k, dilation=d, padding=padding, stride=st)  # (N, C_in·∏k, T)
+        return cols.transpose(1, 2)
+    p = x
+    for i in range(3):  # windows of the dilated kernel extent, then every d-th entry
+        p = p.unfold(2 + i, (k[i] - 1) * d[i] + 1, st[i])
+    p = p[..., ::d[0], ::d[1], ::d[2]]                      # (N, C, D', H', W', k₁, k₂, k₃)
+    N, C = p.shape[:2]
+    return p.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(N, -1, C * k[0] * k[1] * k[2])
+
+
+def _augmented_outer(a: Tensor, bias: bool, count: float) -> Tensor:
+    """Σ_r ã_r ã_rᵀ / count for the rows a (R, D), ã = [a, 1] if ``bias``."""
+    if not bias:
+        return (a.T @ a).div_(count)
+    D = a.shape[1]
+    A = a.new_empty(D + 1, D + 1)
+    A[:D, :D] = a.T @ a
+    s = a.sum(0)
+    A[:D, D] = s
+    A[D, :D] = s
+    A[D, D] = float(a.shape[0])
+    return A.div_(count)
+
+
+def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
+    """(K, N, T, d_out) from gradients (K, *output shape) w.r.t. the layer output."""
+    if isinstance(layer.module, CONV):
+        return g.flatten(3).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+def _layer_params(layer: KFACLayer) -> list[Tensor]:
+    mod = layer.module
+    return ([mod.weight] if layer.weight else []) + ([mod.bias] if layer.bias else [])
