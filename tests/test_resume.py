@@ -202,3 +202,17 @@ def test_ablate_with_submitit_killed_at_random_moments(tmp_path):
     assert main(argv) == 0
     _check_file(out)
     assert _signature(load_runs(out)) == _signature(load_runs(reference))
+
+
+@pytest.mark.slow
+def test_ablate_with_ray_killed_at_random_moments(tmp_path):
+    pytest.importorskip("ray")
+    cfg = _config(tmp_path, steps=300, ablate=GRID)
+    reference, out = tmp_path / "ref", tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(reference), "--no-progress"]) == 0
+    cfg.write_text(cfg.read_text() + '\n[executor]\nname = "ray"\nnum_cpus = 2\n')
+    argv = ["ablate", str(cfg), "--out", str(out), "--no-progress"]
+    assert _kill_at_random_moments(argv, out, seed=5, kills=2, resume=[]) >= 1
+    assert main(argv) == 0
+    _check_file(out)
+    assert _signature(load_runs(out)) == _signature(load_runs(reference))
