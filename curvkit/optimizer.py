@@ -16,7 +16,7 @@ from curvkit import distributed
 from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
 from curvkit.losses import batch_size
-from curvkit.params import all_finite, trainable
+from curvkit.params import FiniteLedger, all_finite, trainable
 from curvkit.solvers.base import StepContext
 
 
@@ -95,7 +95,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
               else contextlib.nullcontext()):
             loss, grads = self._loss_and_grads(batch)
         info["loss"] = float(loss)
-        if not (torch.isfinite(loss) and all_finite(grads)):
+        # one ledger per step: a tensor checked here and passed on unchanged (the gradient
+        # through identity + direct) is not scanned again by the solver or before the update
+        finite = FiniteLedger()
+        if not finite([loss, *grads]):
             return self._skip(loss, info, "loss or gradient")
 
         t_curv = time.perf_counter()
@@ -114,18 +117,19 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         ctx = StepContext(model=self.model, loss_fn=self.loss_fn, names=self.names,
                           params=group["params"], batch=batch, loss=loss, grads=grads,
                           estimator=self.estimator, preconditioner=self.preconditioner,
-                          lr=group["lr"], step=step, group=group)
+                          lr=group["lr"], step=step, group=group, finite=finite)
         result = self.solver.step(ctx)
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
-        if result.accepted and not all_finite(result.direction):
+        if result.accepted and not finite(result.direction):
             return self._skip(loss, info, "step")
         info["accepted"] = bool(result.accepted)
         if result.accepted:
             with torch.no_grad():
-                for p, d in zip(group["params"], result.direction):
-                    p.add_(d, alpha=result.alpha)
+                # one call for all parameters; per tensor the same add_ as torch.optim.SGD
+                torch._foreach_add_(group["params"], list(result.direction),
+                                    alpha=result.alpha)
         elif not info.get("nonfinite"):
             self.counters["rejected"] += 1
         else:

@@ -9,7 +9,7 @@ point is evaluated with :meth:`StepContext.loss_at`, which leaves them untouched
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from curvkit import distributed
 from curvkit.losses import batch_size
+from curvkit.params import all_finite
 from curvkit.parts import Part
 
 
@@ -50,6 +51,9 @@ class StepContext:
     step: int
     group: dict[str, Any]
     evaluations: int = 0
+    #: the step's non-finite check (:class:`curvkit.params.FiniteLedger`): a tensor already
+    #: found finite in this step and unchanged since is not scanned again
+    finite: Callable[[Sequence[Tensor]], bool] = all_finite
 
     def loss_at(self, update: Sequence[Tensor] | None = None,
                 params: Sequence[Tensor] | None = None) -> Tensor:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from curvkit.options import option
-from curvkit.params import all_finite
 from curvkit.solvers.base import Solver, StepContext, StepResult
 
 
@@ -44,7 +43,7 @@ class Direct(Solver):
     def step(self, ctx: StepContext) -> StepResult:
         o = self.options
         direction = ctx.preconditioner.apply(ctx.grads)
-        if not all_finite(direction):
+        if not ctx.finite(direction):
             # checked before the momentum buffers absorb it
             return StepResult(list(direction), -ctx.lr, accepted=False,
                               info={"nonfinite": 1})
