@@ -74,11 +74,7 @@ class TrustRegion(Solver):
             lam = st["damping"]
             radius = st["radius"]
 
-            def matvec(v: list, lam: float = lam) -> list:
-                Cv = curvature(v)
-                return K.axpy(lam, v, Cv) if lam else list(Cv)
-
-            cg = K.steihaug_cg(grads, matvec, precond, radius, o.max_iters, tol)
+            cg = K.steihaug_cg(grads, curvature, precond, radius, o.max_iters, tol, shift=lam)
             info["cg_iters"] += cg.iters
             info["matvecs"] += cg.matvecs
             info["attempts"] = attempt + 1

@@ -630,11 +630,8 @@ class VarPro(Solver):
         for attempt in range(o.retries + 1):
             lam, radius = st["damping"], st["radius"]
 
-            def matvec(v: list, lam: float = lam) -> list:
-                Gv = self._gn_matvec(pt, v)
-                return K.axpy(lam, v, Gv) if lam else Gv
-
-            cg = K.steihaug_cg(g_theta, matvec, precond, radius, o.max_iters, tol)
+            cg = K.steihaug_cg(g_theta, lambda v: self._gn_matvec(pt, v), precond, radius,
+                               o.max_iters, tol, shift=lam)
             info["cg_iters"] += cg.iters
             info["matvecs"] += cg.matvecs
             st["matvecs"] += cg.matvecs
