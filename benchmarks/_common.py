@@ -144,11 +144,20 @@ def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
 
 
 def publish(text: str, out: str) -> None:
-    """Print a benchmark's markdown table and write it to ``out`` ('' to skip writing)."""
+    """Print a benchmark's markdown and write it to ``out`` ('' to skip writing). A page that
+    has a results block (``<!-- results:start -->`` … ``<!-- results:end -->``) keeps its
+    hand-written text around it and gets ``text`` inside the block; any other file is
+    replaced by ``text``."""
     print()
     print(text)
-    if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"written to {path}")
+    if not out:
+        return
+    path = Path(out)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        text = f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"written to {path}")

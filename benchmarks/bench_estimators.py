@@ -1,6 +1,7 @@
 """Side-by-side timings of curvkit's ``hessian``/``ggn`` estimators against their peers.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimators.py [--repeats 31] [--threads 1]
+          [--out FILE]
 
 Compared, in one process, on the same model object and the same batch (float32, CPU):
 
@@ -24,20 +25,19 @@ gradient evaluation (forward + backward of the loss). Not a test.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from _common import models  # noqa: E402
+from _common import fmt, header, models, ms, out_arg, publish
 from torch import Tensor, nn
 
 import curvkit
 
 
-def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median CPU time of each function, the functions interleaved in every repeat.
+def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """CPU time of each function in every round, the functions interleaved in every round.
 
     CPU time of this process (``time.process_time``) rather than wall-clock time, and
     interleaving, because the benchmark machine is shared: both keep other processes'
@@ -52,7 +52,7 @@ def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             t = time.process_time()
             fn()
             times[k].append(time.process_time() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -82,7 +82,7 @@ def summary_loop(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,
     return torch.stack(gbar).detach(), H, D3
 
 
-Row = tuple[str, str, float, "float | None", str, float]
+Row = tuple[str, str, list, "list | None", str, list]
 
 
 def run(repeats: int) -> list[Row]:
@@ -162,29 +162,41 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
     ]
 
 
+def per_round(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    r = [x / y for x, y in zip(a, b)]
+    return statistics.median(r), min(r), max(r)
+
+
+def markdown(rows: list[Row], repeats: int) -> str:
+    lines = header("Benchmark: curvkit estimators vs peers", "bench_estimators.py",
+                   f"{repeats} interleaved rounds (every contender once per round, after "
+                   "warm-up), CPU time of this process; ratios taken within a round: median "
+                   "(min–max over the rounds). Times in ms, median (min–max).")
+    lines += ["| model | quantity | curvkit (ms) | peer (ms) | curvkit / peer | "
+              "curvkit / gradient | peer |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for label, what, t, t_peer, peer, t_grad in rows:
+        peer_ms = ms(t_peer) if t_peer else "—"
+        r = fmt(per_round(t, t_peer)) if t_peer else "—"
+        lines.append(f"| {label} | {what} | {ms(t)} | {peer_ms} | {r} | "
+                     f"{fmt(per_round(t, t_grad))} | {peer} |")
+    lines.append("")
+    for label in dict.fromkeys(r[0] for r in rows):
+        t_grad = next(r[5] for r in rows if r[0] == label)
+        lines.append(f"- gradient ({label}): {ms(t_grad)} ms")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", **out_arg("estimators.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.repeats)
-    print(f"# curvkit estimators vs peers — {time.strftime('%Y-%m-%d')}, "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), median of {args.repeats}")
-    print()
-    print("| model | quantity | curvkit (ms) | peer (ms) | curvkit / peer | "
-          "curvkit / gradient | peer |")
-    print("|---|---|---:|---:|---:|---:|---|")
-    for label, what, t, t_peer, peer, t_grad in rows:
-        peer_ms = f"{t_peer * 1e3:.2f}" if t_peer else "—"
-        ratio = f"{t / t_peer:.2f}×" if t_peer else "—"
-        print(f"| {label} | {what} | {t * 1e3:.2f} | {peer_ms} | {ratio} | "
-              f"{t / t_grad:.2f}× | {peer} |")
-    print()
-    for label in dict.fromkeys(r[0] for r in rows):
-        t_grad = next(r[5] for r in rows if r[0] == label)
-        print(f"gradient ({label}): {t_grad * 1e3:.2f} ms")
+    publish(markdown(rows, args.repeats), args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Diagonal and Kronecker extraction: curvkit's estimators against BackPACK (and curvlinops).
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/bench_extraction.py [--repeats 11] [--write]
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_extraction.py [--repeats 11] [--out FILE]
 
 Compared, in one process, on the same model and batch (float32, CPU, 1 thread):
 
@@ -16,9 +16,11 @@ Compared, in one process, on the same model and batch (float32, CPU, 1 thread):
 
 BackPACK runs on an extended deepcopy of the model (made once, outside the timing: the
 user's model is never extended); a BackPACK timing is forward + backward with the extension.
-Every number is the median of ``--repeats`` runs after warm-up, reported relative to one
-gradient evaluation (forward + backward of the loss) and as the ratio curvkit / peer.
-``--write`` puts the table, machine and date into docs/benchmarks/extraction.md.
+The gradient, curvkit and the peer run once each per round, ``--repeats`` rounds after
+warm-up; every number is a per-round ratio (median, min–max): relative to the round's
+gradient evaluation (forward + backward of the loss) and curvkit / peer. ``--out FILE``
+writes the table, machine, load, date and commit into FILE's results block (e.g.
+docs/benchmarks/extraction.md), or as a page of its own if it has none.
 Not a test.
 """
 
@@ -26,32 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import re
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from _common import machine, models  # noqa: E402
+from _common import fmt, header, interleaved, models, out_arg, publish, ratio
 from torch import Tensor, nn
 
 import curvkit
 from curvkit.estimators.kfac import layer_diagonals, output_columns
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "extraction.md"
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def backpack_runner(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,
@@ -93,7 +77,6 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
     def gradient() -> object:
         return torch.autograd.grad(loss_fn(model(X), y), params)
 
-    t_grad = median_time(gradient, repeats)
     ggn = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
     fisher = curvkit.create("estimator", "fisher", model=model, loss_fn=loss_fn)
     ef = curvkit.create("estimator", "ef", model=model, loss_fn=loss_fn)
@@ -126,16 +109,19 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
          "curvlinops KFAC empirical", cl("empirical")),
     ]
     rows: list[dict[str, object]] = []
-    cache: dict[str, float] = {}
     for what, ours, peer_name, peer in cases:
-        if what not in cache:
-            cache[what] = median_time(ours, repeats)
-        t_ours = cache[what]
-        t_peer = median_time(peer, repeats) if peer is not None else float("nan")
-        rows.append({"model": label, "what": what, "ours": t_ours / t_grad,
-                     "peer": peer_name, "theirs": t_peer / t_grad, "ratio": t_ours / t_peer})
-        print(f"{label:38s} {what:38s} {t_ours / t_grad:7.2f}× grad | {peer_name:26s} "
-              f"{t_peer / t_grad:7.2f}× grad | curvkit/peer {t_ours / t_peer:6.2f}", flush=True)
+        fns = {"gradient": gradient, "ours": ours}
+        if peer is not None:
+            fns["peer"] = peer
+        t = interleaved(fns, repeats)
+        nan = (float("nan"),) * 3
+        rows.append({"model": label, "what": what, "ours": ratio(t, "ours", "gradient"),
+                     "peer": peer_name,
+                     "theirs": ratio(t, "peer", "gradient") if peer is not None else nan,
+                     "ratio": ratio(t, "ours", "peer") if peer is not None else nan})
+        r = rows[-1]
+        print(f"{label:38s} {what:38s} {fmt(r['ours'])} grad | {peer_name:26s} "
+              f"{fmt(r['theirs'])} grad | curvkit/peer {fmt(r['ratio'])}", flush=True)
     return rows
 
 
@@ -150,43 +136,33 @@ def run(repeats: int) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]], repeats: int) -> str:
-    lines = [
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {machine()}",
-        f"- method: float32, CrossEntropyLoss (mean), median of {repeats} repeats after "
-        f"warm-up; \"× grad\" = time / one gradient evaluation (forward + backward of the "
-        f"loss); ratio = curvkit / peer (< 1: curvkit faster).",
-        "",
+    lines = header("Benchmark: diagonal and Kronecker extraction vs BackPACK",
+                   "bench_extraction.py",
+                   f"float32, CrossEntropyLoss (mean), {repeats} interleaved rounds (the "
+                   "gradient, curvkit and the peer once each per round, after warm-up); "
+                   "\"× grad\" = time / the gradient evaluation (forward + backward of the "
+                   "loss) of the same round; ratio = curvkit / peer (< 1: curvkit faster); "
+                   "each as median (min–max over the rounds).")[4:]
+    lines += [
         "| model | curvkit | × grad | peer | × grad | ratio |",
         "|---|---|---:|---|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['what']} | {r['ours']:.2f} | {r['peer']} | "
-                     f"{r['theirs']:.2f} | {r['ratio']:.2f} |")
+        lines.append(f"| {r['model']} | {r['what']} | {fmt(r['ours'])} | {r['peer']} | "
+                     f"{fmt(r['theirs'])} | {fmt(r['ratio'])} |")
     return "\n".join(lines)
-
-
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    new = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
-                 f"<!-- results:start -->\n{table}\n<!-- results:end -->", text, flags=re.S)
-    DOC.write_text(new)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--write", action="store_true",
-                        help=f"write the table into {DOC.relative_to(DOC.parent.parent.parent)}")
+    parser.add_argument("--out", **out_arg("extraction.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.repeats)
     table = markdown(rows, args.repeats)
-    print()
-    print(table)
-    if args.write:
-        write_doc(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Step time of the ``kronecker``, ``diagonal`` and ``block`` preconditioners vs a plain SGD step.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_preconditioners.py [--repeats 7] [--threads 1]
-          [--out docs/benchmarks/preconditioners.md]
+          [--out FILE]
 
 In one process, on the same model and batch (float32, CPU), each optimizer runs
 ``--steps`` steps per repeat (10 by default, so ``update_every = 10`` is amortised over a
-whole period) and the median over ``--repeats`` of the time per step is compared with the
-median time of a ``torch.optim.SGD`` step (zero_grad + forward + backward + step):
+whole period), interleaved round by round with as many ``torch.optim.SGD`` steps
+(zero_grad + forward + backward + step); the per-round ratios are reported as median and
+min–max over ``--repeats`` rounds:
 
 - ``kronecker``: K-FAC, ``fisher`` (1 MC sample) + ``kronecker`` + ``direct``, factors and
   inverses every step, and every 10 steps;
@@ -15,21 +16,17 @@ median time of a ``torch.optim.SGD`` step (zero_grad + forward + backward + step
   ``ggn.dense``) + ``direct``, every step and every 10 steps — on the small models only
   (a dense block per weight of the larger models would not fit ``max_block_size``).
 
-Prints a table with ratios and writes it, with the machine and date, to ``--out``.
+Prints a table with ratios and writes it, with machine, load, date and commit, to ``--out``
+(nothing is written without it).
 Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from _common import machine, publish, sgd_step  # noqa: E402
+from _common import fmt, header, interleaved, ms, out_arg, publish, ratio, sgd_step
 from torch import Tensor, nn
 
 import curvkit
@@ -79,70 +76,57 @@ CONFIGS: dict[str, tuple[dict, bool]] = {
 }
 
 
-def step_times(step: Callable[[], object], steps: int, repeats: int) -> list[float]:
-    """Mean time per step of each of ``repeats`` runs of ``steps`` steps (after a warm-up)."""
-    for _ in range(steps):  # warm-up: one full period
-        step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        times.append((time.perf_counter() - t) / steps)
-    return times
-
-
 def run(repeats: int, steps: int) -> list[tuple]:
-    import copy
 
     rows = []
     for mname, (model, X, y, small) in models().items():
-        t_sgd = statistics.median(step_times(sgd_step(copy.deepcopy(model), X, y), steps,
-                                             repeats))
-        rows.append((mname, "SGD (torch.optim.SGD)", t_sgd, t_sgd, None))
-        print(f"{mname:40s} {'SGD':28s} {t_sgd * 1e3:9.3f} ms", flush=True)
         for label, (config, small_only) in CONFIGS.items():
             if small_only and not small:
                 continue
-            m = copy.deepcopy(model)
-            opt = curvkit.build_optimizer(m, nn.CrossEntropyLoss(), config)
-            curv = []  # time in the preconditioner update (estimator + factorisation)
-
-            def step(opt=opt, curv=curv, batch=(X, y)) -> None:
-                opt.step(batch)
-                curv.append(opt.last_info.get("time_curvature", 0.0))
-
-            times = step_times(step, steps, repeats)
-            t = statistics.median(times)
-            assert opt.counters["nonfinite"] == 0, (mname, label, opt.last_info)
-            share = sum(curv[steps:]) / (sum(times) * steps)  # total update / total time
-            rows.append((mname, label, t, t_sgd, share))
-            print(f"{mname:40s} {label:28s} {t * 1e3:9.3f} ms  {t / t_sgd:7.1f}× SGD  "
-                  f"update {share:4.0%}", flush=True)
+            rows.append(bench_config(mname, model, X, y, label, config, repeats, steps))
     return rows
 
 
+def bench_config(mname: str, model: nn.Module, X: Tensor, y: Tensor, label: str,
+                 config: dict, repeats: int, steps: int) -> tuple:
+    """One optimizer against its own SGD step, interleaved round by round."""
+    import copy
+
+    m = copy.deepcopy(model)
+    opt = curvkit.build_optimizer(m, nn.CrossEntropyLoss(), config)
+    curv: list[float] = []  # time in the preconditioner update (estimator + factorisation)
+
+    def step() -> None:
+        opt.step((X, y))
+        curv.append(opt.last_info.get("time_curvature", 0.0))
+
+    t = interleaved({"SGD": sgd_step(copy.deepcopy(model), X, y), "opt": step}, repeats,
+                    inner=steps, warmup=steps)
+    assert opt.counters["nonfinite"] == 0, (mname, label, opt.last_info)
+    share = sum(curv[steps:]) / (sum(t["opt"]) * steps)  # total update / total time
+    r = ratio(t, "opt", "SGD")
+    print(f"{mname:40s} {label:28s} {ms(t['opt'])} ms  SGD {ms(t['SGD'])} ms  {fmt(r, 1)}  "
+          f"update {share:4.0%}", flush=True)
+    return (mname, label, t["opt"], t["SGD"], r, share)
+
+
 def markdown(rows: list[tuple], repeats: int, steps: int) -> str:
-    lines = [
-        "# Benchmark: preconditioner step time vs SGD",
-        "",
-        "Generated by `benchmarks/bench_preconditioners.py` (do not edit by hand).",
-        "",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {machine()}",
-        f"- method: median over {repeats} repeats of the mean time per step over {steps} "
-        f"steps (after a warm-up of {steps} steps), float32, CrossEntropyLoss (mean); "
+    lines = header(
+        "Benchmark: preconditioner step time vs SGD", "bench_preconditioners.py",
+        f"{repeats} interleaved rounds; in each, a `torch.optim.SGD` step (zero_grad + "
+        f"forward + backward + step) and the optimizer run {steps} steps each (averaged, "
+        f"after a warm-up of {steps}); the ratio is taken within a round: median (min–max "
+        "over the rounds). Times in ms, median (min–max). float32, CrossEntropyLoss (mean); "
         "one full optimizer step: forward, backward, curvature update when due, apply, "
         "parameter update. T = `update_every` (and `invert_every` for kronecker). The "
-        "machine is shared with other jobs, so compare ratios, not absolute times.",
-        "",
+        "machine is shared with other jobs, so compare ratios, not absolute times.")
+    lines += [
         "| model | optimizer | step (ms) | SGD step (ms) | ratio | in update |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for mname, label, t, t_sgd, share in rows:
-        sh = "" if share is None else f"{share:.0%}"
-        lines.append(f"| {mname} | {label} | {t * 1e3:.3f} | {t_sgd * 1e3:.3f} | "
-                     f"{t / t_sgd:.1f}× | {sh} |")
+    for mname, label, t, t_sgd, r, share in rows:
+        lines.append(f"| {mname} | {label} | {ms(t)} | {ms(t_sgd)} | {fmt(r, 1)} | "
+                     f"{share:.0%} |")
     lines += [
         "",
         "Configurations: `kronecker` = `fisher` (mc_samples 1) + `kronecker` (damping 1e-2, "
@@ -174,9 +158,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10,
                     help="steps per repeat; keep a multiple of 10 so T=10 rows are amortised")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" /
-                                         "benchmarks" / "preconditioners.md"),
-                    help="markdown file to write ('' to skip)")
+    ap.add_argument("--out", **out_arg("preconditioners.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = run(args.repeats, args.steps)

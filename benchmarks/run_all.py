@@ -1,30 +1,56 @@
 """Run every side-by-side benchmark in this folder (bench_*.py), one after another.
 
-    python benchmarks/run_all.py            # all
-    python benchmarks/run_all.py singd kfac # those whose file name contains a word
+    python benchmarks/run_all.py                      # all, pages into ./benchmark-results/
+    python benchmarks/run_all.py singd step           # those whose file name contains a word
+    python benchmarks/run_all.py --out-dir DIR        # pages into DIR
+    python benchmarks/run_all.py --docs               # pages into docs/benchmarks/ (publish)
+    python benchmarks/run_all.py --repeats 5          # short: every script's --repeats
 
-Each script compares curvkit with a peer library in one process and prints ratios
-(machines here are noisy: ratios of medians, not absolute times). Not a test.
+Each script compares curvkit with a peer (or a reference computation) in one process,
+its contenders interleaved round by round, and prints ratios of medians with min–max
+(machines here are noisy: ratios, not absolute times). Each writes its page
+(``bench_X.py`` → ``X.md``) into the output directory, with machine, load, date and commit;
+docs/ is written only with ``--docs``. Not a test.
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs" / "benchmarks"
+# scripts that print without a page (bench_distributed needs several processes)
+NO_PAGE = {"bench_distributed"}
+
 
 def main(argv: list[str]) -> int:
-    here = Path(__file__).resolve().parent
-    scripts = sorted(here.glob("bench_*.py"))
-    if argv:
-        scripts = [s for s in scripts if any(w in s.stem for w in argv)]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("words", nargs="*", help="run the scripts whose name contains a word")
+    ap.add_argument("--out-dir", default="benchmark-results",
+                    help="directory for the pages (default ./benchmark-results)")
+    ap.add_argument("--docs", action="store_true",
+                    help=f"write the pages into {DOCS.relative_to(HERE.parent)} instead")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="passed to every script (0: each script's default)")
+    args = ap.parse_args(argv)
+    out_dir = DOCS if args.docs else Path(args.out_dir)
+    scripts = sorted(HERE.glob("bench_*.py"))
+    if args.words:
+        scripts = [s for s in scripts if any(w in s.stem for w in args.words)]
     failed = []
     for script in scripts:
-        print(f"\n=== {script.name} ===", flush=True)
+        cmd = [sys.executable, str(script)]
+        if script.stem not in NO_PAGE:
+            cmd += ["--out", str(out_dir / f"{script.stem.removeprefix('bench_')}.md")]
+            if args.repeats:
+                cmd += ["--repeats", str(args.repeats)]
+        print(f"\n=== {' '.join(cmd[1:])} ===", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(script)])
+        rc = subprocess.call(cmd)
         print(f"--- {script.name}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             failed.append(script.name)
