@@ -40,13 +40,16 @@ def load() -> str:
 
 
 def commit() -> str:
-    """The git commit of the checkout the benchmark ran from (``+dirty`` if modified)."""
+    """The git commit of the checkout the benchmark ran from (``+dirty`` if curvkit/ or
+    benchmarks/ differ from it)."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True).stdout.strip()
+        # only the measured code counts: docs being regenerated do not make a run dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "curvkit", "benchmarks"], cwd=here.parent,
+                               capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
