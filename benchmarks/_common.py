@@ -67,25 +67,29 @@ def header(title: str, script: str, method: str) -> list[str]:
         f"- machine: {machine()}",
         f"- load at the start: {load()}",
         f"- method: {method}",
+        "- timer: CPU time of this process (`time.process_time`), torch on one thread",
         "",
     ]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, inner: int = 1,
                 warmup: int = 2) -> dict[str, list[float]]:
-    """Per-call wall time of each function over ``repeats`` rounds; every round runs every
+    """Per-call CPU time of each function over ``repeats`` rounds; every round runs every
     function (``inner`` calls, averaged) one after the other, so a burst of load from other
-    jobs falls on all contenders of a round alike."""
+    jobs falls on all contenders of a round alike. CPU time of this process
+    (``time.process_time``; the benchmarks run torch on one thread), not wall time: on a
+    machine shared with other jobs, wall time of a sub-millisecond call measured mostly
+    when the scheduler ran it (ratios of 0.02–100 in one run), CPU time the work."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t = time.process_time()
             for _ in range(inner):
                 fn()
-            times[k].append((time.perf_counter() - t) / inner)
+            times[k].append((time.process_time() - t) / inner)
     return times
 
 
