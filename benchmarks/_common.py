@@ -55,7 +55,7 @@ def commit() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def header(title: str, script: str, method: str) -> list[str]:
+def header(title: str, script: str, method: str, timed: bool = True) -> list[str]:
     """The first lines of every generated page: what, when, where, how busy, which commit."""
     return [
         f"# {title}",
@@ -67,7 +67,8 @@ def header(title: str, script: str, method: str) -> list[str]:
         f"- machine: {machine()}",
         f"- load at the start: {load()}",
         f"- method: {method}",
-        "- timer: CPU time of this process (`time.process_time`), torch on one thread",
+        *(["- timer: CPU time of this process (`time.process_time`), torch on one thread"]
+          if timed else []),
         "",
     ]
 
