@@ -17,6 +17,7 @@ from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
 from curvkit.losses import batch_size
 from curvkit.params import FiniteLedger, all_finite, trainable
+from curvkit.preconditioners.base import Preconditioner
 from curvkit.solvers.base import StepContext
 
 
@@ -63,6 +64,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         # the estimator can take the statistics the preconditioner needs from the step's own
         # forward and backward pass (estimator.observe) instead of another pass
         self._observes = bool(getattr(self.estimator, "observed", frozenset()) & pre.needs)
+        # a structure without statistics (identity) skips the update machinery: snapshot,
+        # finite check of its state, info — Python work that was a few % of an SGD step
+        self._has_statistics = type(self.preconditioner).update is not Preconditioner.update
 
     # ------------------------------------------------------------------ step
     def _loss_and_grads(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -90,7 +94,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         step = self.counters["steps"]
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1
-        update = self.preconditioner.should_update(step)
+        update = self._has_statistics and self.preconditioner.should_update(step)
         with (self.estimator.observe(batch) if update and self._observes
               else contextlib.nullcontext()):
             loss, grads = self._loss_and_grads(batch)
