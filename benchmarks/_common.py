@@ -164,6 +164,10 @@ def publish(text: str, out: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if start in old and end in old:
+        # the page has its own title and text: keep from the date line on
+        lines = text.strip().splitlines()
+        first = next((i for i, ln in enumerate(lines) if ln.startswith("- date")), 0)
+        text = "\n".join(lines[first:])
         head, rest = old.split(start, 1)
         text = f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}"
     path.parent.mkdir(parents=True, exist_ok=True)
