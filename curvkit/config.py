@@ -9,7 +9,7 @@ is refused before any training with the part, the missing capability and its pro
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import tomllib
 
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.options import build_options, option
+from curvkit.param_groups import GroupRule, parse_rules
 from curvkit.registry import PartSpec, Registry, get_registry
 
 
@@ -29,6 +30,10 @@ class OptimizerOptions:
     estimator: str | dict = option("ggn", "curvature estimator: a name or {name=..., options}")
     preconditioner: str | dict = option("identity", "preconditioner structure: a name or table")
     solver: str | dict = option("direct", "solver: a name or table")
+    param_groups: list[dict] = option(
+        default_factory=list, help="parameter groups by pattern: [{names = [\"*.bias\"], "
+        "modules = [\"LayerNorm\"], weight_decay = 0.0}, ...]; first match wins, the rest "
+        "keep the defaults (keys: lr and the solver's group options)")
 
 
 @dataclass
@@ -64,11 +69,15 @@ class OptimizerConfig:
     estimator: PartChoice
     preconditioner: PartChoice
     solver: PartChoice
+    param_groups: list[GroupRule] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "estimator": self.estimator.as_table(),
-                "preconditioner": self.preconditioner.as_table(),
-                "solver": self.solver.as_table()}
+        out = {"lr": self.lr, "estimator": self.estimator.as_table(),
+               "preconditioner": self.preconditioner.as_table(),
+               "solver": self.solver.as_table()}
+        if self.param_groups:
+            out["param_groups"] = [r.as_table() for r in self.param_groups]
+        return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -130,6 +139,12 @@ def parse_optimizer(config: Mapping[str, Any] | str | Path,
                                   f"{path}.preconditioner", registry),
         solver=parse_part("solver", top.solver, f"{path}.solver", registry),
     )
+    cfg.param_groups = parse_rules(top.param_groups, cfg.solver, f"{path}.param_groups")
+    if cfg.param_groups and not cfg.solver.spec.cls.per_group_lr and \
+            any("lr" in r.overrides and r.overrides["lr"] != cfg.lr for r in cfg.param_groups):
+        bad = next(r for r in cfg.param_groups if r.overrides.get("lr", cfg.lr) != cfg.lr)
+        raise ConfigError(f"{bad.path}.lr: solver {cfg.solver.name!r} takes one learning "
+                          f"rate for all parameters; use solver 'direct' for per-group rates")
     check_compatible(cfg, registry)
     return cfg
 

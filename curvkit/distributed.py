@@ -35,14 +35,20 @@ class DistributedError(CurvkitError, RuntimeError):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` wrapper (or the model itself).
+    """The module inside a ``DistributedDataParallel`` or ``torch.compile`` wrapper (or the
+    model itself).
 
     curvkit reduces every statistic itself, weighted by each rank's sample count; DDP's
     gradient hook averages with equal weights per rank, which is wrong for unequal shards,
     and it fires on ``.backward()`` only. So curvkit works on the wrapped module; the
     wrapper's job (identical initial parameters on every rank) is done at its construction.
     """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    # torch.compile's wrapper: parts hook and call the original module (its layers are the
+    # compiled module's layers: hooks installed there run in the compiled forward too)
+    orig = getattr(model, "_orig_mod", None)
+    return orig if isinstance(orig, nn.Module) else model
 
 
 def _collective(fn, what: str, *args, **kwargs) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import distributed
+from curvkit.capture import PassCapture
 from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
 from curvkit.losses import batch_size
+from curvkit.param_groups import (
+    check_shared_lr,
+    group_defaults,
+    groups_from_rules,
+    groups_from_user,
+)
 from curvkit.params import FiniteLedger, all_finite, trainable
 from curvkit.preconditioners.base import Preconditioner
 from curvkit.solvers.base import StepContext
@@ -29,20 +36,36 @@ class CurvkitOptimizer(torch.optim.Optimizer):
     loss before the step. A non-finite loss, gradient, statistic or step never reaches the
     parameters: the step is skipped and counted in ``counters["nonfinite"]``.
 
-    The learning rate lives in ``param_groups[0]["lr"]`` (LR schedulers work); the state
-    of all three parts travels in ``state_dict()``.
+    torch.optim style works too: ``loss.backward(); opt.step()`` and ``opt.step(closure)``
+    take the step ``step((X, y))`` would take, with the batch, loss and gradients of the
+    caller's own pass (see :mod:`curvkit.capture`); a composition that needs the batch and
+    cannot see it raises, saying to pass it.
+
+    Parameter groups hold ``lr`` and the solver's group options (``direct``: momentum,
+    dampening, weight_decay, nesterov), read at every step (LR and momentum schedulers
+    work); see :mod:`curvkit.param_groups`. The state of all three parts travels in
+    ``state_dict()``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Any, config: OptimizerConfig) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Any, config: OptimizerConfig,
+                 param_groups: list[dict[str, Any]] | None = None) -> None:
+        called = model  # what the caller calls (a torch.compile or DDP wrapper): captured
         model = distributed.unwrap(model)
         named = trainable(model)
         if not named:
             raise ValueError("model has no trainable parameters")
-        super().__init__([p for _, p in named], {"lr": config.lr})
+        groups = _initial_groups(model, named, config, param_groups)
+        super().__init__(groups, group_defaults(config.lr, config.solver))
+        self._built = True
         self.model = model
         self.loss_fn = loss_fn
         self.config = config
         self.names = [n for n, _ in named]
+        # parameters in model order (the order of estimator, preconditioner and solver) and
+        # the group of each
+        self._params = [p for _, p in named]
+        where = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
+        self._group_of = [where[id(p)] for p in self._params]
         est, pre, sol = config.estimator, config.preconditioner, config.solver
         self.estimator = _construct(est, model=model, loss_fn=loss_fn)
         self.preconditioner = _construct(pre, model=model)
@@ -67,12 +90,29 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         # a structure without statistics (identity) skips the update machinery: snapshot,
         # finite check of its state, info — Python work that was a few % of an SGD step
         self._has_statistics = type(self.preconditioner).update is not Preconditioner.update
+        # the caller's own pass, for step() without a batch (torch.optim style)
+        self._needs_batch = bool(getattr(self.preconditioner, "needs_batch", True)
+                                 or getattr(self.solver, "needs_batch", True))
+        self._observation: Any = None
+        self._keep = False
+        self._capture = PassCapture(called, loss_fn, on_forward=self._open_observation)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused after construction: the estimator's and preconditioner's state is laid out
+        over the trainable parameters the optimizer was built with."""
+        if not getattr(self, "_built", False):
+            super().add_param_group(param_group)
+            return
+        raise ValueError("add_param_group: curvkit's curvature state is laid out over the "
+                         "trainable parameters at build time; to train more parameters "
+                         "(e.g. after unfreezing), build a new optimizer with "
+                         "curvkit.build_optimizer(model, loss_fn, config, param_groups=...)")
 
     # ------------------------------------------------------------------ step
     def _loss_and_grads(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, list[Tensor]]:
         X, y = batch
-        params = self.param_groups[0]["params"]
-        with torch.enable_grad():
+        params = self._params
+        with torch.enable_grad(), self._paused():
             loss = self.loss_fn(self.model(X), y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         # a parameter the forward pass does not use has a zero gradient
@@ -84,31 +124,111 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = reduced[0], reduced[1:]
         return loss, grads
 
-    def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]
-        """One optimization step on ``batch = (X, y)``; returns the loss before the step."""
+    def step(self, batch: Any = None) -> Tensor | None:  # type: ignore[override]
+        """One optimization step; returns the loss before the step.
+
+        ``step((X, y))``: the step does the forward and backward pass it needs.
+        ``step()`` after ``loss.backward()``, or ``step(closure)`` (closure: zero_grad,
+        forward, backward, return the loss): the same step, from the caller's pass (its
+        batch, loss and ``p.grad``); returns the loss of that pass (None if not seen).
+        """
+        if batch is None or callable(batch):
+            return self._step_from_pass(batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError("step expects a batch (X, y); closures are not used by curvkit")
+            raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
+                            f"loss.backward()); got {type(batch).__name__}")
         batch = tuple(batch)
+        self._close_observation(keep=False)
+        self._capture.reset()
+        update = self.preconditioner.should_update(self.counters["steps"])
+        with (self.estimator.observe(batch) if update and self._observes
+              else contextlib.nullcontext()):
+            loss, grads = self._loss_and_grads(batch)
+        return self._take_step(batch, loss, grads)
+
+    # ------------------------------------------------------------------ torch.optim style
+    @contextlib.contextmanager
+    def _paused(self) -> Iterator[None]:
+        """curvkit's own model calls are not the caller's pass."""
+        was, self._capture.paused = self._capture.paused, True
+        try:
+            yield
+        finally:
+            self._capture.paused = was
+
+    def _open_observation(self, X: Any) -> None:
+        """At the start of the caller's pass: record the estimator's statistics from it if
+        this step refreshes the preconditioner (as ``step((X, y))`` does from its own)."""
+        self._close_observation(keep=False)
+        if self._observes and self.preconditioner.should_update(self.counters["steps"]):
+            cm = self.estimator.observe(lambda: self._capture.batch if self._keep else None)
+            cm.__enter__()
+            self._observation = cm
+
+    def _close_observation(self, keep: bool) -> None:
+        cm, self._observation = self._observation, None
+        if cm is not None:
+            self._keep = keep
+            cm.__exit__(None, None, None)
+
+    def _step_from_pass(self, closure: Any) -> Tensor | None:
+        returned = None
+        if closure is not None:
+            self._close_observation(keep=False)
+            self._capture.reset()
+            with torch.enable_grad():
+                returned = closure()
+        self._close_observation(keep=True)
+        cap = self._capture
+        batch, loss = cap.batch, cap.loss
+        if loss is None and isinstance(returned, Tensor):
+            loss = returned.detach()
+        problem = cap.problem
+        cap.reset()
+        if batch is None and self._needs_batch:
+            raise TypeError(
+                f"step() without a batch: {self._composition()} needs the batch (X, y), and "
+                f"it could not be taken from your pass: {problem}. Call opt.step((X, y)).")
+        if batch is not None and distributed.active():
+            # p.grad is this rank's (or DDP's equally weighted) gradient; the step needs the
+            # count-weighted one over ranks: recompute it
+            loss, grads = self._loss_and_grads(batch)
+        else:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
+        known = loss is not None
+        if loss is None:  # a loss that is not a module, with a composition needing no batch
+            loss = torch.tensor(float("nan"), device=self._params[0].device)
+        result = self._take_step(batch, loss, grads, loss_known=known)
+        if isinstance(returned, Tensor):
+            return returned
+        return result if known else None
+
+    def _composition(self) -> str:
+        c = self.config
+        return (f"estimator {c.estimator.name!r} + preconditioner {c.preconditioner.name!r} "
+                f"+ solver {c.solver.name!r}")
+
+    # ------------------------------------------------------------------ the step
+    def _take_step(self, batch: tuple[Any, Tensor] | None, loss: Tensor, grads: list[Tensor],
+                   loss_known: bool = True) -> Tensor:
         t_start = time.perf_counter()
         comm0 = distributed.COMM["bytes"]
         step = self.counters["steps"]
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1
         update = self._has_statistics and self.preconditioner.should_update(step)
-        with (self.estimator.observe(batch) if update and self._observes
-              else contextlib.nullcontext()):
-            loss, grads = self._loss_and_grads(batch)
         info["loss"] = float(loss)
         # one ledger per step: a tensor checked here and passed on unchanged (the gradient
         # through identity + direct) is not scanned again by the solver or before the update
         finite = FiniteLedger()
-        if not finite([loss, *grads]):
+        if not finite([loss, *grads] if loss_known else list(grads)):
             return self._skip(loss, info, "loss or gradient")
 
         t_curv = time.perf_counter()
         if update:
             snapshot = self.preconditioner.state_dict()
-            self.preconditioner.update(self.estimator, batch, grads)
+            with self._paused():
+                self.preconditioner.update(self.estimator, batch, grads)
             if not _state_finite(self.preconditioner.state):
                 self.preconditioner.load_state_dict(snapshot)
                 self.estimator.advance()
@@ -118,11 +238,14 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         info["time_curvature"] = time.perf_counter() - t_curv
 
         group = self.param_groups[0]
+        check_shared_lr(self.param_groups, self.solver, "param_groups")
         ctx = StepContext(model=self.model, loss_fn=self.loss_fn, names=self.names,
-                          params=group["params"], batch=batch, loss=loss, grads=grads,
+                          params=self._params, batch=batch, loss=loss, grads=grads,
                           estimator=self.estimator, preconditioner=self.preconditioner,
-                          lr=group["lr"], step=step, group=group, finite=finite)
-        result = self.solver.step(ctx)
+                          lr=group["lr"], step=step, group=group, finite=finite,
+                          groups=self.param_groups, group_of=self._group_of)
+        with self._paused():
+            result = self.solver.step(ctx)
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
@@ -131,9 +254,13 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         info["accepted"] = bool(result.accepted)
         if result.accepted:
             with torch.no_grad():
-                # one call for all parameters; per tensor the same add_ as torch.optim.SGD
-                torch._foreach_add_(group["params"], list(result.direction),
-                                    alpha=result.alpha)
+                if result.alphas is None:
+                    # one call for all parameters; per tensor the same add_ as torch.optim.SGD
+                    torch._foreach_add_(self._params, list(result.direction),
+                                        alpha=result.alpha)
+                else:  # parameter groups with their own learning rates
+                    for p, d, a in zip(self._params, result.direction, result.alphas):
+                        p.add_(d, alpha=a)
         elif not info.get("nonfinite"):
             self.counters["rejected"] += 1
         else:
@@ -214,11 +341,31 @@ def _state_finite(state: Any) -> bool:
     return all_finite(tensors)
 
 
+def _initial_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]],
+                    config: OptimizerConfig, given: list[dict[str, Any]] | None
+                    ) -> list[dict[str, Any]]:
+    """The parameter groups: given ones, or the config's patterns (one group without)."""
+    defaults = group_defaults(config.lr, config.solver)
+    if given is not None:
+        if config.param_groups:
+            raise ConfigError("param_groups: given both to build_optimizer and in the config "
+                              "(optimizer.param_groups); use one of them")
+        groups = groups_from_user(named, given, config.solver, defaults)
+    else:
+        groups = groups_from_rules(model, named, config.param_groups, defaults)
+    check_shared_lr(groups, config.solver.spec.cls, "param_groups")
+    return groups
+
+
 def build_optimizer(model: nn.Module, loss_fn: Any,
-                    config: Mapping[str, Any] | str | Path) -> CurvkitOptimizer:
+                    config: Mapping[str, Any] | str | Path,
+                    param_groups: list[dict[str, Any]] | None = None) -> CurvkitOptimizer:
     """Validate ``config`` (dict or TOML path) and compose the optimizer.
 
-    All errors (unknown part, wrong option, incompatible parts, a model the parts
-    cannot handle) are raised here, before any training step.
+    ``param_groups``: torch.optim-style groups ``[{"params": [...], "lr": ...,
+    "weight_decay": ...}, ...]`` holding every trainable parameter once (or use the
+    config's ``param_groups`` patterns). All errors (unknown part, wrong option,
+    incompatible parts, a model the parts cannot handle) are raised here, before any
+    training step.
     """
-    return CurvkitOptimizer(model, loss_fn, parse_optimizer(config))
+    return CurvkitOptimizer(model, loss_fn, parse_optimizer(config), param_groups)

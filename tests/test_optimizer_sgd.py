@@ -117,11 +117,11 @@ def test_nonfinite_loss_never_reaches_parameters():
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_step_rejects_closure():
+def test_step_rejects_what_is_not_a_batch():
     model, loss_fn, X, y = make_problem()
     opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
     with pytest.raises(TypeError, match="batch"):
-        opt.step(lambda: loss_fn(model(X), y))
+        opt.step(X)
 
 
 def test_parameter_unused_in_forward_gets_zero_gradient():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -78,21 +78,28 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
                                  observed=self._observation)
 
     # ------------------------------------------------------------- observed passes
-    def observe(self, batch: Batch) -> contextlib.AbstractContextManager[None]:
+    def observe(self, batch: Batch | Callable[[], Batch | None]
+                ) -> contextlib.AbstractContextManager[None]:
         """Record the K-FAC statistics of the caller's forward and backward pass of
         ``loss_fn(model(X), y)`` on ``batch`` (see :meth:`CurvatureEstimator.observe`).
 
-        A pass that is not exactly that (no backward, another loss, several forwards) is
-        detected afterwards and ignored: the statistics are then computed as without it.
+        ``batch`` may be a callable giving ``(X, y)`` (or None: nothing recorded) on exit,
+        for a caller that learns the batch only from the pass itself (the optimizer's
+        ``loss.backward(); opt.step()`` style). A pass that is not exactly that (no
+        backward, another loss, several forwards) is detected afterwards and ignored: the
+        statistics are then computed as without it.
         """
+        if callable(batch):
+            return self._observing(batch)
         batches = as_batches(batch)
         if len(batches) != 1:
             raise ValueError(f"estimator {self.name!r}: observe takes one batch (X, y), got "
                              f"{len(batches)}")
-        return self._observing(*batches[0])
+        one = batches[0]
+        return self._observing(lambda: one)
 
     @contextlib.contextmanager
-    def _observing(self, X: Any, y: Tensor) -> Iterator[None]:
+    def _observing(self, which: Callable[[], Batch | None]) -> Iterator[None]:
         self._recorded = None
         try:
             layers = kfac_layers(self.model)
@@ -105,7 +112,10 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
         with observe_pass(self.model, layers) as obs:
             yield
         # only reached when the block completed
-        self._recorded = (X, y, self._key(X, y), obs)
+        batch = which()
+        if batch is not None:
+            X, y = batch
+            self._recorded = (X, y, self._key(X, y), obs)
 
     def _key(self, X: Any, y: Tensor) -> tuple:
         """What must not change between the observed pass and its use: the draw, the

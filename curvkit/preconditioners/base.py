@@ -18,7 +18,7 @@ Contract
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -31,6 +31,9 @@ class Preconditioner(Part):
     """Which structure approximates the curvature."""
 
     kind = "preconditioner"
+    # False if ``update`` never uses the batch (then ``loss.backward(); opt.step()`` works
+    # even where the optimizer cannot see the batch of the caller's pass)
+    needs_batch: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, options: Any | None = None) -> None:
         super().__init__(options)

@@ -9,3 +9,4 @@ class Identity(Preconditioner):
     """No preconditioning (P = I): the direction passes through unchanged."""
 
     name = "identity"
+    needs_batch = False  # no statistics

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,8 @@ class StepResult:
     alpha: float = 1.0
     accepted: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    # one alpha per parameter (parameter groups with their own learning rates), or None
+    alphas: list[float] | None = None
 
 
 @dataclass
@@ -54,6 +56,19 @@ class StepContext:
     #: the step's non-finite check (:class:`curvkit.params.FiniteLedger`): a tensor already
     #: found finite in this step and unchanged since is not scanned again
     finite: Callable[[Sequence[Tensor]], bool] = all_finite
+    # all parameter groups, and the group index of each parameter in ``params`` order
+    # (None: one group, ``group``)
+    groups: list[dict[str, Any]] | None = None
+    group_of: list[int] | None = None
+
+    def group_members(self) -> list[tuple[dict[str, Any], list[int]]]:
+        """``[(group, indices into params)]`` for every non-empty parameter group."""
+        if self.groups is None or self.group_of is None:
+            return [(self.group, list(range(len(self.params))))]
+        members: list[list[int]] = [[] for _ in self.groups]
+        for i, g in enumerate(self.group_of):
+            members[g].append(i)
+        return [(g, m) for g, m in zip(self.groups, members) if m]
 
     def loss_at(self, update: Sequence[Tensor] | None = None,
                 params: Sequence[Tensor] | None = None) -> Tensor:
@@ -77,6 +92,14 @@ class Solver(Part, abc.ABC):
     """How the step is found."""
 
     kind = "solver"
+    # Options a parameter group may set for its parameters (read from the groups at every
+    # step, so schedulers can change them); their config values are the groups' defaults.
+    group_options: ClassVar[tuple[str, ...]] = ()
+    # True if each group's lr scales its own parameters' step (a per-parameter step rule)
+    per_group_lr: ClassVar[bool] = False
+    # False if the step uses only the gradients and the preconditioner, never the batch
+    # (then ``loss.backward(); opt.step()`` works even where the batch cannot be captured)
+    needs_batch: ClassVar[bool] = True
 
     def __init__(self, options: Any | None = None) -> None:
         super().__init__(options)

@@ -36,29 +36,63 @@ class Direct(Solver):
             if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
                 raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
 
+    # every option is per parameter group (param_groups[i]["momentum"], ...), so LR and
+    # momentum schedulers (OneCycleLR, CyclicLR with cycle_momentum) reach the step
+    group_options = ("momentum", "dampening", "weight_decay", "nesterov")
+    per_group_lr = True
+    needs_batch = False
+
     def __init__(self, options: Options | None = None) -> None:
         super().__init__(options)
+        # one entry per parameter (None until its group first has momentum)
         self.state = {"momentum_buffer": []}
 
     def step(self, ctx: StepContext) -> StepResult:
-        o = self.options
         direction = ctx.preconditioner.apply(ctx.grads)
         if not ctx.finite(direction):
             # checked before the momentum buffers absorb it
             return StepResult(list(direction), -ctx.lr, accepted=False,
                               info={"nonfinite": 1})
-        # the arithmetic of torch.optim.SGD (foreach=False), one call over all tensors
         out = list(direction)
-        if o.weight_decay != 0:
-            out = list(torch._foreach_add(out, [p.detach() for p in ctx.params],
-                                          alpha=o.weight_decay))
-        if o.momentum != 0:
-            bufs = self.state["momentum_buffer"]
-            if not bufs:
-                bufs.extend(torch.clone(d).detach() for d in out)
-            else:
-                torch._foreach_mul_(bufs, o.momentum)
-                torch._foreach_add_(bufs, out, alpha=1 - o.dampening)
-            out = list(torch._foreach_add(out, bufs, alpha=o.momentum)) if o.nesterov \
-                else list(bufs)
-        return StepResult(out, -ctx.lr)
+        bufs = self.state["momentum_buffer"]
+        if len(bufs) != len(out):
+            bufs[:] = [None] * len(out)
+        members = ctx.group_members()
+        alphas: list[float] = [0.0] * len(out)
+        for group, idx in members:
+            self._group_step(group, idx, out, ctx.params, bufs)
+            for i in idx:
+                alphas[i] = -group.get("lr", ctx.lr)
+        if len(members) == 1:
+            return StepResult(out, alphas[0] if out else -ctx.lr)
+        return StepResult(out, -ctx.lr, alphas=alphas)
+
+    def _group_step(self, group: dict, idx: list[int], out: list, params: list, bufs: list
+                    ) -> None:
+        """The arithmetic of torch.optim.SGD (foreach=False) on one group's directions,
+        in place in ``out`` (one call over the group's tensors). Options missing from the
+        group (a context built by hand) come from the solver's own options."""
+        o = self.options
+        momentum, dampening, weight_decay, nesterov = (
+            group.get(k, getattr(o, k)) for k in self.group_options)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("param group: nesterov requires momentum > 0 and dampening = 0 "
+                             f"(got momentum={momentum}, dampening={dampening})")
+        d = [out[i] for i in idx]
+        if weight_decay != 0:
+            d = list(torch._foreach_add(d, [params[i].detach() for i in idx],
+                                        alpha=weight_decay))
+        if momentum != 0:
+            # SGD: the first step of a buffer copies d, later steps blend into it
+            old = [j for j, i in enumerate(idx) if bufs[i] is not None]
+            if old:
+                b = [bufs[idx[j]] for j in old]
+                torch._foreach_mul_(b, momentum)
+                torch._foreach_add_(b, [d[j] for j in old], alpha=1 - dampening)
+            for j, i in enumerate(idx):
+                if bufs[i] is None:
+                    bufs[i] = torch.clone(d[j]).detach()
+            b_all = [bufs[i] for i in idx]
+            d = list(torch._foreach_add(d, b_all, alpha=momentum)) if nesterov else b_all
+        for i, t in zip(idx, d):
+            out[i] = t
