@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
+from curvkit import spectral  # noqa: E402
 from curvkit.errors import (  # noqa: E402
     ConfigError,
     CurvkitError,
@@ -20,6 +21,7 @@ from curvkit.errors import (  # noqa: E402
 )
 from curvkit.estimators.base import CurvatureEstimator  # noqa: E402
 from curvkit.hookspecs import hookimpl  # noqa: E402
+from curvkit.linops import LinearOperator  # noqa: E402
 from curvkit.losses import GaussianNLL, LossPart  # noqa: E402
 from curvkit.optimizer import CurvkitOptimizer, build_optimizer  # noqa: E402
 from curvkit.options import option  # noqa: E402
@@ -47,5 +49,5 @@ __all__ = [
     "StepContext", "StepResult", "LossPart", "GaussianNLL", "DatasetPart", "ModelPart",
     "get_registry", "reload_registry",
     "ConfigError", "CurvkitError", "IncompatibleError", "NonFiniteError", "RegistryError",
-    "StepError",
+    "StepError", "LinearOperator", "spectral",
 ]

@@ -138,13 +138,14 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
                             f"loss.backward()); got {type(batch).__name__}")
         batch = tuple(batch)
+        start = (time.perf_counter(), distributed.COMM["bytes"])
         self._close_observation(keep=False)
         self._capture.reset()
         update = self.preconditioner.should_update(self.counters["steps"])
         with (self.estimator.observe(batch) if update and self._observes
               else contextlib.nullcontext()):
             loss, grads = self._loss_and_grads(batch)
-        return self._take_step(batch, loss, grads)
+        return self._take_step(batch, loss, grads, start)
 
     # ------------------------------------------------------------------ torch.optim style
     @contextlib.contextmanager
@@ -172,6 +173,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             cm.__exit__(None, None, None)
 
     def _step_from_pass(self, closure: Any) -> Tensor | None:
+        start = (time.perf_counter(), distributed.COMM["bytes"])
         returned = None
         if closure is not None:
             self._close_observation(keep=False)
@@ -198,7 +200,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         known = loss is not None
         if loss is None:  # a loss that is not a module, with a composition needing no batch
             loss = torch.tensor(float("nan"), device=self._params[0].device)
-        result = self._take_step(batch, loss, grads, loss_known=known)
+        result = self._take_step(batch, loss, grads, start, loss_known=known)
         if isinstance(returned, Tensor):
             return returned
         return result if known else None
@@ -210,9 +212,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _take_step(self, batch: tuple[Any, Tensor] | None, loss: Tensor, grads: list[Tensor],
-                   loss_known: bool = True) -> Tensor:
-        t_start = time.perf_counter()
-        comm0 = distributed.COMM["bytes"]
+                   start: tuple[float, int], loss_known: bool = True) -> Tensor:
+        """The step from the loss and gradients at θ; ``start``: (time, bytes sent) at the
+        start of the step (its pass included)."""
+        t_start, comm0 = start
         step = self.counters["steps"]
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1

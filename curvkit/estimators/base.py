@@ -23,6 +23,7 @@ from torch.func import functional_call, jacfwd, jacrev
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from curvkit import distributed
+from curvkit.linops import LinearOperator
 from curvkit.losses import batch_size, reduction_of, try_loss_part
 from curvkit.params import check_like, flatten, trainable, unflatten
 from curvkit.parts import DENSE, MATVEC, Part
@@ -348,10 +349,12 @@ def combine(batches: Sequence[Batch], fn: Callable[[int, Any, Tensor], Any],
     return tree_unflatten(total, spec)
 
 
-class Linearized:
+class Linearized(LinearOperator):
     """The curvature C of an estimator on fixed batches at fixed parameters θ, as an operator.
 
-    Made by :meth:`CurvatureEstimator.linearize` (``op = est.linearize(batch)``). Contract:
+    Made by :meth:`CurvatureEstimator.linearize` (``op = est.linearize(batch)``); a
+    :class:`~curvkit.linops.LinearOperator`: ``op @ v`` (flat, matrix or list), ``shape``,
+    ``dtype``, ``device``, sums and scalings, ``to_scipy()``. Contract:
 
     * ``op.matvec(v)`` equals ``est.matvec(batch, v)`` — the same C, with the same scaling
       over batches (count-weighted for "mean", summed for "sum") and ranks (all-reduced on
@@ -373,6 +376,7 @@ class Linearized:
 
     def __init__(self, estimator: CurvatureEstimator,
                  apply: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        super().__init__(estimator.params)
         self.estimator = estimator
         self._apply = apply
         self._stamp = self._current()

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from curvkit import distributed
+from curvkit.linops import FunctionOperator, LinearOperator
 from curvkit.params import trainable
 from curvkit.parts import DIAGONAL, Part
 
@@ -74,6 +75,11 @@ class Preconditioner(Part):
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
         """P⁻¹ d. The base is the identity and returns ``direction`` itself."""
         return list(direction)
+
+    def inverse_operator(self) -> LinearOperator:
+        """P⁻¹ as a :class:`~curvkit.linops.LinearOperator` (``apply`` at the current state:
+        ``@``, ``shape``, ``to_scipy()``, sums and scalings)."""
+        return FunctionOperator(self.params, self.apply)
 
     def structures(self) -> dict[str, str]:
         """Parameter name → the structure that preconditions it."""
