@@ -1,4 +1,5 @@
-"""The ``curvkit`` command line: ``components``, ``train``, ``ablate``, ``report``.
+"""The ``curvkit`` command line: ``components``, ``train``, ``ablate``, ``report``,
+``spectrum`` (in :mod:`curvkit.experiments.spectrum`).
 
 Exit codes: 0 success; 1 some run failed (an exception inside a run; diverged runs are
 results, not failures); 2 bad input (config errors are reported with their dotted path
@@ -265,6 +266,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    from curvkit.experiments.spectrum import run_spectrum
+
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.estimators.split(",") if n.strip()] \
+        if args.estimators else None
+    run_spectrum(args.config, args.out, estimators=names, k=args.k, samples=args.samples,
+                 trace_samples=args.trace_samples, probes=args.probes,
+                 lanczos_steps=args.lanczos_steps, seed=args.seed, cache_dir=args.cache_dir,
+                 progress=not args.no_progress, log=_out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvkit", description="Second-order optimization of "
@@ -318,6 +335,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target-loss", type=float, default=None,
                    help="train loss for time-to-target (default: train.target_loss)")
     r.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("spectrum", help="eigenvalues, trace and spectral density of the "
+                                        "curvature along a training run (at eval steps)")
+    common(s)
+    s.add_argument("--out", required=True, help="results directory")
+    s.add_argument("--estimators", default="",
+                   help="comma-separated estimators to measure (default: the optimizer's)")
+    s.add_argument("--k", type=int, default=3, help="top eigenvalues per measurement")
+    s.add_argument("--samples", type=int, default=256,
+                   help="training samples of the fixed measurement batch")
+    s.add_argument("--trace-samples", type=int, default=30, help="Hutch++ products")
+    s.add_argument("--probes", type=int, default=4, help="SLQ probe vectors")
+    s.add_argument("--lanczos-steps", type=int, default=40, help="SLQ Lanczos steps per probe")
+    s.add_argument("--seed", type=int, default=None, help="seed (default: first of train.seeds)")
+    s.set_defaults(func=cmd_spectrum)
     return p
 
 
