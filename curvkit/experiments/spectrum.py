@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from curvkit import spectral
 from curvkit.errors import ConfigError
 
