@@ -124,14 +124,20 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = reduced[0], reduced[1:]
         return loss, grads
 
-    def step(self, batch: Any = None) -> Tensor | None:  # type: ignore[override]
+    def step(self, batch: Any = None, closure: Any = None  # type: ignore[override]
+             ) -> Tensor | None:
         """One optimization step; returns the loss before the step.
 
         ``step((X, y))``: the step does the forward and backward pass it needs.
-        ``step()`` after ``loss.backward()``, or ``step(closure)`` (closure: zero_grad,
-        forward, backward, return the loss): the same step, from the caller's pass (its
-        batch, loss and ``p.grad``); returns the loss of that pass (None if not seen).
+        ``step()`` after ``loss.backward()``, or ``step(closure)`` / ``step(closure=...)``
+        (closure: zero_grad, forward, backward, return the loss; how LBFGS users and
+        Lightning call it): the same step, from the caller's pass (its batch, loss and
+        ``p.grad``); returns the loss of that pass (None if not seen).
         """
+        if closure is not None:
+            if batch is not None:
+                raise TypeError("step: give a batch or a closure, not both")
+            return self._step_from_pass(closure)
         if batch is None or callable(batch):
             return self._step_from_pass(batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):

@@ -51,7 +51,8 @@ def run(style: str, config: dict, data, norm: bool = False) -> torch.Tensor:
                 value = loss_fn(model(xb), yb)
                 value.backward()
                 return value
-            loss = opt.step(closure)
+            # positional (LBFGS users) or by keyword (as Lightning calls it)
+            loss = opt.step(closure) if style == "closure" else opt.step(closure=closure)
         assert torch.isfinite(loss)
     assert opt.counters["nonfinite"] == 0
     return flat(model)
@@ -75,7 +76,7 @@ def test_three_step_styles_give_the_same_trajectory(est, pre, sol):
     config = {"lr": 0.1, "estimator": est, "preconditioner": pre, "solver": sol}
     data = make_data()
     ref = run("batch", config, data)
-    for style in ("backward", "closure"):
+    for style in ("backward", "closure", "closure_keyword"):
         assert torch.equal(run(style, config, data), ref), style
 
 
