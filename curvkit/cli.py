@@ -160,6 +160,10 @@ def _run(args: argparse.Namespace, mode: str) -> int:
         if mode == "train":
             cfg = grid.active[0].config
             seeds = [args.seed if args.seed is not None else cfg.train.seeds[0]]
+        from curvkit.devices import resolve_device
+
+        for point in grid.active:  # an unavailable device: an error before anything runs
+            resolve_device(point.config.train.device)
         runs = len(grid.runs(seeds))
         if mode == "ablate" and rank0:
             _print_grid(grid, runs)

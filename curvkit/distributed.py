@@ -115,12 +115,31 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def comm_device() -> torch.device:
+    """The device collectives of the active process group need: CUDA (the current device)
+    for NCCL, the CPU otherwise (gloo)."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def count_tensor(count: float, like: Tensor | None = None, dtype: torch.dtype = torch.float64
+                 ) -> Tensor:
+    """A one-element tensor holding a sample count, on ``like``'s device (a statistic it is
+    reduced with) or the process group's; float64, or float32 where the device has no float64
+    (MPS)."""
+    device = like.device if like is not None else comm_device()
+    if device.type == "mps" and dtype == torch.float64:
+        dtype = torch.float32
+    return torch.tensor([count], dtype=dtype, device=device)
+
+
 def shard_rows(count: int) -> tuple[int, int]:
     """``(offset, total)``: this rank's ``count`` samples are rows ``offset:offset+count`` of
     the global batch (ranks in order) of ``total`` rows. Single process: ``(0, count)``."""
     if not active():
         return 0, int(count)
-    mine = torch.tensor([int(count)], dtype=torch.int64)
+    mine = count_tensor(int(count), dtype=torch.int64)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     _collective(dist.all_gather, "all-gather of shard sizes", every, mine)
     COMM["bytes"] += 8 * len(every)
@@ -158,7 +177,7 @@ def weighted_mean(values: Sequence[Tensor], count: float, reduction: str = "mean
         out = [v.clone() for v in values]
         all_reduce_sum_(out)
         return out
-    total = torch.tensor([float(count)], dtype=torch.float64)
+    total = count_tensor(float(count), values[0] if values else None)
     out = [v * count for v in values]
     all_reduce_sum_(out + [total])
     n = float(total.item())

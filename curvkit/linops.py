@@ -8,8 +8,9 @@ parameters. ``A @ v`` takes
 * a matrix (P, k) → (P, k), column by column,
 
 in the operator's ``dtype`` and on its ``device`` (inputs are moved and cast; a flat result
-comes back in the input's dtype). ``shape`` is (P, P). ``A + B``, ``A - B``, ``c * A``,
-``A + c`` (= A + c·I, a shift), ``-A`` build new operators without evaluating anything.
+comes back on the input's device and in its dtype). ``shape`` is (P, P). ``A + B``,
+``A - B``, ``c * A``, ``A + c`` (= A + c·I, a shift), ``-A`` build new operators without
+evaluating anything.
 ``to_scipy()`` is a :class:`scipy.sparse.linalg.LinearOperator` on float64 numpy arrays
 (for ``eigsh``, ``cg``, …), ``to_dense()`` the P×P matrix (P products; small models).
 
@@ -91,7 +92,7 @@ class LinearOperator(abc.ABC):
             if v.numel() != n:
                 raise ValueError(f"operator of shape {self.shape} @ vector of length "
                                  f"{v.numel()}")
-            return self._flat(v).to(v.dtype)
+            return self._flat(v).to(device=v.device, dtype=v.dtype)
         if v.dim() == 2:
             if v.shape[0] != n:
                 raise ValueError(f"operator of shape {self.shape} @ matrix of shape "
@@ -99,7 +100,7 @@ class LinearOperator(abc.ABC):
             cols = [self._flat(v[:, j]) for j in range(v.shape[1])]
             if not cols:
                 return v.new_zeros(n, 0)
-            return torch.stack(cols, dim=1).to(v.dtype)
+            return torch.stack(cols, dim=1).to(device=v.device, dtype=v.dtype)
         raise ValueError(f"operator @ a tensor of {v.dim()} dimensions; give a vector (P,), "
                          f"a matrix (P, k) or a list of parameter-shaped tensors")
 

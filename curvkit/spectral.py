@@ -41,8 +41,11 @@ _WHICH = {"LA": "LA", "largest": "LA", "SA": "SA", "smallest": "SA", "LM": "LM",
 
 
 def _product(op: LinearOperator) -> tuple[Callable[[Tensor], Tensor], int, torch.device]:
+    """(x ↦ A x in float64, P, the device of the Krylov vectors: the operator's, or the CPU
+    for MPS, which has no float64; products still run on the operator's device)."""
     n = op.shape[0]
-    return (lambda x: (op @ x).to(torch.float64)), n, op.device
+    device = torch.device("cpu") if op.device.type == "mps" else op.device
+    return (lambda x: (op @ x).to(torch.float64)), n, device
 
 
 def _signs(n: int, k: int, gen: torch.Generator, device: torch.device) -> Tensor:

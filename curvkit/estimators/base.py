@@ -341,7 +341,7 @@ def combine(batches: Sequence[Batch], fn: Callable[[int, Any, Tensor], Any],
         count += n
     assert total is not None and spec is not None
     if reduction == "mean":
-        count_t = torch.tensor([float(count)], dtype=torch.float64)
+        count_t = distributed.count_tensor(float(count), total[0] if total else None)
         distributed.all_reduce_sum_(total + [count_t])
         total = [t / float(count_t.item()) for t in total]
     else:

@@ -134,8 +134,9 @@ class HessianEstimator(CurvatureEstimator):
         params = self.params
         K = self.options.samples
         gen = self.generator(self.options.seed)
-        Z = [(torch.randint(0, 2, (K, *p.shape), generator=gen) * 2 - 1).to(p.dtype)
-             for p in params]
+        # drawn on the CPU generator (the same probes on any device), used on the params' one
+        Z = [(torch.randint(0, 2, (K, *p.shape), generator=gen) * 2 - 1).to(
+            device=p.device, dtype=p.dtype) for p in params]
 
         def one(X: Any, y: Tensor) -> list[Tensor]:
             leaves_, _, grads = self._gradient_graph(X, y)

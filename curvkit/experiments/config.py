@@ -46,6 +46,7 @@ from curvkit.config import (
     parse_optimizer,
     parse_part,
 )
+from curvkit.devices import check_device_name
 from curvkit.errors import ConfigError
 from curvkit.options import build_options, option, option_specs
 from curvkit.registry import Registry, get_registry
@@ -81,7 +82,9 @@ class TrainOptions:
     dtype: Literal["float32", "float64", "bfloat16"] = option("float32",
                                                                "model and data dtype")
     target_loss: float | None = option(None, "train loss for the report's time-to-target")
-    device: Literal["cpu"] = option("cpu", "device (this build of curvkit runs on CPU)")
+    device: str = option("cpu", "device of the run's model and data: 'cpu', 'cuda', "
+                                "'cuda:N' or 'mps' (an unavailable one is an error before "
+                                "training)")
     max_nonfinite: int = option(10, "consecutive non-finite events (skipped steps) after "
                                     "which a run counts as diverged", min=1)
     diverge_factor: float = option(1e6, "a run whose batch loss exceeds this multiple of its "
@@ -93,6 +96,10 @@ class TrainOptions:
                                    min=0)
 
     def __post_init__(self) -> None:
+        try:
+            check_device_name(self.device, "device")
+        except ConfigError as err:  # a ValueError gets the table's path from build_options
+            raise ValueError(str(err)) from None
         if not self.seeds:
             raise ValueError("seeds: need at least one seed")
         if len(set(self.seeds)) != len(self.seeds):

@@ -26,6 +26,7 @@ ranks, and only rank 0 emits records.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import time
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import __version__, distributed
+from curvkit.devices import resolve_device
 from curvkit.experiments import checkpoint
 from curvkit.experiments.config import RunConfig, parse_run_config
 from curvkit.optimizer import CurvkitOptimizer
@@ -91,6 +93,14 @@ def build_model(cfg: RunConfig, data: TaskData, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = cfg.create_model().build(data.input_shape, data.num_outputs)
     return model.to(as_dtype(cfg.train.dtype))
+
+
+def on_device(data: TaskData, device: torch.device) -> TaskData:
+    """The splits moved to ``device`` (the cached CPU copy is kept as it is)."""
+    if device.type == "cpu":
+        return data
+    moved = {s: tuple(t.to(device) for t in data.split(s)) for s in ("train", "val", "test")}
+    return dataclasses.replace(data, **moved)
 
 
 def build_training_optimizer(cfg: RunConfig, model: nn.Module, loss_fn: nn.Module
@@ -282,8 +292,9 @@ def _train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], cache_di
            progress: Callable[[int], None] | None, checkpoint_file: Any,
            state: dict[str, Any] | None) -> dict[str, Any]:
     wall0 = time.perf_counter()
-    data = load_task(cfg, cache_dir)
-    model = build_model(cfg, data, seed)
+    device = resolve_device(cfg.train.device)  # unavailable: an error before anything runs
+    data = on_device(load_task(cfg, cache_dir), device)
+    model = build_model(cfg, data, seed).to(device)
     loss_fn = data.loss_fn(cfg.task.reduction)
     opt = build_training_optimizer(cfg, model, loss_fn)
     sampler = BatchSampler(int(data.train[1].shape[0]), cfg.task.batch_size, seed)

@@ -59,9 +59,10 @@ def run_spectrum(config: str | os.PathLike, out: str | os.PathLike, *,
                  log: Callable[[str], None] = print) -> Path:
     """Run the measurement (see the module docstring); returns the results directory."""
     import curvkit
+    from curvkit.devices import resolve_device
     from curvkit.experiments.ablate import load_config
     from curvkit.experiments.config import parse_run_config
-    from curvkit.experiments.runner import BatchSampler, build_model, load_task
+    from curvkit.experiments.runner import BatchSampler, build_model, load_task, on_device
     from curvkit.optimizer import CurvkitOptimizer
 
     for name, value, low in (("--k", k, 1), ("--samples", samples, 1),
@@ -81,8 +82,9 @@ def run_spectrum(config: str | os.PathLike, out: str | os.PathLike, *,
             raise ConfigError(f"--estimators: unknown estimator {name!r} (registered: "
                               f"{', '.join(known)})")
     seed = cfg.train.seeds[0] if seed is None else seed
-    data = load_task(cfg, cache_dir)
-    model = build_model(cfg, data, seed)
+    device = resolve_device(cfg.train.device)
+    data = on_device(load_task(cfg, cache_dir), device)
+    model = build_model(cfg, data, seed).to(device)
     loss_fn = data.loss_fn(cfg.task.reduction)
     opt = CurvkitOptimizer(model, loss_fn, cfg.optimizer)
     ests = {n: curvkit.create("estimator", n, model=model, loss_fn=loss_fn) for n in names}

@@ -167,7 +167,7 @@ class Kronecker(LayerwiseKronecker):
                 inv, pi = self._invert(A, G)
             else:  # receive buffers shaped like the owner's result
                 inv, pi = self._inverse_buffers(A, G), 0.0
-            pi_t = torch.tensor([pi], dtype=torch.float64)
+            pi_t = distributed.count_tensor(pi, A)  # on the factors' (= the group's) device
             distributed.broadcast_([*inv.values(), pi_t], src=owner)
             inverses[mod], pis[mod] = inv, float(pi_t)
         return pis

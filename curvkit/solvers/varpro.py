@@ -372,7 +372,7 @@ class VarPro(Solver):
         Y = head.rows(head.y)
         if head.offset is not None:
             Y = Y - head.offset
-        rows = torch.tensor([float(Z.shape[0])], dtype=F64)
+        rows = distributed.count_tensor(float(Z.shape[0]), Z)
         distributed.all_reduce_sum_([rows])
         c = 1.0 / (float(rows) * head.d) if head.reduction == "mean" else 1.0
         mu = self.options.alpha / (2.0 * c)
