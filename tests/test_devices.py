@@ -31,8 +31,7 @@ ALLOWED = {
     ("curvkit/partitions.py", "arange"): "integer group ids: CPU metadata",
     ("curvkit/estimators/_autograd.py", "tensor"): "partition ids: CPU metadata",
     ("curvkit/estimators/_autograd.py", "as_tensor"): "partition ids: CPU metadata",
-    ("curvkit/estimators/_kfac.py", "arange"): "index permutation (indexes any device)",
-    ("curvkit/estimators/_kfac.py", "zeros"): "placeholder when there are no factors",
+    ("curvkit/estimators/kfac/factors.py", "arange"): "index permutation (indexes any device)",
     ("curvkit/experiments/config.py", "zeros"): "a probe parameter to validate torch.optim "
                                                 "keyword arguments",
     ("curvkit/experiments/runner.py", "arange"): "sample permutation (indexes any device)",
