@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from curvkit._optional import require
 from curvkit.experiments.store import RESULTS, Run, load_runs, write_text_atomic
 
 REPORT = "report.md"
@@ -221,9 +222,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 # --------------------------------------------------------------------------- figures
 def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg",
+                              "curvkit report's figures").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "curvkit report's figures").Figure
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -231,8 +232,7 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.
 
 
 def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
+    colormaps = require("matplotlib", "curvkit report's figures").colormaps
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
