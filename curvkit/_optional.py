@@ -20,6 +20,7 @@ EXTRAS = {
     "sklearn": "experiments",
     "mnist1d": "experiments",
     "backpack": "backpack",
+    "pytest": "testing",
 }
 
 

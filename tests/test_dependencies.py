@@ -15,12 +15,13 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("matplotlib", "sklearn", "mnist1d", "backpack", "torchvision", "curvlinops",
-            "singd")
+            "singd", "pytest")
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:
@@ -39,7 +40,7 @@ def test_core_dependencies_are_the_library_only():
     selfref = [r for r in extras["dev"] if r.startswith("curvkit[")]
     assert selfref, "dev must list the extras the tests need, e.g. curvkit[experiments]"
     named = {e.strip() for r in selfref for e in r[len("curvkit["):r.index("]")].split(",")}
-    assert {"experiments", "backpack"} <= named
+    assert {"experiments", "backpack", "testing"} <= named
 
 
 def _run_without_optional(code: str) -> dict:
@@ -61,7 +62,8 @@ def test_curvkit_works_without_the_optional_packages():
         import curvkit
         from curvkit._optional import MissingExtraError
 
-        mods = [m.name for m in pkgutil.walk_packages(curvkit.__path__, "curvkit.")]
+        mods = [m.name for m in pkgutil.walk_packages(curvkit.__path__, "curvkit.")
+                if not m.name.startswith("curvkit.testing")]
         for m in mods:
             importlib.import_module(m)
         torch.manual_seed(0)
@@ -78,14 +80,21 @@ def test_curvkit_works_without_the_optional_packages():
                 curvkit.create("dataset", name).generate()
             except MissingExtraError as err:
                 errors[name] = str(err)
+        try:
+            import curvkit.testing  # noqa: F401
+        except MissingExtraError as err:
+            errors["curvkit.testing"] = str(err)
         print(json.dumps({"modules": len(mods), "losses": losses, "errors": errors,
                           "components": curvkit.components()}))
     """)
     assert result["modules"] > 30
     assert result["losses"][-1] < result["losses"][0]
-    assert set(result["errors"]) == {"digits", "mnist1d"}
-    for name, msg in result["errors"].items():
+    errors = result["errors"]
+    assert set(errors) == {"digits", "mnist1d", "curvkit.testing"}
+    for name in ("digits", "mnist1d"):
+        msg = errors[name]
         assert f"dataset '{name}'" in msg and 'pip install "curvkit[experiments]"' in msg, msg
+    assert 'pip install "curvkit[testing]"' in errors["curvkit.testing"]
     assert "digits" in result["components"]["dataset"]  # still listed, just not generated
 
 

@@ -13,12 +13,12 @@ import warnings
 
 import pytest
 import torch
-from models import Problem, make_data, make_loss, mlp, param_offsets, problem
-from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average
 from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, ema_average
+from curvkit.testing.problems import Problem, make_data, make_loss, mlp, param_offsets, problem
 
 
 def layernorm_problem(seed: int = 1, n: int = 6, batches: int = 3) -> Problem:

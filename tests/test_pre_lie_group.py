@@ -16,13 +16,13 @@ import warnings
 import pytest
 import test_structures as ts
 import torch
-from models import Problem, make_data, make_loss, mlp, param_offsets
-from preconditioner_suite import Case, Context, PreconditionerSuite, poisoned
 from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.structures import STRUCTURES
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, poisoned
+from curvkit.testing.problems import Problem, make_data, make_loss, mlp, param_offsets
 
 
 # ----------------------------------------------------------------------------- reference

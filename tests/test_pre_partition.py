@@ -14,14 +14,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import Problem, flat_loss, flat_params, mlp, problem
-from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average, flat, unflat
 from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.estimators.base import Summary
 from curvkit.params import trainable
+from curvkit.testing.preconditioner import (
+    Case,
+    Context,
+    PreconditionerSuite,
+    ema_average,
+    flat,
+    unflat,
+)
+from curvkit.testing.problems import Problem, flat_loss, flat_params, mlp, problem
 
 # ----------------------------------------------------------------------------- references
 

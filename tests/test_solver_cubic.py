@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import Problem, flat_loss, flat_params, mlp, problem
 from torch import nn
 
 import curvkit
 from curvkit.errors import IncompatibleError, StepError
 from curvkit.solvers.cubic import cubic_eta, cubic_model, third_order_scale
+from curvkit.testing.problems import Problem, flat_loss, flat_params, mlp, problem
 
 F64 = torch.float64
 

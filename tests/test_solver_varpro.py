@@ -10,12 +10,12 @@ import pytest
 import scipy.linalg
 import scipy.optimize as so
 import torch
-from models import cnn, mlp
 from torch import nn
 from torch.func import functional_call
 
 import curvkit
 from curvkit.errors import ConfigError, StepError
+from curvkit.testing.problems import cnn, mlp
 
 DT = torch.float64
 

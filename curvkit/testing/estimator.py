@@ -2,7 +2,7 @@
 
 A new estimator gets the whole suite by declaring its ground truth::
 
-    from estimator_suite import EstimatorSuite, hessian_reference
+    from curvkit.testing import EstimatorSuite, hessian_reference
 
     class TestHessian(EstimatorSuite):
         name = "hessian"
@@ -29,7 +29,7 @@ Hooks a subclass may set or override:
 - ``summary_has_d3``: whether ``summary`` returns D3 (then checked against an independent
   third derivative).
 
-Everything runs in float64 on tiny models (tests/models.py).
+Everything runs in float64 on the tiny models of :mod:`curvkit.testing.problems`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from models import (
+from torch import Tensor, nn
+from torch.func import grad, hessian, jacfwd, jacrev
+
+import curvkit
+from curvkit.testing.problems import (
     ARCHS,
     Problem,
     flat_forward,
@@ -50,10 +54,6 @@ from models import (
     mlp,
     problem,
 )
-from torch import Tensor, nn
-from torch.func import grad, hessian, jacfwd, jacrev
-
-import curvkit
 
 DTYPE = torch.float64
 
