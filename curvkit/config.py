@@ -112,7 +112,7 @@ def parse_part(kind: str, value: Any, path: str, registry: Registry | None = Non
     else:
         raise ConfigError(f"{path}: expected a {kind} name or table, got {value!r}")
     spec = registry.get(kind, name, path=f"{path}.name" if isinstance(value, Mapping) else path)
-    options = build_options(spec.cls.Options, raw, path)
+    options = registry.resolve_parts(build_options(spec.cls.Options, raw, path), path)
     return PartChoice(spec, options, path)
 
 

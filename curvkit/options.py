@@ -215,3 +215,13 @@ def build_options(options_cls: type, raw: Mapping[str, Any] | None, path: str) -
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+def part_option(kind: str, default: Any, help: str = "") -> Any:
+    """An option naming child parts of ``kind``: each a name or a table
+    ``{name = "...", **its options}`` (the option may hold a tuple of them).
+
+    A composite part's children are configured like any part: the config layer
+    (``Registry.resolve_parts``, run by ``build_optimizer`` and ``curvkit.create``) checks
+    each against the child's own ``Options`` and stores it as a complete table."""
+    return dataclasses.field(default=default, metadata={"help": help, "part": kind})

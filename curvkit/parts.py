@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 from curvkit.options import NoOptions
 
-KINDS = ("estimator", "preconditioner", "solver", "loss", "dataset", "model", "executor")
+KINDS = ("estimator", "preconditioner", "solver", "loss", "structure", "dataset", "model",
+         "executor")
 
 # Capability vocabulary. Estimators provide MATVEC and DENSE always.
 MATVEC = "matvec"

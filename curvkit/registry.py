@@ -8,10 +8,12 @@ skipped; a part name registered twice within a kind is an error naming both sour
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -208,10 +210,55 @@ class Registry:
         context = {k: v for k, v in kwargs.items() if k in context_names}
         raw = {k: v for k, v in kwargs.items() if k not in context_names}
         where = path or f"{kind}.{name}"
-        opts = build_options(spec.cls.Options, raw, where)
+        opts = self.resolve_parts(build_options(spec.cls.Options, raw, where), where)
         part = spec.cls(options=opts, **context)
         part.config_path = where
         return part
+
+
+    # ------------------------------------------------------------------ nested parts
+    def part_options(self, kind: str, value: Any, path: str) -> tuple[PartSpec, Any]:
+        """A child part given as ``"name"`` or ``{name = "...", **options}`` → its registry
+        entry and validated ``Options`` (errors name ``path``)."""
+        from curvkit.errors import ConfigError
+
+        if isinstance(value, str):
+            name, raw, name_path = value, {}, path
+        elif isinstance(value, Mapping):
+            raw = dict(value)
+            name = raw.pop("name", None)
+            if not isinstance(name, str):
+                raise ConfigError(f"{path}.name: missing or not a string; a {kind} table "
+                                  f"needs name = one of {', '.join(self.names(kind))}")
+            name_path = f"{path}.name"
+        else:
+            raise ConfigError(f"{path}: expected a {kind} name or table, got {value!r}")
+        spec = self.get(kind, name, path=name_path)
+        return spec, build_options(spec.cls.Options, raw, path)
+
+    def resolve_parts(self, options: Any, path: str) -> Any:
+        """``options`` with every :func:`~curvkit.options.part_option` field checked and
+        completed: each child becomes ``{"name": ..., **all its options}``."""
+        if not dataclasses.is_dataclass(options):
+            return options
+        changes = {}
+        for f in dataclasses.fields(options):
+            kind = f.metadata.get("part")
+            if kind is None:
+                continue
+            value = getattr(options, f.name)
+            where = f"{path}.{f.name}"
+
+            def table(v: Any, p: str, kind: str = kind) -> dict[str, Any]:
+                spec, opts = self.part_options(kind, v, p)
+                return {"name": spec.name, **dataclasses.asdict(opts)}
+
+            if isinstance(value, (tuple, list)):
+                changes[f.name] = type(value)(table(v, f"{where}[{i}]")
+                                              for i, v in enumerate(value))
+            else:
+                changes[f.name] = table(value, where)
+        return dataclasses.replace(options, **changes) if changes else options
 
 
 _REGISTRY: Registry | None = None

@@ -144,8 +144,8 @@ def test_part_declaring_missing_capability_method_is_rejected(plugin_dir):
 
 def test_components_lists_kinds():
     comps = curvkit.components()
-    assert set(comps) == {"estimator", "preconditioner", "solver", "loss", "dataset", "model",
-                          "executor"}
+    assert set(comps) == {"estimator", "preconditioner", "solver", "loss", "structure",
+                          "dataset", "model", "executor"}
     assert "direct" in comps["solver"]
 
 

@@ -1,7 +1,10 @@
 """Structured square matrices for the ``lie_group`` (SINGD) preconditioner.
 
-``STRUCTURES`` maps each structure name (what a config's ``structures`` option names) to
-its class; :func:`get` looks a name up with a clear error.
+Each structure is a registered part of kind ``structure`` (one file per structure, named as
+registered, with its own ``Options``); a plugin adds one through the ``curvkit_parts`` hook
+like any other part, and ``lie_group`` names them in nested tables. ``STRUCTURES`` maps the
+built-in names to their classes; :func:`get` looks a name up among every registered
+structure (plugins included) with a clear error.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ STRUCTURES: dict[str, type[Structure]] = {
 
 
 def get(name: str, where: str = "structure") -> type[Structure]:
-    """The structure class registered as ``name``."""
-    try:
-        return STRUCTURES[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(STRUCTURES), n=2)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"{where}: unknown structure {name!r}{hint} (known: "
-                         f"{', '.join(STRUCTURES)})") from None
+    """The structure class registered as ``name`` (built-in or from a plugin)."""
+    from curvkit.registry import get_registry
+
+    registry = get_registry()
+    known = registry.names("structure")
+    if name in known:
+        return registry.get("structure", name).cls
+    close = difflib.get_close_matches(name, known, n=2)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"{where}: unknown structure {name!r}{hint} (known: "
+                     f"{', '.join(known)})")
 
 
 __all__ = ["STRUCTURES", "Structure", "get", "Dense", "Diagonal", "BlockDiagonal",

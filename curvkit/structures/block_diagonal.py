@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure
 
 
@@ -17,11 +19,14 @@ class BlockDiagonal(Structure):
     """
 
     name = "block_diagonal"
-    CONFIG = {"block_size": 30}
+
+    @dataclass
+    class Options:
+        block_size: int = option(30, "size b of the dense diagonal blocks", min=1)
 
     @classmethod
     def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
-        b = int(config.get("block_size", cls.CONFIG["block_size"]))
+        b = int(config.get("block_size", cls.Options.block_size))
         if b < 1:
             raise ValueError(f"{cls.name}: block_size must be >= 1, got {b}")
         n, r = divmod(dim, b)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure
 
 
@@ -24,7 +26,11 @@ class Hierarchical(Structure):
     """
 
     name = "hierarchical"
-    CONFIG = {"k1": 15, "k2": 15}
+
+    @dataclass
+    class Options:
+        k1: int = option(15, "size k₁ of the dense top block rows", min=0)
+        k2: int = option(15, "size k₂ of the dense bottom-right block", min=0)
 
     @classmethod
     def sizes(cls, dim: int, k1: int, k2: int) -> tuple[int, int, int]:

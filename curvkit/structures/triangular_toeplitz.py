@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure, diagonal_sums
 
 
@@ -26,7 +28,11 @@ class TriangularToeplitz(Structure):
 
     name = "triangular_toeplitz"
     DENSE_PRODUCTS = True
-    CONFIG = {"lower": True}
+
+    @dataclass
+    class Options:
+        lower: bool = option(True, "lower-triangular Toeplitz (singd's triltoeplitz); false: "
+                                   "upper (triutoeplitz)")
 
     @classmethod
     def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:

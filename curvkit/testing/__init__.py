@@ -47,9 +47,11 @@ from curvkit.testing.preconditioner import (  # noqa: E402
     unflat,
 )
 from curvkit.testing.problems import Problem, problem  # noqa: E402
+from curvkit.testing.structure import StructureSuite, reference_projection  # noqa: E402
 
 __all__ = [
-    "EstimatorSuite", "PreconditionerSuite", "Case", "Context", "Problem", "problem",
+    "EstimatorSuite", "PreconditionerSuite", "StructureSuite", "reference_projection",
+    "Case", "Context", "Problem", "problem",
     "concat", "flat", "unflat", "ema_average", "poisoned", "ggn_reference",
     "gradient_reference", "hessian_reference", "random_like_params",
     "third_directional_derivative",
