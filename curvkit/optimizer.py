@@ -56,7 +56,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{pre.path}: {err}") from err
         try:
-            self.solver.bind(self)
+            self.solver.bind(self.estimator, self.preconditioner)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{sol.path}: {err}") from err
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
@@ -118,10 +118,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         info["time_curvature"] = time.perf_counter() - t_curv
 
         group = self.param_groups[0]
-        ctx = StepContext(model=self.model, loss_fn=self.loss_fn, names=self.names,
-                          params=group["params"], batch=batch, loss=loss, grads=grads,
+        ctx = StepContext(params=group["params"], batch=batch, loss=loss, grads=grads,
                           estimator=self.estimator, preconditioner=self.preconditioner,
-                          lr=group["lr"], step=step, group=group, finite=finite)
+                          lr=group["lr"], step=step, finite=finite)
         result = self.solver.step(ctx)
         self.estimator.advance()
         info.update(result.info)

@@ -252,8 +252,8 @@ class Cubic(Solver):
         """``group_summary``; with ``lambda_int > 0`` also D3 from the estimator."""
         return cls.needs | ({SUMMARY_D3} if options.lambda_int > 0 else frozenset())
 
-    def bind(self, optimizer: Any) -> None:
-        pre = optimizer.preconditioner
+    def bind(self, estimator: Any, preconditioner: Any) -> None:
+        pre = preconditioner
         if not callable(getattr(pre, "set_eta_rule", None)):
             raise IncompatibleError(
                 f"{self.config_path or 'solver'}: solver 'cubic' needs a preconditioner that "

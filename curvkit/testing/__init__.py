@@ -47,10 +47,12 @@ from curvkit.testing.preconditioner import (  # noqa: E402
     unflat,
 )
 from curvkit.testing.problems import Problem, problem  # noqa: E402
+from curvkit.testing.solver import SolverSuite, brute_force_minimiser  # noqa: E402
 from curvkit.testing.structure import StructureSuite, reference_projection  # noqa: E402
 
 __all__ = [
-    "EstimatorSuite", "PreconditionerSuite", "StructureSuite", "reference_projection",
+    "EstimatorSuite", "PreconditionerSuite", "StructureSuite", "SolverSuite",
+    "reference_projection", "brute_force_minimiser",
     "Case", "Context", "Problem", "problem",
     "concat", "flat", "unflat", "ema_average", "poisoned", "ggn_reference",
     "gradient_reference", "hessian_reference", "random_like_params",
