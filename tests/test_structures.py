@@ -17,13 +17,13 @@ import curvkit
 from curvkit import structures
 from curvkit.structures import (
     STRUCTURES,
-    BlockDiagonal,
-    Dense,
-    Diagonal,
-    Hierarchical,
-    LowerTriangular,
-    TriangularToeplitz,
-    UpperTriangular,
+    BlockDiagonalStructure,
+    DenseStructure,
+    DiagonalStructure,
+    HierarchicalStructure,
+    LowerTriangularStructure,
+    TriangularToeplitzStructure,
+    UpperTriangularStructure,
 )
 from curvkit.structures.base import diagonal_sums
 from curvkit.testing import StructureSuite
@@ -31,7 +31,7 @@ from curvkit.testing import StructureSuite
 
 # ----------------------------------------------------------------------------- structures
 class TestDense(StructureSuite):
-    cls = Dense
+    cls = DenseStructure
     outer_closed = True
 
     @staticmethod
@@ -40,7 +40,7 @@ class TestDense(StructureSuite):
 
 
 class TestDiagonal(StructureSuite):
-    cls = Diagonal
+    cls = DiagonalStructure
     outer_closed = True
 
     @staticmethod
@@ -49,7 +49,7 @@ class TestDiagonal(StructureSuite):
 
 
 class TestBlockDiagonal(StructureSuite):
-    cls = BlockDiagonal
+    cls = BlockDiagonalStructure
     outer_closed = True
     config = {"block_size": 3}
 
@@ -61,7 +61,7 @@ class TestBlockDiagonal(StructureSuite):
 class TestBlockDiagonalDefault(StructureSuite):
     """singd's block30diagonal: every test dimension is inside the rest block."""
 
-    cls = BlockDiagonal
+    cls = BlockDiagonalStructure
     outer_closed = True
 
     @staticmethod
@@ -70,7 +70,7 @@ class TestBlockDiagonalDefault(StructureSuite):
 
 
 class TestHierarchical(StructureSuite):
-    cls = Hierarchical
+    cls = HierarchicalStructure
     config = {"k1": 2, "k2": 3}
 
     @staticmethod
@@ -90,7 +90,7 @@ class TestHierarchical(StructureSuite):
 
 
 class TestLowerToeplitz(StructureSuite):
-    cls = TriangularToeplitz
+    cls = TriangularToeplitzStructure
 
     @staticmethod
     def key(i, j, d):
@@ -98,7 +98,7 @@ class TestLowerToeplitz(StructureSuite):
 
 
 class TestUpperToeplitz(StructureSuite):
-    cls = TriangularToeplitz
+    cls = TriangularToeplitzStructure
     config = {"lower": False}
 
     @staticmethod
@@ -107,7 +107,7 @@ class TestUpperToeplitz(StructureSuite):
 
 
 class TestLowerTriangular(StructureSuite):
-    cls = LowerTriangular
+    cls = LowerTriangularStructure
 
     @staticmethod
     def key(i, j, d):
@@ -115,7 +115,7 @@ class TestLowerTriangular(StructureSuite):
 
 
 class TestUpperTriangular(StructureSuite):
-    cls = UpperTriangular
+    cls = UpperTriangularStructure
 
     @staticmethod
     def key(i, j, d):
@@ -130,10 +130,13 @@ def test_every_structure_is_tested_and_named():
                                "triangular_toeplitz", "lower_triangular", "upper_triangular"}
     for name, cls in STRUCTURES.items():
         assert cls.name == name
+        # one class name per concept: DiagonalStructure, not a second 'Diagonal' beside the
+        # diagonal preconditioner
+        assert cls.__name__.endswith("Structure"), cls.__name__
 
 
 def test_lookup_error_names_close_match():
-    assert structures.get("diagonal") is Diagonal
+    assert structures.get("diagonal") is DiagonalStructure
     with pytest.raises(ValueError, match="did you mean 'diagonal'"):
         structures.get("diagonl", where="optimizer.preconditioner.structures[0]")
 

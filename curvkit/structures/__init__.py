@@ -12,17 +12,18 @@ from __future__ import annotations
 import difflib
 
 from curvkit.structures.base import Structure
-from curvkit.structures.block_diagonal import BlockDiagonal
-from curvkit.structures.dense import Dense
-from curvkit.structures.diagonal import Diagonal
-from curvkit.structures.hierarchical import Hierarchical
-from curvkit.structures.lower_triangular import LowerTriangular
-from curvkit.structures.triangular_toeplitz import TriangularToeplitz
-from curvkit.structures.upper_triangular import UpperTriangular
+from curvkit.structures.block_diagonal import BlockDiagonalStructure
+from curvkit.structures.dense import DenseStructure
+from curvkit.structures.diagonal import DiagonalStructure
+from curvkit.structures.hierarchical import HierarchicalStructure
+from curvkit.structures.lower_triangular import LowerTriangularStructure
+from curvkit.structures.triangular_toeplitz import TriangularToeplitzStructure
+from curvkit.structures.upper_triangular import UpperTriangularStructure
 
 STRUCTURES: dict[str, type[Structure]] = {
-    cls.name: cls for cls in (Dense, Diagonal, BlockDiagonal, Hierarchical,
-                              TriangularToeplitz, LowerTriangular, UpperTriangular)
+    cls.name: cls for cls in (DenseStructure, DiagonalStructure, BlockDiagonalStructure,
+                              HierarchicalStructure, TriangularToeplitzStructure,
+                              LowerTriangularStructure, UpperTriangularStructure)
 }
 
 
@@ -40,5 +41,6 @@ def get(name: str, where: str = "structure") -> type[Structure]:
                      f"{', '.join(known)})")
 
 
-__all__ = ["STRUCTURES", "Structure", "get", "Dense", "Diagonal", "BlockDiagonal",
-           "Hierarchical", "TriangularToeplitz", "LowerTriangular", "UpperTriangular"]
+__all__ = ["STRUCTURES", "Structure", "get", "DenseStructure", "DiagonalStructure",
+           "BlockDiagonalStructure", "HierarchicalStructure", "TriangularToeplitzStructure",
+           "LowerTriangularStructure", "UpperTriangularStructure"]
