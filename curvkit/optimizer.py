@@ -60,6 +60,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{sol.path}: {err}") from err
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
+        self.traffic = distributed.Traffic()
         self.last_info: dict[str, Any] = {}
         # the estimator can take the statistics the preconditioner needs from the step's own
         # forward and backward pass (estimator.observe) instead of another pass
@@ -84,13 +85,14 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = reduced[0], reduced[1:]
         return loss, grads
 
+    @distributed.counted("traffic")  # this optimizer's collectives, in info["comm_bytes"]
     def step(self, batch: tuple[Any, Tensor]) -> Tensor:  # type: ignore[override]
         """One optimization step on ``batch = (X, y)``; returns the loss before the step."""
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError("step expects a batch (X, y); closures are not used by curvkit")
         batch = tuple(batch)
         t_start = time.perf_counter()
-        comm0 = distributed.COMM["bytes"]
+        comm0 = self.traffic.bytes
         step = self.counters["steps"]
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1
@@ -138,7 +140,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         else:
             self.counters["nonfinite"] += 1
         info["time_step"] = time.perf_counter() - t_start
-        info["comm_bytes"] = distributed.COMM["bytes"] - comm0
+        info["comm_bytes"] = self.traffic.bytes - comm0
         self.last_info = info
         return loss
 
