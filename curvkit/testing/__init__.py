@@ -38,6 +38,7 @@ from curvkit.testing.estimator import (  # noqa: E402
     random_like_params,
     third_directional_derivative,
 )
+from curvkit.testing.loss import LossCase, LossSuite  # noqa: E402
 from curvkit.testing.preconditioner import (  # noqa: E402
     Case,
     Context,
@@ -51,7 +52,8 @@ from curvkit.testing.solver import SolverSuite, brute_force_minimiser  # noqa: E
 from curvkit.testing.structure import StructureSuite, reference_projection  # noqa: E402
 
 __all__ = [
-    "EstimatorSuite", "PreconditionerSuite", "StructureSuite", "SolverSuite",
+    "EstimatorSuite", "PreconditionerSuite", "StructureSuite", "SolverSuite", "LossSuite",
+    "LossCase",
     "reference_projection", "brute_force_minimiser",
     "Case", "Context", "Problem", "problem",
     "concat", "flat", "unflat", "ema_average", "poisoned", "ggn_reference",
