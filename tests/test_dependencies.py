@@ -21,7 +21,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("matplotlib", "sklearn", "mnist1d", "backpack", "torchvision", "curvlinops",
-            "singd", "pytest")
+            "singd", "pytest", "ray", "submitit", "optuna")
 
 
 def _requirement_names(reqs: list[str]) -> set[str]:
@@ -40,7 +40,7 @@ def test_core_dependencies_are_the_library_only():
     selfref = [r for r in extras["dev"] if r.startswith("curvkit[")]
     assert selfref, "dev must list the extras the tests need, e.g. curvkit[experiments]"
     named = {e.strip() for r in selfref for e in r[len("curvkit["):r.index("]")].split(",")}
-    assert {"experiments", "backpack", "testing"} <= named
+    assert {"experiments", "backpack", "testing", "ray", "slurm", "tune"} <= named
 
 
 def _run_without_optional(code: str) -> dict:
