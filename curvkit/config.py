@@ -84,7 +84,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def optimizer_table(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """The optimizer table of a config dict or TOML file (``[optimizer]`` if present)."""
-    if isinstance(config, (str, Path)):
+    from_file = isinstance(config, (str, Path))
+    if from_file:
         doc = load_toml(config)
         if "optimizer" not in doc:
             raise ConfigError(f"{config}: no [optimizer] table")
@@ -92,6 +93,14 @@ def optimizer_table(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ConfigError(f"optimizer: expected a table, got {type(config).__name__}")
     if "optimizer" in config and isinstance(config["optimizer"], Mapping):
+        if from_file:
+            return dict(config["optimizer"])  # a run file's other tables are the runner's
+        extra = sorted(str(k) for k in config if k != "optimizer")
+        if extra:
+            # {"optimizer": {...}, "lr": 0.1} would silently train with the table's lr
+            raise ConfigError(f"{extra[0]}: unexpected key beside 'optimizer' in an optimizer "
+                              f"config (keys: {', '.join(extra)}); put options inside the "
+                              f"'optimizer' table, or pass the table itself")
         return dict(config["optimizer"])
     return dict(config)
 

@@ -84,7 +84,8 @@ class LieGroup(LayerwiseKronecker):
         normalize_lr_cov: bool = option(False, "normalized steps: β = lr_cov / max(1, max|m|) "
                                                "and s = (1 − α₁)/2")
         init_scale: float = option(1.0, "K and C start as init_scale·I (first "
-                                        "preconditioner init_scale⁴·I)", min=0.0)
+                                        "preconditioner init_scale⁴·I)", min=0.0,
+                                   min_exclusive=True)
         preconditioner_dtype: tuple[str, str] = option(
             ("param", "param"), "dtypes of (K, m_K) and (C, m_C): 'param' (the weight's) or "
                                 + ", ".join(DTYPES))
