@@ -8,15 +8,16 @@ is refused before any training with the part, the missing capability and its pro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from curvkit.errors import ConfigError, IncompatibleError
-from curvkit.options import build_options, option
+from curvkit.options import build_options, option, option_specs
 from curvkit.registry import PartSpec, Registry, get_registry
 
 
@@ -52,9 +53,13 @@ class PartChoice:
         return self.spec.cls.requirements(self.options)
 
     def as_table(self) -> dict[str, Any]:
-        from dataclasses import asdict, is_dataclass
-
-        opts = asdict(self.options) if is_dataclass(self.options) else {}
+        """``{name, **options}``, nested parts as their own tables (JSON/TOML-able)."""
+        opts = {}
+        if is_dataclass(self.options):
+            for f in fields(self.options):
+                value = getattr(self.options, f.name)
+                opts[f.name] = value.as_table() if isinstance(value, PartChoice) else \
+                    copy.deepcopy(value)
         return {"name": self.name, **opts}
 
 
@@ -121,8 +126,26 @@ def parse_part(kind: str, value: Any, path: str, registry: Registry | None = Non
     else:
         raise ConfigError(f"{path}: expected a {kind} name or table, got {value!r}")
     spec = registry.get(kind, name, path=f"{path}.name" if isinstance(value, Mapping) else path)
+    raw = resolve_nested(spec.cls.Options, raw, path, registry)
     options = registry.resolve_parts(build_options(spec.cls.Options, raw, path), path)
     return PartChoice(spec, options, path)
+
+
+def resolve_nested(options_cls: type, raw: Mapping[str, Any], path: str,
+                   registry: Registry) -> dict[str, Any]:
+    """Resolve the options declared ``option(part=kind)`` (given or defaulted) into validated
+    :class:`PartChoice` values at ``path.<option>``: a composite part receives its children
+    as typed configs and never calls the parser itself."""
+    raw = dict(raw)
+    for spec in option_specs(options_cls):
+        if not spec.part:
+            continue
+        value = raw.get(spec.name, None if spec.required else spec.default)
+        if value is None or isinstance(value, PartChoice) or \
+                (isinstance(value, str) and value in spec.keep):
+            continue
+        raw[spec.name] = parse_part(spec.part, value, f"{path}.{spec.name}", registry)
+    return raw
 
 
 def parse_optimizer(config: Mapping[str, Any] | str | Path,

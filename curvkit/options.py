@@ -33,13 +33,20 @@ __all__ = ["option", "OptionSpec", "NoOptions", "option_specs", "build_options",
 
 
 def option(default: Any = MISSING, help: str = "", *, min: float | None = None,
-           max: float | None = None, min_exclusive: bool = False,
-           default_factory: Any = MISSING) -> Any:
+           max: float | None = None, min_exclusive: bool = False, part: str | None = None,
+           keep: tuple[str, ...] = (), default_factory: Any = MISSING) -> Any:
     """A dataclass field carrying its help text and optional numeric bounds.
 
     ``min_exclusive``: the value must be strictly greater than ``min`` (a radius or a
-    shrink factor of 0 would reject every step)."""
-    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    shrink factor of 0 would reject every step).
+
+    ``part``: the option is a nested part of that kind (a composite part's child, like
+    Distributed Shampoo's ``grafting_config``): the config layer resolves a name or table
+    into a validated :class:`curvkit.config.PartChoice` before the Options are built, so
+    the part receives typed data and never parses config itself. Strings in ``keep`` are
+    plain values that are not parts (e.g. ``"gradient"``)."""
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive,
+                "nested": part, "keep": tuple(keep)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -61,6 +68,8 @@ class OptionSpec:
     min: float | None = None
     max: float | None = None
     min_exclusive: bool = False
+    part: str | None = None
+    keep: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -90,7 +99,8 @@ def option_specs(options_cls: type) -> tuple[OptionSpec, ...]:
             default = MISSING
         specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", ""),
                                 f.metadata.get("min"), f.metadata.get("max"),
-                                bool(f.metadata.get("min_exclusive", False))))
+                                bool(f.metadata.get("min_exclusive", False)),
+                                f.metadata.get("nested"), tuple(f.metadata.get("keep", ()))))
     return tuple(specs)
 
 
@@ -242,6 +252,10 @@ def build_options(options_cls: type, raw: Mapping[str, Any] | None, path: str) -
         if name not in raw:
             if spec.required:
                 raise ConfigError(f"{path}.{name}: required option is missing")
+            continue
+        if spec.part and not isinstance(raw[name], (str, Mapping)):
+            # a nested part already resolved by the config layer (a PartChoice)
+            values[name] = raw[name]
             continue
         value = coerce(raw[name], spec.type, f"{path}.{name}")
         check_bounds(spec, value, f"{path}.{name}")

@@ -83,7 +83,8 @@ def _check_part(cls: Any, plugin: str) -> None:
     if not cls.name or not isinstance(cls.name, str):
         raise RegistryError(f"{where}: part {cls.__qualname__} has no `name`")
     for cap in cls.provides:
-        if cap in ("matvec", "dense", "diagonal", "kronecker", "kronecker_roots", "summary") and \
+        if cap in ("matvec", "dense", "diagonal", "kronecker", "kronecker_roots", "summary",
+                   "group_summary") and \
                 not callable(getattr(cls, cap, None)):
             raise RegistryError(f"{where}: {cls.kind} {cls.name!r} declares capability {cap!r} "
                                 f"but has no method `{cap}`")
@@ -241,11 +242,14 @@ class Registry:
                       if s.kind in kinds and capability in s.provides)
 
     def create(self, kind: str, name: str, *, path: str | None = None, **kwargs: Any) -> Part:
+        from curvkit.config import resolve_nested  # config imports the registry
+
         spec = self.get(kind, name, path)
         context_names = spec.context
         context = {k: v for k, v in kwargs.items() if k in context_names}
         raw = {k: v for k, v in kwargs.items() if k not in context_names}
         where = path or f"{kind}.{name}"
+        raw = resolve_nested(spec.cls.Options, raw, where, self)
         opts = self.resolve_parts(build_options(spec.cls.Options, raw, where), where)
         part = spec.cls(options=opts, **context)
         part.config_path = where
