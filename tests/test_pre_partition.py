@@ -196,7 +196,7 @@ def test_partition_errors_are_clear():
         build(model, eta_ema=1.0)
     with pytest.raises(ConfigError, match=r"direction: cannot be another 'partition'"):
         build(model, direction="partition")
-    with pytest.raises(ConfigError, match=r"optimizer\.preconditioner\.direction\.powr: "
+    with pytest.raises(ConfigError, match=r"^preconditioner\.partition\.direction\.powr: "
                                           r"unknown option.*'power'"):
         build(model, direction={"name": "diagonal", "powr": 0.5})
     with pytest.raises(RuntimeError, match="before the first update"):
@@ -462,10 +462,14 @@ def test_diagonal_only_with_the_cubic_solver_uses_the_diagonal_summary():
                       D3=torch.randn(S, generator=gen, dtype=torch.float64))
     solver = curvkit.create("solver", "cubic", lambda_int=1.0)
     pre = build(model, diagonal_only=True)
-    pre.set_eta_rule(solver.solve)
-    pre.update(Scripted([summary]), None, [torch.ones_like(p) for p in model.parameters()])
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    pre.update(Scripted([summary]), None, grads)
+    # the typed value handed to the solver carries Diag(H̄), the direction and the group ids
+    given = pre.group_summary(grads)
+    torch.testing.assert_close(given.H, torch.diag(torch.diagonal(summary.H)), rtol=0, atol=0)
+    assert given.version == 1 and given.groups == S and len(given.u) == len(grads)
     want = cubic_eta(torch.diag(torch.diagonal(summary.H)), summary.g, summary.D3, 1.0)
     full = cubic_eta(summary.H, summary.g, summary.D3, 1.0)
-    torch.testing.assert_close(pre.state["eta"], want.eta, rtol=1e-12, atol=0)
+    torch.testing.assert_close(solver.solve(given).eta, want.eta, rtol=1e-12, atol=0)
     assert not torch.allclose(want.eta, full.eta, rtol=1e-3)
     torch.testing.assert_close(pre.state["H"], summary.H, rtol=0, atol=0)
