@@ -44,14 +44,16 @@ class Partition(Preconditioner):
 
     so ``direct``'s step −lr·apply(g) is Wolinski's eq. (8) step (damping = 0). The trivial
     partition (S = 1) gives Cauchy's steepest descent, the discrete one (S = P) Newton's.
-    The ``cubic`` solver replaces the solve by the anisotropic cubic-regularized η.
+    ``group_summary(grads)`` hands the summary, this step's u and the group ids to a solver
+    as a typed :class:`~curvkit.parts.GroupSummary`; the ``cubic`` solver computes its
+    anisotropic cubic-regularized η from it and forms the step itself.
 
     η is recomputed every ``update_every`` steps (the summary is then measured along the
     current u); between recomputations the stored η scales the current direction.
 
     ``diagonal_only``: η is computed from Diag(H̄) in place of H̄ (by the plain solve, then
-    η_s = ḡ_s / (H̄_ss + damping), or by the cubic rule), i.e. the interactions between
-    groups are dropped — the diagonal variant of Wolinski's Appendix K. The state and
+    η_s = ḡ_s / (H̄_ss + damping), or by the cubic solver through group_summary), i.e. the
+    interactions between groups are dropped — the diagonal variant of Wolinski's Appendix K. The state and
     ``info()`` keep the full measured H̄.
     """
 
