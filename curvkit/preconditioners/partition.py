@@ -53,8 +53,8 @@ class Partition(Preconditioner):
 
     ``diagonal_only``: η is computed from Diag(H̄) in place of H̄ (by the plain solve, then
     η_s = ḡ_s / (H̄_ss + damping), or by the cubic solver through group_summary), i.e. the
-    interactions between groups are dropped — the diagonal variant of Wolinski's Appendix K. The state and
-    ``info()`` keep the full measured H̄.
+    interactions between groups are dropped — the diagonal variant of Wolinski's Appendix
+    K. The state and ``info()`` keep the full measured H̄.
     """
 
     name = "partition"
