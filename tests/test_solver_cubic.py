@@ -408,3 +408,18 @@ def test_rejection_raises_and_success_lowers_lambda():
         lam = info["cubic_lambda"]
     assert any(i["cubic_rejections"] for i in infos)
     assert all(i["evaluations"] >= 1 for i in infos)  # one forward pass per trial
+
+
+def test_invariance_with_a_momentum_direction_and_independent_batches():
+    """Method 1 with u = a momentum of gradients and the summary on the previous batch
+    (issue 16 item 3): still invariant under θ̃_s = α_s θ_s (footnote 5)."""
+    prob, scaled = rescaled_pair()
+    prob.batches.append(prob.batches[0])
+    cfg = {**config(1.0, direction_momentum=0.9, summary_batch="previous"), "lr": 0.5}
+    ref, infos = run_infos(prob.model, prob, cfg, steps=4)
+    got, _ = run_infos(scaled, prob, cfg, steps=4)
+    assert sum(i["accepted"] for i in infos) >= 2
+    for step, (a_params, b_params) in enumerate(zip(ref, got)):
+        for p, q, a in zip(a_params, b_params, ALPHAS):
+            torch.testing.assert_close(q / a, p, rtol=1e-10, atol=1e-13,
+                                       msg=lambda m, s=step: f"step {s}: {m}")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import partitions
+from curvkit.errors import StepError
 from curvkit.estimators.base import Summary
 from curvkit.options import option
 from curvkit.params import check_like
@@ -92,8 +93,19 @@ class Partition(Preconditioner):
         diagonal_only: bool = option(
             False, "η from Diag(H̄) instead of H̄: drop the interactions between groups "
                    "(Wolinski's App. K ablation); H̄ is still measured and reported in full")
+        direction_momentum: float = option(
+            0.0, "Method 1's u_t = u(m_t), m_t = β·m_{t−1} + g_t: a momentum of gradients "
+                 "(Wolinski's footnote 5: the trajectory stays invariant); the step is then "
+                 "taken from group_summary (solver 'cubic'), apply() is refused",
+            min=0.0, max=1.0)
+        summary_batch: Literal["step", "previous"] = option(
+            "step", "batch the summary ḡ, H̄, D3 is measured on: the step's own, or the "
+                    "previous step's (Algorithm 1's independent mini-batches for the "
+                    "gradient and the summary; the first step uses its own)")
 
         def __post_init__(self) -> None:
+            if self.direction_momentum >= 1.0:
+                raise ValueError("direction_momentum: must be < 1")
             if self.eta_ema >= 1.0:
                 raise ValueError("eta_ema: must be < 1 (eta_ema = 1 would never take in a "
                                  "new η)")
@@ -135,6 +147,9 @@ class Partition(Preconditioner):
         self._rule_info: dict[str, Any] = {}
         self._step: int | None = None
         self._ids: list[Tensor] | None = None
+        # summary_batch = "previous": the last step's batch (not checkpointed: after a
+        # resume the first summary is measured on the step's own batch)
+        self._previous: Any = None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -146,10 +161,23 @@ class Partition(Preconditioner):
     # ------------------------------------------------------------------ update
     def should_update(self, step: int) -> bool:
         own = step % self.options.update_every == 0
-        due = own or (self.inner is not None and self.inner.should_update(step))
+        due = own or (self.inner is not None and self.inner.should_update(step)) or \
+            self._every_step
         # update() needs the step to tell whose refresh is due
         self._step = step if due else None
         return due
+
+    @property
+    def _every_step(self) -> bool:
+        """The momentum and the previous batch are taken in at every step."""
+        o = self.options
+        return o.direction_momentum > 0.0 or o.summary_batch == "previous"
+
+    def _u(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """This step's u: of the momentum m_t (already holding g_t) or of the gradient."""
+        if self.options.direction_momentum > 0.0 and "momentum" in self.state:
+            return self.direction_of(self.state["momentum"])
+        return self.direction_of(grads)
 
     def direction_of(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """u: the gradient, or the inner preconditioner's P⁻¹g."""
@@ -159,13 +187,24 @@ class Partition(Preconditioner):
         """Refresh the inner direction (on its schedule) and, every ``update_every`` steps,
         the summary along u and η. Called without :meth:`should_update` it does both."""
         step, self._step = self._step, None
+        o = self.options
+        if o.direction_momentum > 0.0:
+            prev = self.state.get("momentum")
+            self.state["momentum"] = [g.detach().clone() for g in grads] if prev is None else \
+                [torch.add(g.detach(), m, alpha=o.direction_momentum)
+                 for m, g in zip(prev, grads)]
+        measure_on = batch
+        if o.summary_batch == "previous":
+            # Algorithm 1's Z̃_t: a batch drawn independently of the gradient's Z_t
+            measure_on = self._previous if self._previous is not None else batch
+            self._previous = batch
         if self.inner is not None and (step is None or self.inner.should_update(step)):
             self.inner.update(estimator, batch, grads)
             self.state["direction"] = self.inner.state
-        if step is not None and step % self.options.update_every != 0:
+        if step is not None and step % o.update_every != 0:
             return
-        u = [t.detach() for t in self.direction_of(grads)]
-        new = estimator.summary(batch, u, self.partition.ids, self.partition.groups)
+        u = [t.detach() for t in self._u(grads)]
+        new = estimator.summary(measure_on, u, self.partition.ids, self.partition.groups)
         S = self.partition.groups
         if tuple(new.g.shape) != (S,) or tuple(new.H.shape) != (S, S) or \
                 (new.D3 is not None and tuple(new.D3.shape) != (S,)):
@@ -239,7 +278,7 @@ class Partition(Preconditioner):
             H = torch.diag(torch.diagonal(H))
         if damped:
             H = H + self.options.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        u = [] if grads is None else [t.detach() for t in self.direction_of(grads)]
+        u = [] if grads is None else [t.detach() for t in self._u(grads)]
         return GroupSummary(g=self.state["g"], H=H, D3=self.state.get("D3"),
                             version=int(self.state.get("updates", 0)), u=u,
                             ids=self._ids_like(u) if u else list(self.partition.ids),
@@ -261,6 +300,11 @@ class Partition(Preconditioner):
         if "eta" not in self.state and "H" not in self.state:
             raise RuntimeError("preconditioner 'partition': apply() before the first update()")
         check_like(direction, self.params, "direction")
+        if self.options.direction_momentum > 0.0:
+            raise StepError(f"{self.config_path or 'preconditioner'}.direction_momentum: the "
+                            f"direction is a momentum of gradients, not a linear map of d, so "
+                            f"apply(d) is undefined; use solver 'cubic', which takes the step "
+                            f"Σ η_s u_s from group_summary")
         if not self.eta_valid:
             return [torch.full_like(d, math.nan) for d in direction]
         return self.combine(self.state["eta"], self.direction_of(direction))
