@@ -483,3 +483,35 @@ def test_kfac_approx_on_lie_group_overrides_the_estimator_option():
     for a, b in zip(on_pre, on_est):
         assert torch.equal(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(on_pre, expand))
+
+
+def test_exp_order_two_is_the_second_order_truncation():
+    """Issue 16 item 4: exp_order = 2 steps K ← K(I − βm + β²m²/2) (non-singular for a real
+    spectrum of βm, since 1 − x + x²/2 > 0); from K₀ = I it differs from SINGD's K(I − βm)
+    by exactly β²m²/2, with the same m, for the dense and the diagonal (fallback) factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    beta = 0.3
+    states = {}
+    for order in (1, 2):
+        pre = curvkit.create("preconditioner", "lie_group", model=model, lr_cov=beta,
+                             alpha1=0.5, update_every=1, exp_order=order,
+                             fallback="diagonal")
+        est = curvkit.create("estimator", "ef", model=model, loss_fn=nn.CrossEntropyLoss())
+        pre.update(est, (X, y), [torch.zeros_like(p) for p in model.parameters()])
+        states[order] = pre.state
+    for mod, e1 in states[1]["factors"].items():
+        e2 = states[2]["factors"][mod]
+        for key in ("K", "C"):
+            m = e1[f"m_{key}"]["mat"]
+            torch.testing.assert_close(e2[f"m_{key}"]["mat"], m, rtol=0, atol=0)
+            torch.testing.assert_close(e2[key]["mat"] - e1[key]["mat"],
+                                       0.5 * beta ** 2 * m @ m, rtol=1e-12, atol=1e-14)
+    fb1, fb2 = states[1]["fallback"], states[2]["fallback"]
+    assert fb1
+    for n in fb1:
+        m = fb1[n]["m"]
+        torch.testing.assert_close(fb2[n]["k"] - fb1[n]["k"],
+                                   0.5 * beta ** 2 * m * m,  # k₀ = init_scale² = 1
+                                   rtol=1e-12, atol=1e-14)

@@ -83,6 +83,10 @@ class LieGroup(LayerwiseKronecker):
                                         "are replaced by 1 (needs alpha1 = 0)")
         normalize_lr_cov: bool = option(False, "normalized steps: β = lr_cov / max(1, max|m|) "
                                                "and s = (1 − α₁)/2")
+        exp_order: int = option(1, "truncation of the exponential map in K ← K·exp(−βm): "
+                                   "1 = I − βm (SINGD), 2 = I − βm + β²m²/2, non-singular "
+                                   "whenever m has a real spectrum (1 − x + x²/2 > 0)",
+                                min=1, max=2)
         init_scale: float = option(1.0, "K and C start as init_scale·I (first "
                                         "preconditioner init_scale⁴·I)", min=0.0,
                                    min_exclusive=True)
@@ -256,7 +260,13 @@ class LieGroup(LayerwiseKronecker):
             beta = o.lr_cov
             if o.normalize_lr_cov:
                 beta = o.lr_cov / max(1.0, float(m.max_abs()))
-            new[key] = X.right_step(m, -beta).data
+            if o.exp_order == 2:
+                # X (I − βm + ½β²m²): the second-order truncation (closure keeps m² in the
+                # structure)
+                step = m.lincomb(-beta, [(m @ m, 0.5 * beta * beta)])
+                new[key] = X.lincomb(1.0, [(X @ step, 1.0)]).data
+            else:
+                new[key] = X.right_step(m, -beta).data
             if o.alpha1 != 0.0:
                 new[f"m_{key}"] = m.data
         return new
@@ -281,7 +291,10 @@ class LieGroup(LayerwiseKronecker):
             beta: float | Tensor = o.lr_cov
             if o.normalize_lr_cov:
                 beta = o.lr_cov / m.abs().max().clamp_min(1.0)
-            entry = {"k": k - beta * (k * m)}
+            if o.exp_order == 2:
+                entry = {"k": k * (1.0 - beta * m + 0.5 * beta * beta * m * m)}
+            else:
+                entry = {"k": k - beta * (k * m)}
             if o.alpha1 != 0.0:
                 entry["m"] = m
             new[n] = entry
