@@ -71,7 +71,9 @@ def test_nonfinite_applied_update_never_reaches_the_parameters(solver, lr):
     model, loss_fn = nn.Sequential(nn.Linear(4, 3)), nn.MSELoss()
     batch = (torch.randn(32, 4), 1e3 * torch.randn(32, 3))
     if solver == "cubic":
-        cfg = {"estimator": "hessian", "preconditioner": "partition", "solver": "cubic"}
+        # without cubic's own acceptance test, which would reject the trial first
+        cfg = {"estimator": "hessian", "preconditioner": "partition",
+               "solver": {"name": "cubic", "safeguard": False}}
     else:
         cfg = {"solver": "direct"}
     opt = curvkit.build_optimizer(model, loss_fn, cfg)
