@@ -573,6 +573,29 @@ def tuning_lines(directory: Path) -> list[str]:
                             "best values", "metric"], rows), ""]
 
 
+def provenance_line(directory: Path) -> str:
+    """Which code and which config produced the report: the curvkit commit (``git
+    rev-parse HEAD`` of the checkout curvkit is imported from, with ``+dirty`` for
+    uncommitted changes; "unknown" outside git) and the sha256 of ``config.toml`` as
+    written by the run, so a stale report is recognisable."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "curvkit"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    commit = (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    cfg = directory / "config.toml"
+    digest = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else "none"
+    return f"Provenance: curvkit commit `{commit}`, config.toml sha256 `{digest}`."
+
+
 # --------------------------------------------------------------------------- report
 def build_report(directory: str | Path, target_loss: float | None = None,
                  log: Callable[[str], None] = print) -> Path:
@@ -610,7 +633,7 @@ def build_report(directory: str | Path, target_loss: float | None = None,
     lines.append(f"Results in `{directory}`: {len(runs)} runs of {len(groups)} "
                  f"configurations ({counts}). Generated "
                  f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
-    lines.append("")
+    lines += ["", provenance_line(directory), ""]
     if statuses.get("incomplete"):
         lines += [f"**Partial results**: {statuses['incomplete']} run(s) have not finished; "
                   "their numbers are those of their last evaluation so far.", ""]
