@@ -14,7 +14,8 @@ from curvkit.hookspecs import hookimpl
 from curvkit.parts import Part
 
 PACKAGES = ("curvkit.estimators", "curvkit.preconditioners", "curvkit.solvers",
-            "curvkit.losses", "curvkit.tasks.datasets", "curvkit.tasks.models",
+            "curvkit.losses", "curvkit.structures", "curvkit.tasks.datasets",
+            "curvkit.tasks.models",
             "curvkit.experiments.executors")
 
 

@@ -8,15 +8,16 @@ is refused before any training with the part, the missing capability and its pro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from curvkit.errors import ConfigError, IncompatibleError
-from curvkit.options import build_options, option
+from curvkit.options import build_options, option, option_specs
 from curvkit.param_groups import GroupRule, parse_rules
 from curvkit.registry import PartSpec, Registry, get_registry
 
@@ -57,9 +58,13 @@ class PartChoice:
         return self.spec.cls.requirements(self.options)
 
     def as_table(self) -> dict[str, Any]:
-        from dataclasses import asdict, is_dataclass
-
-        opts = asdict(self.options) if is_dataclass(self.options) else {}
+        """``{name, **options}``, nested parts as their own tables (JSON/TOML-able)."""
+        opts = {}
+        if is_dataclass(self.options):
+            for f in fields(self.options):
+                value = getattr(self.options, f.name)
+                opts[f.name] = value.as_table() if isinstance(value, PartChoice) else \
+                    copy.deepcopy(value)
         return {"name": self.name, **opts}
 
 
@@ -93,7 +98,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def optimizer_table(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     """The optimizer table of a config dict or TOML file (``[optimizer]`` if present)."""
-    if isinstance(config, (str, Path)):
+    from_file = isinstance(config, (str, Path))
+    if from_file:
         doc = load_toml(config)
         if "optimizer" not in doc:
             raise ConfigError(f"{config}: no [optimizer] table")
@@ -101,6 +107,14 @@ def optimizer_table(config: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ConfigError(f"optimizer: expected a table, got {type(config).__name__}")
     if "optimizer" in config and isinstance(config["optimizer"], Mapping):
+        if from_file:
+            return dict(config["optimizer"])  # a run file's other tables are the runner's
+        extra = sorted(str(k) for k in config if k != "optimizer")
+        if extra:
+            # {"optimizer": {...}, "lr": 0.1} would silently train with the table's lr
+            raise ConfigError(f"{extra[0]}: unexpected key beside 'optimizer' in an optimizer "
+                              f"config (keys: {', '.join(extra)}); put options inside the "
+                              f"'optimizer' table, or pass the table itself")
         return dict(config["optimizer"])
     return dict(config)
 
@@ -121,8 +135,26 @@ def parse_part(kind: str, value: Any, path: str, registry: Registry | None = Non
     else:
         raise ConfigError(f"{path}: expected a {kind} name or table, got {value!r}")
     spec = registry.get(kind, name, path=f"{path}.name" if isinstance(value, Mapping) else path)
-    options = build_options(spec.cls.Options, raw, path)
+    raw = resolve_nested(spec.cls.Options, raw, path, registry)
+    options = registry.resolve_parts(build_options(spec.cls.Options, raw, path), path)
     return PartChoice(spec, options, path)
+
+
+def resolve_nested(options_cls: type, raw: Mapping[str, Any], path: str,
+                   registry: Registry) -> dict[str, Any]:
+    """Resolve the options declared ``option(part=kind)`` (given or defaulted) into validated
+    :class:`PartChoice` values at ``path.<option>``: a composite part receives its children
+    as typed configs and never calls the parser itself."""
+    raw = dict(raw)
+    for spec in option_specs(options_cls):
+        if not spec.part:
+            continue
+        value = raw.get(spec.name, None if spec.required else spec.default)
+        if value is None or isinstance(value, PartChoice) or \
+                (isinstance(value, str) and value in spec.keep):
+            continue
+        raw[spec.name] = parse_part(spec.part, value, f"{path}.{spec.name}", registry)
+    return raw
 
 
 def parse_optimizer(config: Mapping[str, Any] | str | Path,

@@ -6,7 +6,12 @@ apart from the weighting, so the same code path serves both cases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,8 +19,46 @@ from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError
 
-# Bytes sent by all-reduce / broadcast in this process since the last reset (per-step report).
-COMM = {"bytes": 0, "calls": 0}
+
+@dataclass
+class Traffic:
+    """Bytes and calls of the collectives made while this counter is active
+    (:func:`counting`). Each optimizer owns one; there is no process-wide counter, so two
+    optimizers (or threads) never see each other's traffic."""
+
+    bytes: int = 0
+    calls: int = 0
+
+
+# the counters active in this context (nested optimizers each count their own collectives)
+_ACTIVE: ContextVar[tuple[Traffic, ...]] = ContextVar("curvkit_traffic", default=())
+
+
+@contextlib.contextmanager
+def counting(traffic: Traffic) -> Iterator[Traffic]:
+    """Count the collectives made inside the block into ``traffic``."""
+    token = _ACTIVE.set(_ACTIVE.get() + (traffic,))
+    try:
+        yield traffic
+    finally:
+        _ACTIVE.reset(token)
+
+
+def counted(attr: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a method so its collectives count into ``getattr(self, attr)``."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def inner(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with counting(getattr(self, attr)):
+                return method(self, *args, **kwargs)
+        return inner
+    return wrap
+
+
+def _count(nbytes: int) -> None:
+    for traffic in _ACTIVE.get():
+        traffic.bytes += int(nbytes)
+        traffic.calls += 1
 
 
 def active() -> bool:
@@ -72,8 +115,7 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in group])
         _collective(dist.all_reduce, f"all-reduce of {flat.numel()} values", flat,
                     op=dist.ReduceOp.SUM)
-        COMM["bytes"] += flat.numel() * flat.element_size()
-        COMM["calls"] += 1
+        _count(flat.numel() * flat.element_size())
         start = 0
         for t in group:
             n = t.numel()
@@ -142,8 +184,7 @@ def shard_rows(count: int) -> tuple[int, int]:
     mine = count_tensor(int(count), dtype=torch.int64)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     _collective(dist.all_gather, "all-gather of shard sizes", every, mine)
-    COMM["bytes"] += 8 * len(every)
-    COMM["calls"] += 1
+    _count(8 * len(every))
     sizes = [int(t) for t in every]
     return sum(sizes[:dist.get_rank()]), sum(sizes)
 
@@ -159,8 +200,7 @@ def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
                     src=src)
         if buf is not t:
             t.copy_(buf)
-        COMM["bytes"] += t.numel() * t.element_size()
-        COMM["calls"] += 1
+        _count(t.numel() * t.element_size())
 
 
 def weighted_mean(values: Sequence[Tensor], count: float, reduction: str = "mean"

@@ -79,10 +79,11 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"{pre.path}: {err}") from err
         try:
-            self.solver.bind(self)
+            self.solver.bind(self.estimator, self.preconditioner)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{sol.path}: {err}") from err
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
+        self.traffic = distributed.Traffic()
         self.last_info: dict[str, Any] = {}
         # the estimator can take the statistics the preconditioner needs from the step's own
         # forward and backward pass (estimator.observe) instead of another pass
@@ -124,6 +125,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = reduced[0], reduced[1:]
         return loss, grads
 
+    @distributed.counted("traffic")  # this optimizer's collectives, in info["comm_bytes"]
     def step(self, batch: Any = None, closure: Any = None  # type: ignore[override]
              ) -> Tensor | None:
         """One optimization step; returns the loss before the step.
@@ -144,7 +146,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
                             f"loss.backward()); got {type(batch).__name__}")
         batch = tuple(batch)
-        start = (time.perf_counter(), distributed.COMM["bytes"])
+        start = (time.perf_counter(), self.traffic.bytes)
         self._close_observation(keep=False)
         self._capture.reset()
         update = self.preconditioner.should_update(self.counters["steps"])
@@ -179,7 +181,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             cm.__exit__(None, None, None)
 
     def _step_from_pass(self, closure: Any) -> Tensor | None:
-        start = (time.perf_counter(), distributed.COMM["bytes"])
+        start = (time.perf_counter(), self.traffic.bytes)
         returned = None
         if closure is not None:
             self._close_observation(keep=False)
@@ -248,10 +250,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
         group = self.param_groups[0]
         check_shared_lr(self.param_groups, self.solver, "param_groups")
-        ctx = StepContext(model=self.model, loss_fn=self.loss_fn, names=self.names,
-                          params=self._params, batch=batch, loss=loss, grads=grads,
+        ctx = StepContext(params=self._params, batch=batch, loss=loss, grads=grads,
                           estimator=self.estimator, preconditioner=self.preconditioner,
-                          lr=group["lr"], step=step, group=group, finite=finite,
+                          lr=group["lr"], step=step, finite=finite,
                           groups=self.param_groups, group_of=self._group_of)
         with self._paused():
             result = self.solver.step(ctx)
@@ -260,6 +261,11 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         info["evaluations"] = ctx.evaluations
         if result.accepted and not finite(result.direction):
             return self._skip(loss, info, "step")
+        if result.accepted and not _update_finite(result.direction, result.alpha,
+                                                  group["params"]):
+            # a finite direction times a NaN or huge lr (set through param_groups, which no
+            # config check sees) must not reach the parameters either
+            return self._skip(loss, info, "update lr·direction")
         info["accepted"] = bool(result.accepted)
         if result.accepted:
             with torch.no_grad():
@@ -275,7 +281,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         else:
             self.counters["nonfinite"] += 1
         info["time_step"] = time.perf_counter() - t_start
-        info["comm_bytes"] = distributed.COMM["bytes"] - comm0
+        info["comm_bytes"] = self.traffic.bytes - comm0
         self.last_info = info
         return loss
 
@@ -294,6 +300,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["curvkit"] = {
             "config": self.config.as_dict(),
+            "params": _param_signature(self.names, self.param_groups[0]["params"]),
             "counters": dict(self.counters),
             "estimator": self.estimator.state_dict(),
             "preconditioner": self.preconditioner.state_dict(),
@@ -302,15 +309,59 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`. Refused with a ``ValueError`` (and nothing loaded) when
+        the checkpoint's parts, parameter names, shapes or dtypes differ from this
+        optimizer's, or when it holds a non-finite number."""
         state_dict = dict(state_dict)
         parts = state_dict.pop("curvkit", None)
-        super().load_state_dict(state_dict)
-        if parts is None:
-            return
+        if parts is not None:
+            self._check_checkpoint(parts)
+        saved = [(p, p.state_dict()) for p in (self.estimator, self.preconditioner,
+                                                 self.solver)]
+        try:
+            super().load_state_dict(state_dict)
+            if parts is None:
+                return
+            self.estimator.load_state_dict(parts["estimator"])
+            self.preconditioner.load_state_dict(parts["preconditioner"])
+            self.solver.load_state_dict(parts["solver"])
+        except Exception:
+            for part, sd in saved:  # a part that refuses its state leaves none half-loaded
+                part.load_state_dict(sd)
+            raise
         self.counters.update(parts["counters"])
-        self.estimator.load_state_dict(parts["estimator"])
-        self.preconditioner.load_state_dict(parts["preconditioner"])
-        self.solver.load_state_dict(parts["solver"])
+
+    def _check_checkpoint(self, parts: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint of another composition or model before anything loads."""
+        missing = [k for k in ("counters", "estimator", "preconditioner", "solver")
+                   if k not in parts]
+        if missing:
+            raise ValueError(f"checkpoint: curvkit state lacks {', '.join(missing)}")
+        config = parts.get("config") or {}
+        for kind in ("estimator", "preconditioner", "solver"):
+            theirs = (config.get(kind) or {}).get("name")
+            ours = getattr(self.config, kind).name
+            if theirs is not None and theirs != ours:
+                raise ValueError(f"checkpoint: saved by a {kind} {theirs!r}, this optimizer's "
+                                 f"{kind} is {ours!r} ({getattr(self.config, kind).path})")
+        if "params" in parts:
+            mine = _param_signature(self.names, self.param_groups[0]["params"])
+            theirs = [tuple(x) for x in parts["params"]]
+            if [n for n, *_ in theirs] != [n for n, *_ in mine]:
+                gone = sorted({n for n, *_ in mine} - {n for n, *_ in theirs})
+                new = sorted({n for n, *_ in theirs} - {n for n, *_ in mine})
+                raise ValueError(f"checkpoint: parameter names differ (missing from the "
+                                 f"checkpoint: {gone[:5]}, not in the model: {new[:5]}; or "
+                                 f"in another order)")
+            for (name, shape, dtype), (_, shape2, dtype2) in zip(mine, theirs):
+                if tuple(shape) != tuple(shape2) or dtype != dtype2:
+                    raise ValueError(f"checkpoint: parameter {name!r} is {dtype2} "
+                                     f"{list(shape2)} in the checkpoint but {dtype} "
+                                     f"{list(shape)} in the model")
+        if not _state_finite({k: parts[k] for k in ("estimator", "preconditioner",
+                                                       "solver", "counters")}):
+            raise ValueError("checkpoint: the curvkit state holds a non-finite number "
+                             "(NaN or inf); refusing to load it")
 
 
 def _construct(choice: PartChoice, **context: Any) -> Any:
@@ -323,6 +374,29 @@ def _construct(choice: PartChoice, **context: Any) -> Any:
         raise ConfigError(f"{choice.path}: {err}") from err
     part.config_path = choice.path
     return part
+
+
+def _param_signature(names: list[str], params: list[Tensor]) -> list[tuple[str, list[int],
+                                                                           str]]:
+    """(name, shape, dtype) of each parameter: what a checkpoint must match."""
+    return [(n, list(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in
+            zip(names, params)]
+
+
+def _update_finite(direction: list[Tensor], alpha: float, params: list[Tensor]) -> bool:
+    """True if θ + α·d stays finite in each parameter's dtype: max|θ| + |α|·max|d| ≤ the
+    dtype's largest value (a bound, in float64; one host transfer)."""
+    alpha = abs(float(alpha))
+    if not math.isfinite(alpha):
+        return False
+    pairs = [(d, p) for d, p in zip(direction, params) if d.numel()]
+    if not pairs or alpha == 0.0:
+        return True
+    amax = torch.stack([t.detach().abs().amax().double() for d, p in pairs
+                        for t in (d, p)]).cpu().tolist()
+    return all(math.isfinite(amax[2 * i] * alpha) and
+               amax[2 * i + 1] + amax[2 * i] * alpha <= torch.finfo(p.dtype).max
+               for i, (_, p) in enumerate(pairs))
 
 
 def _state_finite(state: Any) -> bool:

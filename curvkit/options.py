@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -23,13 +24,29 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from curvkit.errors import ConfigError
 
-__all__ = ["option", "OptionSpec", "NoOptions", "option_specs", "build_options", "format_type"]
+# int options are sizes, counts and seeds that end up in torch (int64)
+INT_MAX = 2**63 - 1
+INT_MIN = -(2**63)
+
+__all__ = ["option", "OptionSpec", "NoOptions", "option_specs", "build_options", "check_bounds",
+           "format_type"]
 
 
 def option(default: Any = MISSING, help: str = "", *, min: float | None = None,
-           max: float | None = None, default_factory: Any = MISSING) -> Any:
-    """A dataclass field carrying its help text and optional numeric bounds."""
-    metadata = {"help": help, "min": min, "max": max}
+           max: float | None = None, min_exclusive: bool = False, part: str | None = None,
+           keep: tuple[str, ...] = (), default_factory: Any = MISSING) -> Any:
+    """A dataclass field carrying its help text and optional numeric bounds.
+
+    ``min_exclusive``: the value must be strictly greater than ``min`` (a radius or a
+    shrink factor of 0 would reject every step).
+
+    ``part``: the option is a nested part of that kind (a composite part's child, like
+    Distributed Shampoo's ``grafting_config``): the config layer resolves a name or table
+    into a validated :class:`curvkit.config.PartChoice` before the Options are built, so
+    the part receives typed data and never parses config itself. Strings in ``keep`` are
+    plain values that are not parts (e.g. ``"gradient"``)."""
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive,
+                "nested": part, "keep": tuple(keep)}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -50,6 +67,9 @@ class OptionSpec:
     help: str
     min: float | None = None
     max: float | None = None
+    min_exclusive: bool = False
+    part: str | None = None
+    keep: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -61,7 +81,7 @@ class OptionSpec:
         if self.min is not None or self.max is not None:
             lo = "-inf" if self.min is None else f"{self.min:g}"
             hi = "inf" if self.max is None else f"{self.max:g}"
-            bounds = f", in [{lo}, {hi}]"
+            bounds = f", in {'(' if self.min_exclusive else '['}{lo}, {hi}]"
         text = f"{self.name}: {format_type(self.type)} ({default}{bounds})"
         return f"{text} — {self.help}" if self.help else text
 
@@ -78,7 +98,9 @@ def option_specs(options_cls: type) -> tuple[OptionSpec, ...]:
         else:
             default = MISSING
         specs.append(OptionSpec(f.name, hints[f.name], default, f.metadata.get("help", ""),
-                                f.metadata.get("min"), f.metadata.get("max")))
+                                f.metadata.get("min"), f.metadata.get("max"),
+                                bool(f.metadata.get("min_exclusive", False)),
+                                f.metadata.get("nested"), tuple(f.metadata.get("keep", ()))))
     return tuple(specs)
 
 
@@ -163,11 +185,24 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected bool, got {_describe_value(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                # would overflow inside torch (a size, a seed) far from the config
+                raise ConfigError(f"{path}: an integer of {len(str(abs(value)))} digits is "
+                                  f"out of range (it must fit in 64 bits)")
             return value
         raise ConfigError(f"{path}: expected int, got {_describe_value(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                out = float(value)
+            except OverflowError:  # an int beyond float range, e.g. 10**400
+                raise ConfigError(f"{path}: an integer of {len(str(abs(value)))} digits is "
+                                  f"too large for a float") from None
+            if not math.isfinite(out):
+                # NaN passes every bound check (nan < min is False) and inf freezes or
+                # blows up training; no option means either
+                raise ConfigError(f"{path}: must be a finite number, got {out!r}")
+            return out
         raise ConfigError(f"{path}: expected float, got {_describe_value(value)}")
     if tp is str:
         if isinstance(value, str):
@@ -178,6 +213,22 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected {format_type(tp)}, got {_describe_value(value)}")
     return value
+
+
+def check_bounds(spec: OptionSpec, value: Any, path: str) -> None:
+    """Raise :class:`ConfigError` at ``path`` if a number is outside ``spec``'s bounds
+    (NaN is outside every bound: the comparisons are written so that it fails them)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+    if spec.min is not None:
+        if spec.min_exclusive and not value > spec.min:
+            raise ConfigError(f"{path}: must be > {spec.min:g}, got {value!r}")
+        if not value >= spec.min:
+            raise ConfigError(f"{path}: must be >= {spec.min:g}, got {value!r}")
+    if spec.max is not None and not value <= spec.max:
+        raise ConfigError(f"{path}: must be <= {spec.max:g}, got {value!r}")
 
 
 def build_options(options_cls: type, raw: Mapping[str, Any] | None, path: str) -> Any:
@@ -202,12 +253,12 @@ def build_options(options_cls: type, raw: Mapping[str, Any] | None, path: str) -
             if spec.required:
                 raise ConfigError(f"{path}.{name}: required option is missing")
             continue
+        if spec.part and not isinstance(raw[name], (str, Mapping)):
+            # a nested part already resolved by the config layer (a PartChoice)
+            values[name] = raw[name]
+            continue
         value = coerce(raw[name], spec.type, f"{path}.{name}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if spec.min is not None and value < spec.min:
-                raise ConfigError(f"{path}.{name}: must be >= {spec.min:g}, got {value!r}")
-            if spec.max is not None and value > spec.max:
-                raise ConfigError(f"{path}.{name}: must be <= {spec.max:g}, got {value!r}")
+        check_bounds(spec, value, f"{path}.{name}")
         values[name] = value
     try:
         return options_cls(**values)
@@ -215,3 +266,13 @@ def build_options(options_cls: type, raw: Mapping[str, Any] | None, path: str) -
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+def part_option(kind: str, default: Any, help: str = "") -> Any:
+    """An option naming child parts of ``kind``: each a name or a table
+    ``{name = "...", **its options}`` (the option may hold a tuple of them).
+
+    A composite part's children are configured like any part: the config layer
+    (``Registry.resolve_parts``, run by ``build_optimizer`` and ``curvkit.create``) checks
+    each against the child's own ``Options`` and stores it as a complete table."""
+    return dataclasses.field(default=default, metadata={"help": help, "part": kind})

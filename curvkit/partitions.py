@@ -35,7 +35,7 @@ KINDS = ("canonical", "weights_biases", "blocks", "patterns", "trivial", "discre
 
 
 @dataclass
-class Partition:
+class ParameterPartition:
     """Group ids per parameter (``ids[i]``: 0-dim or shaped like parameter i) and group names.
 
     ``param_groups[i]`` describes where parameter i went: its group name, or
@@ -66,31 +66,32 @@ def _scalar(i: int) -> Tensor:
     return torch.tensor(i, dtype=torch.long)
 
 
-def _from_labels(labels: Sequence[str]) -> Partition:
+def _from_labels(labels: Sequence[str]) -> ParameterPartition:
     """Whole-tensor partition from one group label per parameter (groups in first-seen order)."""
     order: dict[str, int] = {}
     for label in labels:
         order.setdefault(label, len(order))
-    return Partition([_scalar(order[label]) for label in labels], list(order), list(labels))
+    return ParameterPartition([_scalar(order[label]) for label in labels], list(order),
+                              list(labels))
 
 
-def canonical(named: Sequence[tuple[str, Tensor]]) -> Partition:
+def canonical(named: Sequence[tuple[str, Tensor]]) -> ParameterPartition:
     """One group per parameter tensor, named as the parameter."""
     return _from_labels([n for n, _ in named])
 
 
-def trivial(named: Sequence[tuple[str, Tensor]]) -> Partition:
+def trivial(named: Sequence[tuple[str, Tensor]]) -> ParameterPartition:
     """S = 1: the step becomes Cauchy's steepest descent (Wolinski, App. C)."""
     return _from_labels(["all"] * len(named))
 
 
-def weights_biases(named: Sequence[tuple[str, Tensor]]) -> Partition:
+def weights_biases(named: Sequence[tuple[str, Tensor]]) -> ParameterPartition:
     """Two groups: every tensor whose name ends in ``bias`` / every other tensor."""
     return _from_labels(["biases" if n.rsplit(".", 1)[-1] == "bias" else "weights"
                          for n, _ in named])
 
 
-def blocks(named: Sequence[tuple[str, Tensor]], model: nn.Module, size: int) -> Partition:
+def blocks(named: Sequence[tuple[str, Tensor]], model: nn.Module, size: int) -> ParameterPartition:
     """Consecutive blocks of ``size`` layers; a layer is the module owning a parameter."""
     if size < 1:
         raise ValueError(f"block_size: must be >= 1, got {size}")
@@ -111,7 +112,7 @@ def blocks(named: Sequence[tuple[str, Tensor]], model: nn.Module, size: int) -> 
     return _from_labels([label[j] for j in layer_of])
 
 
-def discrete(named: Sequence[tuple[str, Tensor]], max_groups: int) -> Partition:
+def discrete(named: Sequence[tuple[str, Tensor]], max_groups: int) -> ParameterPartition:
     """S = P: one group per scalar; the step becomes Newton's (Wolinski, App. C)."""
     total = sum(p.numel() for _, p in named)
     if total > max_groups:
@@ -124,7 +125,7 @@ def discrete(named: Sequence[tuple[str, Tensor]], max_groups: int) -> Partition:
         ids.append(torch.arange(start, start + k, dtype=torch.long).reshape(p.shape))
         names.extend(f"{n}[{j}]" for j in range(k))
         start += k
-    return Partition(ids, names, ["element-wise"] * len(named))
+    return ParameterPartition(ids, names, ["element-wise"] * len(named))
 
 
 def compile_groups(groups: Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
@@ -149,7 +150,7 @@ def compile_groups(groups: Sequence[str | Sequence[str]] | Mapping[str, str | Se
 
 def patterns(named: Sequence[tuple[str, Tensor]],
              groups: Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]],
-             unmatched: str = "error") -> Partition:
+             unmatched: str = "error") -> ParameterPartition:
     """User groups of regular expressions, matched with ``re.search`` on full parameter names.
 
     ``groups``: a list (group i = a regex or a list of regexes, named by its patterns) or
@@ -177,7 +178,7 @@ def patterns(named: Sequence[tuple[str, Tensor]],
 
 def build(kind: str, model: nn.Module, named: Sequence[tuple[str, Tensor]], *,
           groups: Sequence | Mapping | None = None, unmatched: str = "error",
-          block_size: int = 1, max_groups: int = 4096) -> Partition:
+          block_size: int = 1, max_groups: int = 4096) -> ParameterPartition:
     """The partition ``kind`` (one of :data:`KINDS`) of the parameters ``named``."""
     if kind == "canonical":
         part = canonical(named)

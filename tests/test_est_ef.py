@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from estimator_suite import EstimatorSuite, concat, flat, random_like_params
-from models import flat_forward, flat_params, mlp, problem
 from torch import nn
 from torch.func import jacrev
 
 import curvkit
+from curvkit.testing.estimator import EstimatorSuite, concat, flat, random_like_params
+from curvkit.testing.problems import flat_forward, flat_params, mlp, problem
 
 
 def per_sample_losses(loss_fn: nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from estimator_suite import EstimatorSuite, flat, ggn_reference, random_like_params
-from models import mlp, problem
 from torch import nn
 
 import curvkit
 from curvkit.estimators.kfac import factors_to_dense
+from curvkit.testing.estimator import EstimatorSuite, flat, ggn_reference, random_like_params
+from curvkit.testing.problems import mlp, problem
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from estimator_suite import EstimatorSuite, flat, ggn_reference, random_like_params
-from models import problem
 
 import curvkit
+from curvkit.testing.estimator import EstimatorSuite, flat, ggn_reference, random_like_params
+from curvkit.testing.problems import problem
 
 
 class TestGGN(EstimatorSuite):

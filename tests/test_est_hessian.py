@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from estimator_suite import EstimatorSuite, flat, hessian_reference, random_like_params
-from models import problem
 
 import curvkit
+from curvkit.testing.estimator import EstimatorSuite, flat, hessian_reference, random_like_params
+from curvkit.testing.problems import problem
 
 
 class TestHessian(EstimatorSuite):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from estimator_suite import EstimatorSuite, flat, gradient_reference
-from models import problem
 
 import curvkit
+from curvkit.testing.estimator import EstimatorSuite, flat, gradient_reference
+from curvkit.testing.problems import problem
 
 
 class TestOuterProduct(EstimatorSuite):

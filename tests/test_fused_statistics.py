@@ -11,12 +11,12 @@ import copy
 
 import pytest
 import torch
-from models import make_data, make_loss, make_model
 from torch import nn
 
 import curvkit
 from curvkit.estimators.ef import EmpiricalFisherEstimator
 from curvkit.parts import KRONECKER
+from curvkit.testing.problems import make_data, make_loss, make_model
 
 DT = torch.float64
 

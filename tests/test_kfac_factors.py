@@ -19,13 +19,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from estimator_suite import ggn_reference
-from models import cnn, mlp, problem
 from torch import nn
 from torch.func import functional_call, jacrev
 
 import curvkit
 from curvkit.estimators.kfac import factors_to_dense, kronecker_factors
+from curvkit.testing.estimator import ggn_reference
+from curvkit.testing.problems import cnn, mlp, problem
 
 DT = torch.float64
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from estimator_suite import flat, random_like_params
-from models import problem
 from torch import nn
 
 import curvkit
 from curvkit.estimators.base import CurvatureEstimator, Linearized, combine
+from curvkit.testing.estimator import flat, random_like_params
+from curvkit.testing.problems import problem
 
 ESTIMATORS = curvkit.components()["estimator"]
 BUILTIN = {"hessian", "ggn", "ef", "fisher", "outer_product"}

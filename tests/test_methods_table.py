@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
-from models import make_data, mlp
 from torch import nn
 
 import curvkit
+from curvkit.testing.problems import make_data, mlp
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 SNIPPET = re.compile(r"```toml\n(.*?)```", re.S)

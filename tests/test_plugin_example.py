@@ -62,3 +62,25 @@ def test_cli_components_lists_the_plugin_with_its_source(capsys):
     block = out[out.index("fd_hessian — "):]
     assert "source: curvkit-fd-hessian 0.1.0 (plugin 'fd_hessian')" in block.splitlines()[1]
     assert "eps: float | None" in block
+
+
+def test_the_plugins_tests_inherit_curvkits_suite():
+    """The plugin's own test file (run in full with the slow tests) is a subclass of
+    curvkit.testing.EstimatorSuite; a few of its checks run here, in the default suite."""
+    import importlib.util
+    from pathlib import Path
+
+    from curvkit.testing import EstimatorSuite
+
+    path = Path(__file__).resolve().parents[1] / "plugins/curvkit-fd-hessian/tests" \
+        / "test_fd_hessian.py"
+    spec = importlib.util.spec_from_file_location("fd_hessian_plugin_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    suite = module.TestFiniteDifferenceHessian
+    assert issubclass(suite, EstimatorSuite)
+    t = suite()
+    t.test_batch_and_output_sizes("mse", 5, 4, "mean")
+    t.test_repeated_calls_identical_and_model_untouched()
+    t.test_model_without_trainable_parameters_is_rejected()
+    t.test_wrong_vector_shapes_are_rejected()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import problem
-from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average
 
 import curvkit
 from curvkit.errors import ConfigError
 from curvkit.params import owners
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, ema_average
+from curvkit.testing.problems import problem
 
 
 def block_index(model: torch.nn.Module, blocks: str) -> list[torch.Tensor]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import problem
-from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average
 
 import curvkit
 from curvkit.errors import ConfigError
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, ema_average
+from curvkit.testing.problems import problem
 
 
 class TestDiagonal(PreconditionerSuite):

@@ -1,7 +1,7 @@
 """``lie_group`` (SINGD): a dense float64 reference, the singd package, bfloat16, no inversion.
 
 The dense reference runs the SINGD recursion with plain d×d matrices; the projection Π of
-each structure comes from its pattern alone (``test_structures.reference_projection``),
+each structure comes from its pattern alone (``curvkit.testing.reference_projection``),
 and the preconditioner is assembled as the P×P matrix (C Cᵀ ⊗ K Kᵀ) over vec_r([W | b])
 mapped to the model's own parameter order with explicit index bookkeeping, so vec order,
 bias column, trace coupling, momentum and normalisation are all checked against formulas.
@@ -14,23 +14,25 @@ import io
 import warnings
 
 import pytest
-import test_structures as ts
 import torch
-from models import Problem, make_data, make_loss, mlp, param_offsets
-from preconditioner_suite import Case, Context, PreconditionerSuite, poisoned
 from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.structures import STRUCTURES
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, poisoned
+from curvkit.testing.problems import Problem, make_data, make_loss, mlp, param_offsets
+from curvkit.testing.structure import reference_projection
 
 
 # ----------------------------------------------------------------------------- reference
-def pattern_key(name: str, options: dict):
-    """key(i, j, d) of a structure (see test_structures), with the option values."""
-    b = options.get("block_size", 30)
-    k1, k2 = options.get("hierarchical_k1", 15), options.get("hierarchical_k2", 15)
-    lower = options.get("toeplitz", "lower") == "lower"
+def pattern_key(structure: str | dict):
+    """key(i, j, d) of a structure given as a name or a nested table (see test_structures)."""
+    table = {"name": structure} if isinstance(structure, str) else structure
+    name = table["name"]
+    b = table.get("block_size", 30)
+    k1, k2 = table.get("k1", 15), table.get("k2", 15)
+    lower = table.get("lower", True)
 
     def hierarchical(i, j, d):
         top, mid_end = (d, d) if d <= k1 else ((k1, k1) if d <= k1 + k2 else (k1, d - k2))
@@ -63,8 +65,8 @@ def singd_factor_recursion(factors: list[tuple[torch.Tensor, torch.Tensor]], opt
     normalize = options.get("normalize_lr_cov", False)
     s0 = options.get("init_scale", 1.0)
     sk, sc = options.get("structures", ("dense", "dense"))
-    PK = lambda X: ts.reference_projection(X, pattern_key(sk, options))  # noqa: E731
-    PC = lambda X: ts.reference_projection(X, pattern_key(sc, options))  # noqa: E731
+    PK = lambda X: reference_projection(X, pattern_key(sk))  # noqa: E731
+    PC = lambda X: reference_projection(X, pattern_key(sc))  # noqa: E731
     dK, dC = factors[0][0].shape[0], factors[0][1].shape[0]
     K, C = s0 * torch.eye(dK, dtype=torch.float64), s0 * torch.eye(dC, dtype=torch.float64)
     mK, mC = torch.zeros(dK, dK, dtype=torch.float64), torch.zeros(dC, dC, dtype=torch.float64)
@@ -138,7 +140,17 @@ def layernorm_problem(seed: int = 1, n: int = 6, batches: int = 3) -> Problem:
     return Problem(model, make_loss("ce"), data)
 
 
-SMALL = {"block_size": 3, "hierarchical_k1": 2, "hierarchical_k2": 2}
+SMALL = {"block_diagonal": {"block_size": 3}, "hierarchical": {"k1": 2, "k2": 2}}
+
+
+def small(*names: str, **extra: dict) -> list[str | dict]:
+    """Structures as nested tables with small sizes (so the tiny layers exercise every
+    block): ``small("diagonal", "block_diagonal")``; ``extra`` adds options by name."""
+    out = []
+    for n in names:
+        opts = {**SMALL.get(n, {}), **extra.get(n, {})}
+        out.append({"name": n, **opts} if opts else n)
+    return out
 
 
 class TestLieGroup(PreconditionerSuite):
@@ -150,19 +162,20 @@ class TestLieGroup(PreconditionerSuite):
             Case("ef-dense-momentum", {"structures": ["dense", "dense"], "lr_cov": 0.3,
                                        "damping": 0.05}, estimator="ef", updates=3),
             Case("ggn-diag-block-cnn-normalized",
-                 {"structures": ["diagonal", "block_diagonal"], "lr_cov": 0.5,
-                  "normalize_lr_cov": True, "alpha1": 0.3, **SMALL},
+                 {"structures": small("diagonal", "block_diagonal"), "lr_cov": 0.5,
+                  "normalize_lr_cov": True, "alpha1": 0.3},
                  arch="cnn", loss="mse", reduction="sum", updates=2),
             Case("ef-hierarchical-toeplitz-kfac-like",
-                 {"structures": ["hierarchical", "triangular_toeplitz"], "lr_cov": 0.2,
-                  "kfac_like": True, "alpha1": 0.0, "toeplitz": "upper", **SMALL},
+                 {"structures": small("hierarchical", "triangular_toeplitz",
+                                      triangular_toeplitz={"lower": False}),
+                  "lr_cov": 0.2, "kfac_like": True, "alpha1": 0.0},
                  estimator="ef", updates=2),
             Case("fisher-triangular-cnn",
                  {"structures": ["lower_triangular", "upper_triangular"], "lr_cov": 0.2,
                   "init_scale": 0.9}, estimator="fisher", arch="cnn", updates=2),
             Case("ef-layernorm-fallback-diagonal",
-                 {"structures": ["block_diagonal", "hierarchical"], "lr_cov": 0.3,
-                  "fallback": "diagonal", **SMALL}, estimator="ef", build=layernorm_problem,
+                 {"structures": small("block_diagonal", "hierarchical"), "lr_cov": 0.3,
+                  "fallback": "diagonal"}, estimator="ef", build=layernorm_problem,
                  updates=2),
         ]
 
@@ -283,9 +296,11 @@ def test_bfloat16_run_stays_finite_and_never_inverts(monkeypatch):
         m = copy.deepcopy(model)
         opt = curvkit.build_optimizer(m, loss_fn, {
             "lr": 0.05, "estimator": "ef",
-            "preconditioner": {"name": "lie_group", "structures": structures, "lr_cov": 0.05,
-                               "update_every": 1, "hierarchical_k1": 4,
-                               "hierarchical_k2": 4, "block_size": 8},
+            "preconditioner": {"name": "lie_group", "lr_cov": 0.05, "update_every": 1,
+                               "structures": [
+                                   {"name": s, **{"hierarchical": {"k1": 4, "k2": 4},
+                                                  "block_diagonal": {"block_size": 8}
+                                                  }.get(s, {})} for s in structures]},
             "solver": {"name": "direct", "momentum": 0.9}})
         losses = [float(opt.step((X[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16])))
                   for i in range(4) for _ in range(2)]
@@ -432,7 +447,7 @@ def test_factors_and_roots_give_the_same_preconditioner():
     d = [torch.randn_like(p) for p in model.parameters()]
     names = list(STRUCTURES)
     for k, c in zip(names, names[1:] + names[:1]):
-        opts = {"structures": [k, c], "lr_cov": 0.3, **SMALL}
+        opts = {"structures": small(k, c), "lr_cov": 0.3}
         a = curvkit.create("preconditioner", "lie_group", model=model, **opts)
         b = curvkit.create("preconditioner", "lie_group", model=model, **opts)
         for _ in range(2):
@@ -468,3 +483,35 @@ def test_kfac_approx_on_lie_group_overrides_the_estimator_option():
     for a, b in zip(on_pre, on_est):
         assert torch.equal(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(on_pre, expand))
+
+
+def test_exp_order_two_is_the_second_order_truncation():
+    """Issue 16 item 4: exp_order = 2 steps K ← K(I − βm + β²m²/2) (non-singular for a real
+    spectrum of βm, since 1 − x + x²/2 > 0); from K₀ = I it differs from SINGD's K(I − βm)
+    by exactly β²m²/2, with the same m, for the dense and the diagonal (fallback) factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    beta = 0.3
+    states = {}
+    for order in (1, 2):
+        pre = curvkit.create("preconditioner", "lie_group", model=model, lr_cov=beta,
+                             alpha1=0.5, update_every=1, exp_order=order,
+                             fallback="diagonal")
+        est = curvkit.create("estimator", "ef", model=model, loss_fn=nn.CrossEntropyLoss())
+        pre.update(est, (X, y), [torch.zeros_like(p) for p in model.parameters()])
+        states[order] = pre.state
+    for mod, e1 in states[1]["factors"].items():
+        e2 = states[2]["factors"][mod]
+        for key in ("K", "C"):
+            m = e1[f"m_{key}"]["mat"]
+            torch.testing.assert_close(e2[f"m_{key}"]["mat"], m, rtol=0, atol=0)
+            torch.testing.assert_close(e2[key]["mat"] - e1[key]["mat"],
+                                       0.5 * beta ** 2 * m @ m, rtol=1e-12, atol=1e-14)
+    fb1, fb2 = states[1]["fallback"], states[2]["fallback"]
+    assert fb1
+    for n in fb1:
+        m = fb1[n]["m"]
+        torch.testing.assert_close(fb2[n]["k"] - fb1[n]["k"],
+                                   0.5 * beta ** 2 * m * m,  # k₀ = init_scale² = 1
+                                   rtol=1e-12, atol=1e-14)

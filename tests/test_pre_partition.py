@@ -14,14 +14,21 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import Problem, flat_loss, flat_params, mlp, problem
-from preconditioner_suite import Case, Context, PreconditionerSuite, ema_average, flat, unflat
 from torch import nn
 
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.estimators.base import Summary
 from curvkit.params import trainable
+from curvkit.testing.preconditioner import (
+    Case,
+    Context,
+    PreconditionerSuite,
+    ema_average,
+    flat,
+    unflat,
+)
+from curvkit.testing.problems import Problem, flat_loss, flat_params, mlp, problem
 
 # ----------------------------------------------------------------------------- references
 
@@ -189,7 +196,7 @@ def test_partition_errors_are_clear():
         build(model, eta_ema=1.0)
     with pytest.raises(ConfigError, match=r"direction: cannot be another 'partition'"):
         build(model, direction="partition")
-    with pytest.raises(ConfigError, match=r"optimizer\.preconditioner\.direction\.powr: "
+    with pytest.raises(ConfigError, match=r"^preconditioner\.partition\.direction\.powr: "
                                           r"unknown option.*'power'"):
         build(model, direction={"name": "diagonal", "powr": 0.5})
     with pytest.raises(RuntimeError, match="before the first update"):
@@ -455,10 +462,80 @@ def test_diagonal_only_with_the_cubic_solver_uses_the_diagonal_summary():
                       D3=torch.randn(S, generator=gen, dtype=torch.float64))
     solver = curvkit.create("solver", "cubic", lambda_int=1.0)
     pre = build(model, diagonal_only=True)
-    pre.set_eta_rule(solver.solve)
-    pre.update(Scripted([summary]), None, [torch.ones_like(p) for p in model.parameters()])
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    pre.update(Scripted([summary]), None, grads)
+    # the typed value handed to the solver carries Diag(H̄), the direction and the group ids
+    given = pre.group_summary(grads)
+    torch.testing.assert_close(given.H, torch.diag(torch.diagonal(summary.H)), rtol=0, atol=0)
+    assert given.version == 1 and given.groups == S and len(given.u) == len(grads)
     want = cubic_eta(torch.diag(torch.diagonal(summary.H)), summary.g, summary.D3, 1.0)
     full = cubic_eta(summary.H, summary.g, summary.D3, 1.0)
-    torch.testing.assert_close(pre.state["eta"], want.eta, rtol=1e-12, atol=0)
+    torch.testing.assert_close(solver.solve(given).eta, want.eta, rtol=1e-12, atol=0)
     assert not torch.allclose(want.eta, full.eta, rtol=1e-3)
     torch.testing.assert_close(pre.state["H"], summary.H, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- Method 1 as written
+
+
+class ScriptedBatches(Scripted):
+    def __init__(self, summaries):
+        super().__init__(summaries)
+        self.batches = []
+
+    def summary(self, batch, direction, partition, groups):
+        self.batches.append(batch)
+        return super().summary(batch, direction, partition, groups)
+
+
+def scripted_summaries(n: int, S: int = 4) -> list[Summary]:
+    gen = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        A = torch.randn(S, S, generator=gen, dtype=torch.float64)
+        out.append(Summary(g=torch.randn(S, generator=gen, dtype=torch.float64),
+                           H=A @ A.T + torch.eye(S, dtype=torch.float64),
+                           D3=torch.randn(S, generator=gen, dtype=torch.float64)))
+    return out
+
+
+def test_direction_momentum_measures_the_summary_along_the_momentum():
+    """u_t = m_t = β m_{t−1} + g_t (Method 1 with a momentum direction, footnote 5); the
+    typed group_summary hands the same u to the solver."""
+    model = mlp()
+    pre = build(model, direction_momentum=0.5)
+    est = Scripted(scripted_summaries(3))
+    gen = torch.Generator().manual_seed(0)
+    m = None
+    for t in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+        m = grads if m is None else [g + 0.5 * a for a, g in zip(m, grads)]
+        assert pre.should_update(t)
+        pre.update(est, None, grads)
+        for got, want in zip(est.directions[-1], m):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        for got, want in zip(pre.group_summary(grads).u, m):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(curvkit.StepError, match=r"direction_momentum: the direction is a "
+                                                r"momentum.*solver 'cubic'"):
+        pre.apply(grads)
+
+
+def test_summary_batch_previous_measures_on_the_previous_steps_batch():
+    """Algorithm 1 draws the summary's mini-batch independently of the gradient's: the
+    summary at step t is measured on batch t − 1 (on its own batch at the first step),
+    also on steps between refreshes the batch is remembered."""
+    model = mlp()
+    pre = build(model, summary_batch="previous", update_every=2)
+    est = ScriptedBatches(scripted_summaries(3))
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    for t in range(5):
+        assert pre.should_update(t)
+        pre.update(est, f"batch{t}", grads)
+    assert est.batches == ["batch0", "batch1", "batch3"]
+    pre2 = build(model)
+    est2 = ScriptedBatches(scripted_summaries(2))
+    for t in range(2):
+        pre2.should_update(t)
+        pre2.update(est2, f"batch{t}", grads)
+    assert est2.batches == ["batch0", "batch1"]

@@ -106,10 +106,13 @@ def test_duplicate_name_names_both_sources(plugin_dir):
         def curvkit_parts():
             return [Identity2]
     """, "dup")
-    with pytest.raises(RegistryError) as err:
-        Registry.load()
-    msg = str(err.value)
+    with pytest.warns(PluginWarning) as rec:
+        reg = Registry.load()
+    msg = " ".join(str(w.message) for w in rec)
     assert "registered twice" in msg and "'curvkit'" in msg and "dup-plugin 1.2.3" in msg
+    # the first registration (the built-in) is kept, curvkit still works
+    assert reg.get("preconditioner", "identity").plugin == "curvkit"
+    assert "direct" in reg.names("solver")
 
 
 def test_disable_env_skips_named_plugins(plugin_dir, monkeypatch):
@@ -138,14 +141,16 @@ def test_part_declaring_missing_capability_method_is_rejected(plugin_dir):
         def curvkit_parts():
             return [Liar]
     """, "liar")
-    with pytest.raises(RegistryError, match="declares capability 'diagonal'"):
-        Registry.load()
+    with pytest.warns(PluginWarning, match=r"'liar'.*Liar skipped.*declares capability "
+                                           r"'diagonal'"):
+        reg = Registry.load()
+    assert "liar" not in reg.names("estimator") and "ggn" in reg.names("estimator")
 
 
 def test_components_lists_kinds():
     comps = curvkit.components()
-    assert set(comps) == {"estimator", "preconditioner", "solver", "loss", "dataset", "model",
-                          "executor"}
+    assert set(comps) == {"estimator", "preconditioner", "solver", "loss", "structure",
+                          "dataset", "model", "executor"}
     assert "direct" in comps["solver"]
 
 
@@ -178,6 +183,102 @@ def test_part_with_unreadable_options_is_named(plugin_dir):
         def curvkit_parts():
             return parts()
     """, "badopts")
-    with pytest.raises(RegistryError, match=r"plugin 'badopts'.*preconditioner 'local'.*"
-                                            r"Options.*NameError"):
-        Registry.load()
+    with pytest.warns(PluginWarning, match=r"plugin 'badopts'.*preconditioner 'local'.*"
+                                           r"Options.*NameError"):
+        reg = Registry.load()
+    assert "local" not in reg.names("preconditioner")
+
+
+MALFORMED_PARTS = '''
+    from dataclasses import dataclass
+    import curvkit
+    from curvkit.preconditioners.base import Preconditioner
+
+    class NotDataclass(Preconditioner):
+        """Options is a plain class."""
+        name = "not_dataclass"
+
+        class Options:
+            factor = 0.5
+
+    class BadDefault(Preconditioner):
+        """Its default is outside its own bounds."""
+        name = "bad_default"
+
+        @dataclass
+        class Options:
+            factor: float = curvkit.option(-1.0, "scale", min=0.0)
+
+    class Fine(Preconditioner):
+        """A good part beside the bad ones."""
+        name = "fine"
+
+    @curvkit.hookimpl
+    def curvkit_parts():
+        return [NotDataclass, BadDefault, "junk", Fine]
+'''
+
+
+def test_malformed_parts_are_named_and_skipped_the_rest_loads(plugin_dir):
+    make_dist(plugin_dir, "mixed-plugin", "mixed_plugin_mod", MALFORMED_PARTS, "mixed")
+    with pytest.warns(PluginWarning) as rec:
+        reg = Registry.load()
+    msgs = [str(w.message) for w in rec]
+    assert any("NotDataclass skipped" in m for m in msgs), msgs
+    assert any("BadDefault skipped" in m and "factor: must be >= 0" in m for m in msgs), msgs
+    assert any("'junk'" in m and "not a curvkit part class" in m for m in msgs), msgs
+    names = reg.names("preconditioner")
+    assert "fine" in names and "not_dataclass" not in names and "bad_default" not in names
+
+
+def test_hook_returning_junk_is_skipped(plugin_dir):
+    make_dist(plugin_dir, "junk-plugin", "junk_plugin_mod", """
+        import curvkit
+        @curvkit.hookimpl
+        def curvkit_parts():
+            return 42
+    """, "junk")
+    with pytest.warns(PluginWarning, match=r"'junk'.*not a list"):
+        reg = Registry.load()
+    assert "junk" in reg.failed and "direct" in reg.names("solver")
+
+
+def test_cli_survives_a_malformed_plugin(plugin_dir):
+    import os
+    import subprocess
+    import sys
+
+    make_dist(plugin_dir, "mixed-plugin", "mixed_plugin_mod", MALFORMED_PARTS, "mixed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), *sys.path])}
+    out = subprocess.run([sys.executable, "-m", "curvkit", "components"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fine" in out.stdout and "BadDefault skipped" in out.stderr
+
+
+def test_unknown_name_in_disable_env_is_warned(plugin_dir, monkeypatch):
+    make_dist(plugin_dir, "halve-plugin", "halve_plugin_mod", GOOD_PLUGIN, "halve")
+    monkeypatch.setenv(DISABLE_ENV, "halv")
+    with pytest.warns(PluginWarning, match=r"'halv'.*not an installed curvkit plugin.*halve"):
+        reg = Registry.load()
+    assert "halve" in reg.names("preconditioner")
+
+
+def test_builtin_part_errors_still_raise():
+    from curvkit import registry as registry_mod
+    from curvkit.parts import Part
+
+    class Broken(Part):
+        kind = "solver"
+        name = ""
+
+    class Plugin:
+        @staticmethod
+        @curvkit.hookimpl
+        def curvkit_parts():
+            return [Broken]
+
+    reg = Registry()
+    reg.add_plugin(Plugin(), registry_mod.BUILTIN_PLUGIN, "curvkit x")
+    with pytest.raises(RegistryError, match="has no `name`"):
+        reg._collect()

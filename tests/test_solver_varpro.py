@@ -5,17 +5,19 @@ scipy, never through the solver's own head code."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.optimize as so
 import torch
-from models import cnn, mlp
 from torch import nn
 from torch.func import functional_call
 
 import curvkit
 from curvkit.errors import ConfigError, StepError
+from curvkit.testing.problems import cnn, mlp
 
 DT = torch.float64
 
@@ -115,7 +117,7 @@ def test_bind_requires_a_separable_model():
 def test_named_layer_that_is_not_the_output_fails_at_the_first_step():
     model = mlp(4, (5,), 3)
     opt = build(model, nn.MSELoss(), layer="0")
-    with pytest.raises(StepError, match="features of layer '0'.*not separable"):
+    with pytest.raises(StepError, match="not separable at layer '0'.*must be that layer"):
         opt.step(data("mlp", "mse"))
     # the last module is a Linear, but the model output is not its output
     class Scaled(nn.Module):
@@ -476,3 +478,118 @@ def test_cross_entropy_training_and_work_counts():
     opt2 = build(make_model("mlp"), loss_fn, alpha=1e-2)
     opt2.load_state_dict(sd)
     assert opt2.solver.state["radius"] == opt.solver.state["radius"]
+
+
+# ------------------------------------------------------------------ real models (issue 12)
+class TiedLM(nn.Module):
+    """An embedding tied to the output layer (out.weight is emb.weight)."""
+
+    def __init__(self, vocab: int = 6, dim: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(x))).mean(1))
+
+
+def test_tied_embedding_and_head_is_refused_with_the_way_out():
+    torch.manual_seed(0)
+    model = TiedLM().to(DT)
+    X, y = torch.randint(0, 6, (8, 3)), torch.randint(0, 6, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build(model, nn.CrossEntropyLoss(), alpha=1e-2)
+    with pytest.raises(StepError, match=r"layer 'out' shares its parameters with module 'emb' "
+                                        r"\(tied weights.*Untie them.*trust_region"):
+        opt.step((X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ConfigError, match=r"optimizer\.solver: .*shares its parameters with "
+                                          r"module 'emb'"):
+        build(model, nn.CrossEntropyLoss(), alpha=1e-2, layer="out")
+
+
+class UnusedLast(nn.Module):
+    """The output layer is 'head'; an unused nn.Linear is registered after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.unused = nn.Linear(3, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_the_final_layer_is_the_one_whose_output_the_model_returns():
+    torch.manual_seed(0)
+    model = UnusedLast().to(DT)
+    X, y = data("mlp", "mse")
+    opt = build(model, nn.MSELoss())
+    losses = [float(opt.step((X, y))) for _ in range(4)]
+    assert opt.solver._split.layer_name == "head"
+    assert losses[-1] < losses[0]
+    with torch.no_grad():  # the head holds the inner solution, not the unused layer
+        Z = torch.cat([torch.tanh(model.body(X)), torch.ones(len(X), 1, dtype=DT)], 1)
+    ref = torch.linalg.lstsq(Z, y).solution.T
+    torch.testing.assert_close(torch.cat([model.head.weight, model.head.bias[:, None]], 1)
+                               .detach(), ref, rtol=1e-8, atol=1e-10)
+
+
+def test_a_linear_used_twice_is_not_taken_for_separable():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(self.body(x))))
+
+    opt = build(Twice().to(DT), nn.MSELoss())
+    with pytest.raises(StepError, match=r"final layer 'fc' runs 2 times"):
+        opt.step(data("mlp", "mse"))
+
+
+def test_dict_output_gets_its_own_message_not_a_separability_hint():
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return {"y": self.head(torch.tanh(self.body(x)))}
+
+    class DictMSE(nn.MSELoss):
+        def forward(self, out, y):
+            return super().forward(out["y"], y)
+
+    opt = build(DictOut().to(DT), DictMSE())
+    with pytest.raises(StepError, match=r"returns dict, not a tensor") as err:
+        opt.step(data("mlp", "mse"))
+    assert "separable" not in str(err.value)
+
+
+def test_batchnorm_and_dropout_train_with_one_mask_and_one_statistics_update_per_step():
+    """Train-mode BatchNorm and Dropout: no false 'not separable', running statistics
+    advance once per optimizer step (varpro's own passes leave them alone), and varpro's
+    passes draw no random numbers of the caller's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2),
+                          nn.Linear(8, 3)).to(DT)
+    X, y = data("mlp", "mse", n=16)
+    opt = build(model, nn.MSELoss(), alpha=1e-3)
+    twin = copy.deepcopy(model)
+    losses = []
+    for _ in range(3):
+        rng = torch.get_rng_state()
+        losses.append(float(opt.step((X, y))))
+        after = torch.get_rng_state()
+        torch.set_rng_state(rng)
+        twin(X)  # what the optimizer's own forward pass draws and updates
+        assert torch.equal(after, torch.get_rng_state()), "varpro drew random numbers"
+    assert int(model[1].num_batches_tracked) == 3
+    assert all(np.isfinite(losses)) and opt.last_info["reused_gradient"] is False

@@ -1,254 +1,56 @@
 """Structured matrices of the ``lie_group`` preconditioner (curvkit.structures).
 
-Every structure runs the same tests through :class:`StructureContract`: each test class
-only states which positions of a d×d matrix are free and which are tied together
-(``key``), written as plain Python loops independently of the implementation; the
-contract derives the dense reference of the projection Π from that and checks every
-operation the SINGD update uses against dense float64 linear algebra, plus float32 and
-bfloat16 runs.
+Every structure runs :class:`curvkit.testing.StructureSuite`: each test class only states
+which positions of a d×d matrix are free and which are tied together (``key``); the suite
+checks every operation the SINGD update uses against dense float64 linear algebra. Here
+also: structures as registered parts (listed, nested tables with their own options, a new
+structure from a plugin in one file).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import curvkit
 from curvkit import structures
 from curvkit.structures import (
     STRUCTURES,
-    BlockDiagonal,
-    Dense,
-    Diagonal,
-    Hierarchical,
-    LowerTriangular,
-    Structure,
-    TriangularToeplitz,
-    UpperTriangular,
+    BlockDiagonalStructure,
+    DenseStructure,
+    DiagonalStructure,
+    HierarchicalStructure,
+    LowerTriangularStructure,
+    TriangularToeplitzStructure,
+    UpperTriangularStructure,
 )
 from curvkit.structures.base import diagonal_sums
-
-DIMS = (1, 2, 4, 7, 9)
-
-
-def reference_projection(X: torch.Tensor, key) -> torch.Tensor:
-    """Π(X) as a dense matrix from the pattern alone: fold, then average tied entries."""
-    d = X.shape[0]
-    groups: dict = {}
-    for i in range(d):
-        for j in range(d):
-            k = key(i, j, d)
-            if k is None:
-                continue
-            value = float(X[i, j])
-            if i != j and key(j, i, d) is None:
-                value += float(X[j, i])
-            groups.setdefault(k, []).append(((i, j), value))
-    out = torch.zeros(d, d, dtype=torch.float64)
-    for members in groups.values():
-        mean = sum(v for _, v in members) / len(members)
-        for (i, j), _ in members:
-            out[i, j] = mean
-    return out
-
-
-class StructureContract:
-    """The tests every structure must pass. Subclasses set ``cls``, ``config`` and ``key``."""
-
-    cls: type[Structure]
-    config: dict = {}
-
-    @staticmethod
-    def key(i: int, j: int, d: int):
-        """A hashable tie-group of the free position (i, j), or None if M[i, j] ≡ 0."""
-        raise AssertionError("test class must define key")
-
-    # ----------------------------------------------------------------- helpers
-    def random_dense(self, d, seed=0, dtype=torch.float64):
-        g = torch.Generator().manual_seed(seed + 17 * d)
-        return torch.randn(d, d, generator=g, dtype=torch.float64).to(dtype)
-
-    def element(self, d, seed=0, dtype=torch.float64, shift=0.0):
-        """A random element (Π is onto), optionally + shift·I."""
-        X = self.random_dense(d, seed)
-        M = self.cls.from_dense(X, **self.config).add_identity(shift)
-        return M.to(dtype)
-
-    def ref(self, X):
-        return reference_projection(X.double(), self.key)
-
-    # ----------------------------------------------------------------- projection
-    @pytest.mark.parametrize("d", DIMS)
-    def test_projection_matches_pattern_reference(self, d):
-        X = self.random_dense(d, seed=1)
-        P = self.cls.from_dense(X, **self.config)
-        torch.testing.assert_close(P.to_dense(), self.ref(X), rtol=1e-12, atol=1e-12)
-        S = X + X.T  # on symmetric matrices: the Π̂ of SINGD
-        torch.testing.assert_close(self.cls.from_dense(S, **self.config).to_dense(),
-                                   self.ref(S), rtol=1e-12, atol=1e-12)
-
-    @pytest.mark.parametrize("d", DIMS)
-    def test_projection_idempotent_and_roundtrip(self, d):
-        P = self.element(d, seed=2)
-        dense = P.to_dense()
-        # to_dense of an element has zeros outside the pattern
-        for i in range(d):
-            for j in range(d):
-                if self.key(i, j, d) is None:
-                    assert dense[i, j] == 0
-        Q = self.cls.from_dense(dense, **self.config)
-        # exact up to the rounding of averaging tied (Toeplitz) entries
-        for k in P.data:
-            torch.testing.assert_close(Q.data[k], P.data[k], rtol=1e-14, atol=1e-15)
-        torch.testing.assert_close(Q.to_dense(), dense, rtol=1e-14, atol=1e-15)
-        R = self.cls.from_dense(Q.to_dense(), **self.config)
-        torch.testing.assert_close(R.to_dense(), Q.to_dense(), rtol=1e-14, atol=1e-15)
-
-    @pytest.mark.parametrize("d", DIMS)
-    def test_identity_zeros_and_state(self, d):
-        eye = self.cls.eye(d, dtype=torch.float64, **self.config)
-        assert torch.equal(eye.to_dense(), torch.eye(d, dtype=torch.float64))
-        assert torch.equal(self.cls.eye(d, dtype=torch.float64, scale=2.5, **self.config)
-                           .to_dense(), 2.5 * torch.eye(d, dtype=torch.float64))
-        zero = self.cls.zeros(d, dtype=torch.float64, **self.config)
-        assert torch.equal(zero.to_dense(), torch.zeros(d, d, dtype=torch.float64))
-        P = self.element(d, seed=3)
-        rebuilt = self.cls(d, {k: t.clone() for k, t in P.data.items()}, **P.config)
-        assert torch.equal(rebuilt.to_dense(), P.to_dense())
-        assert P.numel() == sum(t.numel() for t in P.data.values())
-        assert P.numel() <= d * d
-
-    def test_bad_shapes_and_config(self):
-        P = self.element(4)
-        bad = {k: torch.zeros(*(s + 1 for s in t.shape)) for k, t in P.data.items()}
-        with pytest.raises(ValueError, match=self.cls.name):
-            self.cls(4, bad, **self.config)
-        with pytest.raises(ValueError, match="unknown structure parameter"):
-            self.cls.zeros(4, no_such_parameter=1)
-        with pytest.raises(ValueError, match="square"):
-            self.cls.from_dense(torch.zeros(2, 3), **self.config)
-
-    # ----------------------------------------------------------------- closure
-    @pytest.mark.parametrize("d", DIMS)
-    def test_closure_of_update_operations(self, d):
-        P, Q = self.element(d, seed=4, shift=2.0), self.element(d, seed=5)
-        Pd, Qd = P.to_dense(), Q.to_dense()
-        # the exact dense results lie in the structure: reading them back changes nothing
-        for result, dense in [(P @ Q, Pd @ Qd), (P.add(Q, alpha=-0.3), Pd - 0.3 * Qd),
-                              (P.scale(1.7), 1.7 * Pd), (P.add_identity(-1.0),
-                                                         Pd - torch.eye(d, dtype=Pd.dtype))]:
-            assert type(result) is self.cls
-            torch.testing.assert_close(result.to_dense(), dense, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(self.ref(dense), dense, rtol=1e-12, atol=1e-12)
-        # the SINGD step K(I − β m) stays in the group, composed or fused
-        eye = torch.eye(d, dtype=Pd.dtype)
-        expected = Pd @ (eye - 0.1 * Qd)
-        for step in (P @ Q.scale(-0.1).add_identity(1.0), P.right_step(Q, -0.1)):
-            assert type(step) is self.cls
-            torch.testing.assert_close(step.to_dense(), expected, rtol=1e-12, atol=1e-12)
-        # the momentum's combination, identity included, as one new element
-        before = {k: t.clone() for k, t in {**P.data, **{"Q" + k: t for k, t in
-                                                          Q.data.items()}}.items()}
-        for a, terms, c in [(0.7, [(Q, -0.3), (P, 0.2)], -0.5), (1.0, [(Q, 2.0)], 0.0),
-                            (-2.0, [], 1.5)]:
-            comb = P.lincomb(a, terms, identity=c)
-            dense = a * Pd + sum((b * X.to_dense() for X, b in terms),
-                                 torch.zeros_like(Pd)) + c * eye
-            assert type(comb) is self.cls
-            torch.testing.assert_close(comb.to_dense(), dense, rtol=1e-12, atol=1e-12)
-            # the same, accumulated into a fresh element's own storage
-            fresh = P.scale(1.0)
-            reused = fresh.lincomb(a, terms, identity=c, reuse=True)
-            torch.testing.assert_close(reused.to_dense(), dense, rtol=1e-12, atol=1e-12)
-            assert all(reused.data[k].data_ptr() == t.data_ptr() for k, t in fresh.data.items())
-        # elements are immutable: none of the operations above changed an operand
-        after = {**P.data, **{"Q" + k: t for k, t in Q.data.items()}}
-        for k, t in before.items():
-            assert torch.equal(after[k], t), k
-        with pytest.raises(ValueError, match="same structure"):
-            P @ Dense.eye(d + 1, dtype=torch.float64)
-
-    @pytest.mark.parametrize("d", DIMS)
-    def test_products_with_dense(self, d):
-        P = self.element(d, seed=6, shift=1.0)
-        Pd = P.to_dense()
-        X = torch.randn(d, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
-        torch.testing.assert_close(P.mm(X), Pd @ X, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(P.tmm(X), Pd.T @ X, rtol=1e-12, atol=1e-12)
-        outer = P.outer()
-        if self.cls in (Dense, Diagonal, BlockDiagonal):
-            assert type(outer) is self.cls
-            torch.testing.assert_close(outer.to_dense(), Pd @ Pd.T, rtol=1e-12, atol=1e-12)
-        else:  # not closed under transposition: M Mᵀ leaves the structure
-            assert outer is None
-
-    @pytest.mark.parametrize("d", DIMS)
-    def test_inner_gram_congruence(self, d):
-        P = self.element(d, seed=7, shift=1.0)
-        Pd = P.to_dense()
-        g = torch.Generator().manual_seed(100 + d)
-        X = torch.randn(d, 6, dtype=torch.float64, generator=g)
-        A = X @ X.T / 6
-        torch.testing.assert_close(P.inner(X).to_dense(), self.ref(Pd.T @ X @ X.T @ Pd),
-                                   rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(P.gram().to_dense(), self.ref(Pd.T @ Pd),
-                                   rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(P.congruence(A).to_dense(), self.ref(Pd.T @ A @ Pd),
-                                   rtol=1e-10, atol=1e-10)
-        # Π keeps the diagonal, so traces of projected matrices are exact
-        torch.testing.assert_close(P.inner(X).average_trace(),
-                                   torch.trace(Pd.T @ X @ X.T @ Pd) / d)
-        torch.testing.assert_close(P.average_trace(), torch.trace(Pd) / d)
-        torch.testing.assert_close(P.max_abs(), Pd.abs().max())
-
-    # ----------------------------------------------------------------- low precision
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-    def test_low_precision(self, dtype, tol):
-        d = 9
-        P64, Q64 = self.element(d, seed=8, shift=1.5), self.element(d, seed=9)
-        P, Q = P64.to(dtype), Q64.to(dtype)
-        X64 = torch.randn(d, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-        X = X64.to(dtype)
-        A64 = X64 @ X64.T
-        for name, low, high in [
-            ("matmul", P @ Q, P64 @ Q64),
-            ("inner", P.inner(X), P64.inner(X64)),
-            ("gram", P.gram(), P64.gram()),
-            ("congruence", P.congruence(A64.to(dtype)), P64.congruence(A64)),
-            ("step", P.add(P @ Q, alpha=-0.1), P64.add(P64 @ Q64, alpha=-0.1)),
-            ("eye", self.cls.eye(d, dtype=dtype, **self.config),
-             self.cls.eye(d, dtype=torch.float64, **self.config)),
-        ]:
-            assert all(t.dtype == dtype for t in low.data.values()), name
-            ref = high.to_dense()
-            scale = max(1.0, float(ref.abs().max()))
-            err = float((low.to_dense().double() - ref).abs().max()) / scale
-            assert err < tol, (name, err)
-        for name, low, high in [("mm", P.mm(X), P64.mm(X64)), ("tmm", P.tmm(X), P64.tmm(X64))]:
-            assert low.dtype == dtype
-            err = float((low.double() - high).abs().max()) / max(1.0, float(high.abs().max()))
-            assert err < tol, (name, err)
-        assert torch.isfinite(P.average_trace()) and P.average_trace().dtype == dtype
+from curvkit.testing import StructureSuite
 
 
 # ----------------------------------------------------------------------------- structures
-class TestDense(StructureContract):
-    cls = Dense
+class TestDense(StructureSuite):
+    cls = DenseStructure
+    outer_closed = True
 
     @staticmethod
     def key(i, j, d):
         return (i, j)
 
 
-class TestDiagonal(StructureContract):
-    cls = Diagonal
+class TestDiagonal(StructureSuite):
+    cls = DiagonalStructure
+    outer_closed = True
 
     @staticmethod
     def key(i, j, d):
         return (i, i) if i == j else None
 
 
-class TestBlockDiagonal(StructureContract):
-    cls = BlockDiagonal
+class TestBlockDiagonal(StructureSuite):
+    cls = BlockDiagonalStructure
+    outer_closed = True
     config = {"block_size": 3}
 
     @staticmethod
@@ -256,18 +58,19 @@ class TestBlockDiagonal(StructureContract):
         return (i, j) if i // 3 == j // 3 else None
 
 
-class TestBlockDiagonalDefault(StructureContract):
+class TestBlockDiagonalDefault(StructureSuite):
     """singd's block30diagonal: every test dimension is inside the rest block."""
 
-    cls = BlockDiagonal
+    cls = BlockDiagonalStructure
+    outer_closed = True
 
     @staticmethod
     def key(i, j, d):
         return (i, j) if i // 30 == j // 30 else None
 
 
-class TestHierarchical(StructureContract):
-    cls = Hierarchical
+class TestHierarchical(StructureSuite):
+    cls = HierarchicalStructure
     config = {"k1": 2, "k2": 3}
 
     @staticmethod
@@ -286,16 +89,16 @@ class TestHierarchical(StructureContract):
         return (i, j) if j >= top else None    # bottom rows: D and E
 
 
-class TestLowerToeplitz(StructureContract):
-    cls = TriangularToeplitz
+class TestLowerToeplitz(StructureSuite):
+    cls = TriangularToeplitzStructure
 
     @staticmethod
     def key(i, j, d):
         return i - j if i >= j else None
 
 
-class TestUpperToeplitz(StructureContract):
-    cls = TriangularToeplitz
+class TestUpperToeplitz(StructureSuite):
+    cls = TriangularToeplitzStructure
     config = {"lower": False}
 
     @staticmethod
@@ -303,16 +106,16 @@ class TestUpperToeplitz(StructureContract):
         return j - i if j >= i else None
 
 
-class TestLowerTriangular(StructureContract):
-    cls = LowerTriangular
+class TestLowerTriangular(StructureSuite):
+    cls = LowerTriangularStructure
 
     @staticmethod
     def key(i, j, d):
         return (i, j) if i >= j else None
 
 
-class TestUpperTriangular(StructureContract):
-    cls = UpperTriangular
+class TestUpperTriangular(StructureSuite):
+    cls = UpperTriangularStructure
 
     @staticmethod
     def key(i, j, d):
@@ -321,16 +124,19 @@ class TestUpperTriangular(StructureContract):
 
 # ----------------------------------------------------------------------------- table, helpers
 def test_every_structure_is_tested_and_named():
-    tested = {c.cls for c in StructureContract.__subclasses__()}
+    tested = {c.cls for c in StructureSuite.__subclasses__()}
     assert set(STRUCTURES.values()) <= tested
     assert set(STRUCTURES) == {"dense", "diagonal", "block_diagonal", "hierarchical",
                                "triangular_toeplitz", "lower_triangular", "upper_triangular"}
     for name, cls in STRUCTURES.items():
         assert cls.name == name
+        # one class name per concept: DiagonalStructure, not a second 'Diagonal' beside the
+        # diagonal preconditioner
+        assert cls.__name__.endswith("Structure"), cls.__name__
 
 
 def test_lookup_error_names_close_match():
-    assert structures.get("diagonal") is Diagonal
+    assert structures.get("diagonal") is DiagonalStructure
     with pytest.raises(ValueError, match="did you mean 'diagonal'"):
         structures.get("diagonl", where="optimizer.preconditioner.structures[0]")
 
@@ -340,3 +146,133 @@ def test_diagonal_sums():
     ref = torch.stack([X.diagonal().sum()] + [X.diagonal(k).sum() + X.diagonal(-k).sum()
                                               for k in range(1, 6)])
     torch.testing.assert_close(diagonal_sums(X), ref)
+
+
+# ----------------------------------------------------------------------------- as parts
+SCALAR_PLUGIN = '''
+"""``scalar``: multiples of the identity, c·I (a one-dimensional abelian Lie group)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from curvkit.hookspecs import hookimpl
+from curvkit.structures.base import Structure
+
+
+class Scalar(Structure):
+    """M = c·I: Π(X) = (tr X / d)·I. Memory 1."""
+
+    name = "scalar"
+
+    @classmethod
+    def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
+        return {"c": (1,)}
+
+    def to_dense(self) -> torch.Tensor:
+        return self.data["c"] * torch.eye(self.dim, dtype=self.dtype, device=self.device)
+
+    @classmethod
+    def _project(cls, X, dim, config):
+        return {"c": (X.diagonal().sum() / max(dim, 1)).reshape(1)}
+
+    @staticmethod
+    def _add_identity_(data, c):
+        data["c"].add_(c)
+
+
+@hookimpl
+def curvkit_parts():
+    return [Scalar]
+'''
+
+
+@pytest.fixture
+def scalar_structure(tmp_path, monkeypatch):
+    """A structure from a plugin, written as one file, in a registry of its own."""
+    import importlib
+    import sys
+
+    from curvkit import builtins, registry
+
+    (tmp_path / "scalar_structure.py").write_text(SCALAR_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("scalar_structure")
+    reg = registry.Registry()
+    reg.add_plugin(builtins, "curvkit", "curvkit")
+    reg.add_plugin(module, "scalar", "scalar-structure 0.1")
+    reg._collect()
+    monkeypatch.setattr(registry, "_REGISTRY", reg)
+    yield module.Scalar
+    sys.modules.pop("scalar_structure", None)
+
+
+def test_a_plugin_structure_is_one_file_and_passes_the_suite(scalar_structure):
+    class TestScalar(StructureSuite):
+        cls = scalar_structure
+        outer_closed = False
+
+        @staticmethod
+        def key(i, j, d):
+            return "c" if i == j else None
+
+    t = TestScalar()
+    for d in (1, 4, 7):
+        t.test_projection_matches_pattern_reference(d)
+        t.test_closure_of_update_operations(d)
+        t.test_inner_gram_congruence(d)
+    t.test_registered_with_its_options()
+    t.test_trains_in_lie_group()
+    assert "scalar" in curvkit.components()["structure"]
+    assert structures.get("scalar") is scalar_structure
+
+
+def test_components_lists_structures_with_their_options(capsys):
+    from curvkit.cli import main
+
+    assert set(curvkit.components()["structure"]) == set(STRUCTURES)
+    assert main(["components", "--kind", "structure"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("  block_diagonal — "):out.index("  dense — ")]
+    assert "block_size: int (default 30, in [1, inf])" in block, block
+    assert "k1: int" in out and "lower: bool" in out
+
+
+def test_lie_group_structures_are_nested_tables_checked_up_front():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    base = {"lr": 0.1, "estimator": "ef", "solver": "direct"}
+
+    def build(structures):
+        return curvkit.build_optimizer(model, nn.CrossEntropyLoss(), {
+            **base, "preconditioner": {"name": "lie_group", "structures": structures}})
+
+    opt = build([{"name": "block_diagonal", "block_size": 2}, "hierarchical"])
+    # the config layer completes each table with the structure's defaults
+    k, c = opt.config.preconditioner.options.structures
+    assert k == {"name": "block_diagonal", "block_size": 2}
+    assert c == {"name": "hierarchical", "k1": 15, "k2": 15}
+    labels = set(opt.preconditioner.structures().values())
+    assert "lie_group[block_diagonal(block_size=2), hierarchical]" in labels
+    K = opt.preconditioner.state["factors"]["0"]["K"]
+    assert K["blocks"].shape == (2, 2, 2) and K["rest"].shape == (1, 1)  # d_K = 4 + 1
+    with pytest.raises(curvkit.ConfigError,
+                       match=r"optimizer\.preconditioner\.structures\[0\]\.block_sze: "
+                             r"unknown option; did you mean 'block_size'"):
+        build([{"name": "block_diagonal", "block_sze": 2}, "dense"])
+    with pytest.raises(curvkit.ConfigError,
+                       match=r"optimizer\.preconditioner\.structures\[1\]: unknown structure "
+                             r"'dens'; did you mean 'dense'"):
+        build(["dense", "dens"])
+    with pytest.raises(curvkit.ConfigError,
+                       match=r"structures\[0\]\.block_size: must be >= 1, got 0"):
+        build([{"name": "block_diagonal", "block_size": 0}, "dense"])
+    with pytest.raises(curvkit.ConfigError, match=r"structures\[1\]\.name: missing"):
+        build(["dense", {"block_size": 2}])
+    # a checkpoint's config holds plain tables (loadable with weights_only=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)

@@ -154,6 +154,10 @@ class CurvatureEstimator(Part, abc.ABC):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = distributed.unwrap(model)
+        if not trainable(self.model):  # here, so a plugin's estimator refuses it too
+            raise ValueError(f"{self.name or type(self).__name__}: model "
+                             f"{type(self.model).__name__} has no trainable parameters (all "
+                             f"have requires_grad=False or there are none)")
         self.loss_fn = loss_fn
         self.reduction = reduction_of(loss_fn)
         # the registered loss part describing loss_fn (None: no part does; estimators that

@@ -34,15 +34,13 @@ class GGNEstimator(CurvatureEstimator):
     ``matvec``: one forward pass with forward-mode duals gives f and Jv together (the primal
     keeps its autograd graph), w = H_loss (Jv) — the loss part's output-Hessian product
     (:mod:`curvkit.losses`), ``torch.func`` on the loss for a loss no part describes —
-    then one backward gives Jᵀw. Measured 0.3–0.45× curvlinops' ``GGNLinearOperator``
-    (``benchmarks/bench_estimators.py``).
+    then one backward gives Jᵀw (timings against curvlinops' ``GGNLinearOperator``:
+    docs/benchmarks.md).
 
     ``linearize(batch)`` (Krylov solvers: many products on one batch at one θ) keeps the
     forward graph and the graph of Jᵀw for a dummy w, and gets J v from a backward of
-    ⟨Jᵀw, v⟩ w.r.t. w (see ``_linearize``). Measured before choosing it (1 thread, median
-    CPU time of 41 interleaved repeats, three runs, in gradients): per product 1.11–1.19
-    against ``matvec``'s 2.02–2.13 (MLP 64-128-128-10, N=128) and 1.61–1.66 against
-    1.70–1.78 (CNN 2×conv3(8)+linear, N=64); creating the operator ≈ 1.0.
+    ⟨Jᵀw, v⟩ w.r.t. w (see ``_linearize``): cheaper per product than ``matvec`` after
+    an operator that costs about one gradient (measured ratios: docs/benchmarks.md).
 
     Capabilities: matvec, dense, diagonal (exact: Σ_n Σ_k (J_nᵀ s_{n,k})² with
     Σ_k s_{n,k}s_{n,k}ᵀ the scaled per-sample loss Hessian; see ``diagonal``), kronecker
@@ -116,7 +114,7 @@ class GGNEstimator(CurvatureEstimator):
         backward through the graph of Jᵀw, u = H_loss (J v), then Jᵀu by a backward through
         the kept forward graph — no forward pass. Measured faster per product than
         ``matvec`` on both benchmark models (``benchmarks/bench_estimators.py``; numbers in
-        the class docstring). Both graphs (activations plus the graph of Jᵀw) live as long
+        docs/benchmarks.md). Both graphs (activations plus the graph of Jᵀw) live as long
         as the returned callable, i.e. as long as the ``linearize()`` operator.
         """
         if next(self.model.buffers(), None) is None:

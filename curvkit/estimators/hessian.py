@@ -29,22 +29,16 @@ class HessianEstimator(CurvatureEstimator):
     loss for "sum") over the batch.
 
     Hessian-vector products use double backward (reverse-over-reverse: one backward with
-    ``create_graph=True``, then one backward of ⟨∇L, v⟩). Measured (1 CPU thread, float32,
-    cross-entropy, median CPU time of 41 interleaved repeats, models of
-    ``benchmarks/bench_estimators.py``), in units of one gradient evaluation:
-
-        MLP 64-128-128-10, N=128:   double backward 2.20×, forward-over-reverse
-                                    (torch.func.jvp of torch.func.grad) 5.90×,
-                                    forward-over-reverse (autograd.forward_ad duals) 4.29×
-        CNN 2×conv3(8)+linear, N=64: double backward 2.56×, torch.func 4.24×, forward_ad 3.58×
-
-    so double backward is used, on the model itself (``functional_call`` on fresh leaves
-    cost another ~0.3 gradients per product). ``dense`` and ``diagonal`` reuse one gradient
-    graph for all their directions (``is_grads_batched``, chunked by ``chunk_size``), and so
-    does ``linearize(batch)`` for the products a Krylov solver asks for one at a time: the
-    forward and the backward with graph once (≈ 1 gradient), then only the double backward
-    per product — 1.3–1.5 gradients against 2.5–2.7 for ``matvec`` (flop counts per
-    layer, in forward-matmul units: 6 against 3 + 6, a gradient being 3), bitwise equal.
+    ``create_graph=True``, then one backward of ⟨∇L, v⟩): on CPU it was cheaper than both
+    forward-over-reverse variants (torch.func.jvp of torch.func.grad, autograd.forward_ad
+    duals) on the models of ``benchmarks/bench_estimators.py``, and it runs on the model
+    itself (``functional_call`` on fresh leaves cost more per product); the measured ratios
+    are in docs/benchmarks.md, not here, where they would go stale. ``dense`` and
+    ``diagonal`` reuse one gradient graph for all their directions (``is_grads_batched``,
+    chunked by ``chunk_size``), and so does ``linearize(batch)`` for the products a Krylov
+    solver asks for one at a time: the forward and the backward with graph once (about one
+    gradient), then only the double backward per product (flop counts per layer, in
+    forward-matmul units: 6 against ``matvec``'s 3 + 6, a gradient being 3), bitwise equal.
 
     Capabilities: matvec, dense, diagonal (Hutchinson: E[z ⊙ Hz] with Rademacher z,
     ``samples`` probes from this estimator's generator; unbiased, not exact), summary
@@ -164,10 +158,10 @@ class HessianEstimator(CurvatureEstimator):
         reference (which runs the H̄ row and the D3 double backward separately).
 
         Batching the S directions instead (``is_grads_batched`` double/triple backward, or
-        ``torch.func.vmap`` over nested ``jvp``/``grad``) was measured 4–14× slower on CPU
-        for the canonical partition (MLP and CNN of ``benchmarks/bench_estimators.py``, S=6:
-        the per-op overhead of batched/nested transforms exceeds the work they batch) and
-        only on par for the discrete partition S = P, so the loop over groups is used.
+        ``torch.func.vmap`` over nested ``jvp``/``grad``) was slower on CPU for the
+        canonical partition (the per-op overhead of batched/nested transforms exceeds the
+        work they batch) and only on par for the discrete partition S = P, so the loop over
+        groups is used.
         """
         partition, S = check_direction_and_partition(self, direction, partition, groups)
         pieces = group_pieces([d.detach() for d in direction], partition, S)

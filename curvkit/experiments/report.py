@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
+from curvkit._optional import require
 from curvkit.experiments.store import RESULTS, Run, load_runs, write_text_atomic
 
 REPORT = "report.md"
@@ -221,9 +222,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 # --------------------------------------------------------------------------- figures
 def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.0)) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg",
+                              "curvkit report's figures").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "curvkit report's figures").Figure
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -231,8 +232,7 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (6.0, 4.
 
 
 def _colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
+    colormaps = require("matplotlib", "curvkit report's figures").colormaps
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
@@ -573,6 +573,29 @@ def tuning_lines(directory: Path) -> list[str]:
                             "best values", "metric"], rows), ""]
 
 
+def provenance_line(directory: Path) -> str:
+    """Which code and which config produced the report: the curvkit commit (``git
+    rev-parse HEAD`` of the checkout curvkit is imported from, with ``+dirty`` for
+    uncommitted changes; "unknown" outside git) and the sha256 of ``config.toml`` as
+    written by the run, so a stale report is recognisable."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "curvkit"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    commit = (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    cfg = directory / "config.toml"
+    digest = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else "none"
+    return f"Provenance: curvkit commit `{commit}`, config.toml sha256 `{digest}`."
+
+
 # --------------------------------------------------------------------------- report
 def build_report(directory: str | Path, target_loss: float | None = None,
                  log: Callable[[str], None] = print) -> Path:
@@ -610,7 +633,7 @@ def build_report(directory: str | Path, target_loss: float | None = None,
     lines.append(f"Results in `{directory}`: {len(runs)} runs of {len(groups)} "
                  f"configurations ({counts}). Generated "
                  f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
-    lines.append("")
+    lines += ["", provenance_line(directory), ""]
     if statuses.get("incomplete"):
         lines += [f"**Partial results**: {statuses['incomplete']} run(s) have not finished; "
                   "their numbers are those of their last evaluation so far.", ""]

@@ -76,6 +76,11 @@ class Kronecker(LayerwiseKronecker):
         inv_dtype: Literal["auto", "float32", "float64"] = option(
             "auto", "dtype of factor averages and inversions; auto = float32 for "
                     "bfloat16/float16 models, the model dtype otherwise")
+        state_dtype: Literal["inherit", "bfloat16", "float16", "float32", "float64"] = option(
+            "inherit", "dtype the factor averages and stored inverses are kept in; inherit = "
+                       "inv_dtype's. Inversion runs in the lowest dtype torch's linear "
+                       "algebra supports at or above it (float32 for bfloat16/float16) and "
+                       "is rounded back")
         fallback: Literal["diagonal", "identity"] = option(
             "diagonal", "structure of parameters no Kronecker factor covers")
         distribute_inversions: bool = option(
@@ -111,7 +116,7 @@ class Kronecker(LayerwiseKronecker):
         old = self.state.get("factors", {})
         factors: dict[str, dict[str, Tensor]] = {}
         for kf in found.values():
-            dt = working_dtype(dtypes[kf.params[0]], o.inv_dtype)
+            dt = self._state_dtype(dtypes[kf.params[0]])
             prev = old.get(kf.module, {})
             factors[kf.module] = {
                 "A": blend(prev.get("A"), kf.A.detach().to(dt), w),
@@ -125,8 +130,8 @@ class Kronecker(LayerwiseKronecker):
             by_name = dict(zip((n for n, _ in self.named_params), diag))
             prev_diag = self.state.get("fallback_diag", {})
             self.state["fallback_diag"] = {
-                n: blend(prev_diag.get(n),
-                         by_name[n].detach().to(working_dtype(dtypes[n], o.inv_dtype)), w)
+                n: blend(prev_diag.get(n), by_name[n].detach().to(self._state_dtype(dtypes[n])),
+                         w)
                 for n in fallback_names}
 
         # invert on updates 1, 1 + k, 1 + 2k, … with k = invert_every / update_every, i.e. on
@@ -178,7 +183,21 @@ class Kronecker(LayerwiseKronecker):
                     "QG": torch.empty_like(G), "lG": torch.empty_like(G[0])}
         return {"A": torch.empty_like(A), "G": torch.empty_like(G)}
 
+    def _state_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        o = self.options
+        if o.state_dtype == "inherit":
+            return working_dtype(param_dtype, o.inv_dtype)
+        return getattr(torch, o.state_dtype)
+
     def _invert(self, A: Tensor, G: Tensor) -> tuple[dict[str, Tensor], float]:
+        """The inverses in the factors' dtype, computed in :func:`linalg_dtype` of it."""
+        work = linalg_dtype(A.dtype, A.device)
+        if work == A.dtype:
+            return self._invert_in(A, G)
+        inv, pi = self._invert_in(A.to(work), G.to(work))
+        return {k: v.to(A.dtype) for k, v in inv.items()}, pi
+
+    def _invert_in(self, A: Tensor, G: Tensor) -> tuple[dict[str, Tensor], float]:
         o = self.options
         if not bool(torch.isfinite(A).all() and torch.isfinite(G).all()):
             if o.damping_form == "exact":
@@ -238,6 +257,31 @@ class Kronecker(LayerwiseKronecker):
         return dict(self._last)
 
 
+_LINALG_DTYPE: dict[tuple[torch.dtype, str], torch.dtype] = {}
+
+
+def linalg_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The lowest dtype at or above ``dtype`` in which torch's eigh and Cholesky run on
+    ``device`` (probed once per dtype and device type): float32 for bfloat16 and float16
+    (not implemented in torch 2.x), ``dtype`` itself for float32/float64."""
+    key = (dtype, device.type)
+    if key not in _LINALG_DTYPE:
+        found = torch.float64
+        for cand in (dtype, torch.float32, torch.float64):
+            if cand.itemsize < dtype.itemsize:
+                continue
+            try:
+                eye = torch.eye(2, dtype=cand, device=device)
+                torch.linalg.cholesky_ex(eye)
+                torch.linalg.eigh(eye)
+            except (RuntimeError, NotImplementedError):
+                continue
+            found = cand
+            break
+        _LINALG_DTYPE[key] = found
+    return _LINALG_DTYPE[key]
+
+
 def pi_factor(A: Tensor, G: Tensor) -> float:
     """π = √((tr A / dim A) / (tr G / dim G)) (Martens & Grosse §6.3); 1 if undefined."""
     ta = float(torch.diagonal(A).sum()) / A.shape[0]
@@ -247,4 +291,4 @@ def pi_factor(A: Tensor, G: Tensor) -> float:
     return math.sqrt(ta / tg)
 
 
-__all__ = ["Kronecker", "pi_factor"]
+__all__ = ["Kronecker", "linalg_dtype", "pi_factor"]

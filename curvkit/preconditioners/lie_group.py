@@ -14,23 +14,23 @@ structured without a single inversion or decomposition (it runs in bfloat16).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from curvkit import structures as structure_table
 from curvkit.estimators.base import (
     KroneckerFactors,
     KroneckerRoots,
     layer_matrix,
     split_layer_matrix,
 )
-from curvkit.options import option
+from curvkit.options import option, part_option
 from curvkit.params import check_like
 from curvkit.parts import KRONECKER, KRONECKER_ROOTS
 from curvkit.preconditioners._layerwise import LayerwiseKronecker
+from curvkit.registry import get_registry
 from curvkit.structures.base import Structure
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -71,9 +71,11 @@ class LieGroup(LayerwiseKronecker):
         alpha1: float = option(0.5, "α₁: Riemannian momentum of m_K, m_C", min=0.0)
         damping: float = option(1e-3, "λ: damping inside the factor updates", min=0.0)
         update_every: int = option(10, "T: update K, C every T steps", min=1)
-        structures: tuple[str, str] = option(
-            ("dense", "dense"), "structures of K (input side, d_in [+1]) and C (output side): "
-                                + ", ".join(structure_table.STRUCTURES))
+        structures: tuple[str | dict, str | dict] = part_option(
+            "structure", ("dense", "dense"),
+            "structures of K (input side, d_in [+1]) and C (output side), each a registered "
+            "structure's name or a table with its options, e.g. "
+            "[{name = \"block_diagonal\", block_size = 16}, \"diagonal\"]")
         kfac_approx: Literal["expand", "reduce"] | None = option(
             None, "K-FAC flavour for weight-sharing layers, as singd names it; unset = the "
                   "estimator's kfac_approx option, set = overrides it for this structure")
@@ -81,15 +83,13 @@ class LieGroup(LayerwiseKronecker):
                                         "are replaced by 1 (needs alpha1 = 0)")
         normalize_lr_cov: bool = option(False, "normalized steps: β = lr_cov / max(1, max|m|) "
                                                "and s = (1 − α₁)/2")
+        exp_order: int = option(1, "truncation of the exponential map in K ← K·exp(−βm): "
+                                   "1 = I − βm (SINGD), 2 = I − βm + β²m²/2, non-singular "
+                                   "whenever m has a real spectrum (1 − x + x²/2 > 0)",
+                                min=1, max=2)
         init_scale: float = option(1.0, "K and C start as init_scale·I (first "
-                                        "preconditioner init_scale⁴·I)", min=0.0)
-        block_size: int = option(30, "block size of 'block_diagonal'", min=1)
-        hierarchical_k1: int = option(15, "size of the dense top block of 'hierarchical'",
-                                      min=0)
-        hierarchical_k2: int = option(15, "size of the dense bottom-right block of "
-                                          "'hierarchical'", min=0)
-        toeplitz: Literal["lower", "upper"] = option(
-            "lower", "side of 'triangular_toeplitz' (singd's triltoeplitz / triutoeplitz)")
+                                        "preconditioner init_scale⁴·I)", min=0.0,
+                                   min_exclusive=True)
         preconditioner_dtype: tuple[str, str] = option(
             ("param", "param"), "dtypes of (K, m_K) and (C, m_C): 'param' (the weight's) or "
                                 + ", ".join(DTYPES))
@@ -97,8 +97,6 @@ class LieGroup(LayerwiseKronecker):
             "identity", "structure of parameters no Kronecker factor covers")
 
         def __post_init__(self) -> None:
-            for i, s in enumerate(self.structures):
-                structure_table.get(s, where=f"structures[{i}]")
             for i, d in enumerate(self.preconditioner_dtype):
                 if d != "param" and d not in DTYPES:
                     raise ValueError(f"preconditioner_dtype[{i}]: expected 'param' or one of "
@@ -112,9 +110,13 @@ class LieGroup(LayerwiseKronecker):
     def __init__(self, model: nn.Module, options: Options | None = None) -> None:
         super().__init__(model, options)
         o = self.options
-        self._classes = [structure_table.get(s) for s in o.structures]
-        self._configs = [self._config(c) for c in self._classes]
-        self._resolved = [c.resolve_config(cfg) for c, cfg in zip(self._classes, self._configs)]
+        registry = get_registry()
+        where = self.config_path or "lie_group"
+        sides = [registry.part_options("structure", s, f"{where}.structures[{i}]")
+                 for i, s in enumerate(o.structures)]
+        self._classes: list[type[Structure]] = [spec.cls for spec, _ in sides]
+        self._resolved = [asdict(opts) for _, opts in sides]
+        self._labels = [_structure_label(spec.name, opts) for spec, opts in sides]
         # K Kᵀ and C Cᵀ (for structures closed under transposition) between updates
         self._outer: dict[tuple[str, int], Structure | None] = {}
         self._last: dict[str, Any] = {}
@@ -133,12 +135,6 @@ class LieGroup(LayerwiseKronecker):
                 for n, p in self.named_params if n not in covered}
 
     # ------------------------------------------------------------------ structure helpers
-    def _config(self, cls: type[Structure]) -> dict[str, Any]:
-        o = self.options
-        values = {"block_size": o.block_size, "k1": o.hierarchical_k1,
-                  "k2": o.hierarchical_k2, "lower": o.toeplitz == "lower"}
-        return {k: values[k] for k in cls.CONFIG}
-
     def _dtype(self, side: int, param_dtype: torch.dtype) -> torch.dtype:
         choice = self.options.preconditioner_dtype[side]
         return param_dtype if choice == "param" else DTYPES[choice]
@@ -153,15 +149,14 @@ class LieGroup(LayerwiseKronecker):
         for side, (key, dim) in enumerate((("K", d_K), ("C", d_C))):
             eye = self._classes[side].eye(dim, dtype=self._dtype(side, dtype), device=device,
                                           scale=self.options.init_scale,
-                                          **self._configs[side])
+                                          **self._resolved[side])
             entry[key] = eye.data
             entry[f"dim_{key}"] = dim
         return entry
 
     # ------------------------------------------------------------------ coverage
     def _label(self) -> str:
-        k, c = self.options.structures
-        return f"lie_group[{k}, {c}]"
+        return f"lie_group[{', '.join(self._labels)}]"
 
     # ------------------------------------------------------------------ update
     def _statistics(self, estimator: Any, batch: Any
@@ -265,7 +260,13 @@ class LieGroup(LayerwiseKronecker):
             beta = o.lr_cov
             if o.normalize_lr_cov:
                 beta = o.lr_cov / max(1.0, float(m.max_abs()))
-            new[key] = X.right_step(m, -beta).data
+            if o.exp_order == 2:
+                # X (I − βm + ½β²m²): the second-order truncation (closure keeps m² in the
+                # structure)
+                step = m.lincomb(-beta, [(m @ m, 0.5 * beta * beta)])
+                new[key] = X.lincomb(1.0, [(X @ step, 1.0)]).data
+            else:
+                new[key] = X.right_step(m, -beta).data
             if o.alpha1 != 0.0:
                 new[f"m_{key}"] = m.data
         return new
@@ -290,7 +291,10 @@ class LieGroup(LayerwiseKronecker):
             beta: float | Tensor = o.lr_cov
             if o.normalize_lr_cov:
                 beta = o.lr_cov / m.abs().max().clamp_min(1.0)
-            entry = {"k": k - beta * (k * m)}
+            if o.exp_order == 2:
+                entry = {"k": k * (1.0 - beta * m + 0.5 * beta * beta * m * m)}
+            else:
+                entry = {"k": k - beta * (k * m)}
             if o.alpha1 != 0.0:
                 entry["m"] = m
             new[n] = entry
@@ -373,7 +377,7 @@ class LieGroup(LayerwiseKronecker):
                     if name in entry:
                         try:
                             self._classes[side](entry[f"dim_{key}"], entry[name],
-                                                **self._configs[side])
+                                                **self._resolved[side])
                         except ValueError as err:
                             raise ValueError(f"preconditioner 'lie_group': state of module "
                                              f"{mod!r}, {name}: {err}") from err
@@ -390,3 +394,11 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 __all__ = ["LieGroup"]
+
+
+def _structure_label(name: str, options: Any) -> str:
+    """``name`` with the options that differ from the structure's defaults, e.g.
+    ``block_diagonal(block_size=16)`` (what ``structures()`` reports)."""
+    changed = [f"{f.name}={getattr(options, f.name)!r}" for f in fields(options)
+               if getattr(options, f.name) != getattr(type(options)(), f.name)]
+    return f"{name}({', '.join(changed)})" if changed else name

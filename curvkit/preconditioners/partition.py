@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,46 +11,26 @@ import torch
 from torch import Tensor, nn
 
 from curvkit import partitions
+from curvkit.errors import StepError
 from curvkit.estimators.base import Summary
 from curvkit.options import option
 from curvkit.params import check_like
-from curvkit.parts import GROUP_SUMMARY, SUMMARY
+from curvkit.parts import GROUP_SUMMARY, SUMMARY, GroupSummary
 from curvkit.preconditioners._running import blend, ema_weight
 from curvkit.preconditioners.base import Preconditioner
 
-DIRECTION_PATH = "optimizer.preconditioner.direction"
 # info() carries the S×S pseudo-Hessian and the group names only up to this S, so that a
 # per-step log of a discrete partition does not grow with P².
 INFO_MAX_GROUPS = 64
 
-# A rule turns the (averaged, damped) summary into η: it returns (η or None on failure,
-# JSON-able numbers to log). The default is the plain solve; the ``cubic`` solver installs
-# its root find through :meth:`Partition.set_eta_rule`.
-EtaRule = Callable[[Summary], "tuple[Tensor | None, dict[str, Any]]"]
 
-
-def plain_eta(summary: Summary) -> tuple[Tensor | None, dict[str, Any]]:
-    """η = H̄⁻¹ ḡ in float64 (H̄ already damped). A singular H̄ gives a non-finite η, which
-    the optimizer treats as a non-finite statistic (the update is rolled back, the step
-    skipped and counted)."""
+def plain_eta(summary: Summary) -> Tensor | None:
+    """η = H̄⁻¹ ḡ in float64 (H̄ already damped); None if H̄ is exactly singular."""
     H, g = summary.H.double(), summary.g.double()
     try:
-        eta = torch.linalg.solve(H, g)
+        return torch.linalg.solve(H, g)
     except RuntimeError:  # exactly singular: LinAlgError
-        return torch.full_like(g, math.nan), {"partition_singular": 1}
-    return eta, {}
-
-
-def _direction_choice(value: str | dict) -> Any:
-    """The inner preconditioner's validated :class:`~curvkit.config.PartChoice`, or None."""
-    if value == "gradient":
         return None
-    from curvkit.config import parse_part
-
-    choice = parse_part("preconditioner", value, DIRECTION_PATH)
-    if choice.name == "partition":
-        raise ValueError("direction: cannot be another 'partition' preconditioner")
-    return choice
 
 
 class Partition(Preconditioner):
@@ -65,15 +45,17 @@ class Partition(Preconditioner):
 
     so ``direct``'s step −lr·apply(g) is Wolinski's eq. (8) step (damping = 0). The trivial
     partition (S = 1) gives Cauchy's steepest descent, the discrete one (S = P) Newton's.
-    The ``cubic`` solver replaces the solve by the anisotropic cubic-regularized η.
+    ``group_summary(grads)`` hands the summary, this step's u and the group ids to a solver
+    as a typed :class:`~curvkit.parts.GroupSummary`; the ``cubic`` solver computes its
+    anisotropic cubic-regularized η from it and forms the step itself.
 
     η is recomputed every ``update_every`` steps (the summary is then measured along the
     current u); between recomputations the stored η scales the current direction.
 
     ``diagonal_only``: η is computed from Diag(H̄) in place of H̄ (by the plain solve, then
-    η_s = ḡ_s / (H̄_ss + damping), or by the cubic rule), i.e. the interactions between
-    groups are dropped — the diagonal variant of Wolinski's Appendix K. The state and
-    ``info()`` keep the full measured H̄.
+    η_s = ḡ_s / (H̄_ss + damping), or by the cubic solver through group_summary), i.e. the
+    interactions between groups are dropped — the diagonal variant of Wolinski's Appendix
+    K. The state and ``info()`` keep the full measured H̄.
     """
 
     name = "partition"
@@ -98,7 +80,8 @@ class Partition(Preconditioner):
                                        "costs O(S) Hessian-vector products, H̄ is S×S)", min=1)
         direction: str | dict = option(
             "gradient", "u: 'gradient', or another preconditioner's output P⁻¹g given as a "
-                        "name or a table, e.g. {name='diagonal', power=0.5, ema=0.999}")
+                        "name or a table, e.g. {name='diagonal', power=0.5, ema=0.999}",
+            part="preconditioner", keep=("gradient",))
         damping: float = option(0.0, "λ in η = (H̄ + λI)⁻¹ḡ (the plain rule; the cubic solver "
                                      "adds it too). λ > 0 breaks the invariance under "
                                      "per-group rescaling", min=0.0)
@@ -110,8 +93,19 @@ class Partition(Preconditioner):
         diagonal_only: bool = option(
             False, "η from Diag(H̄) instead of H̄: drop the interactions between groups "
                    "(Wolinski's App. K ablation); H̄ is still measured and reported in full")
+        direction_momentum: float = option(
+            0.0, "Method 1's u_t = u(m_t), m_t = β·m_{t−1} + g_t: a momentum of gradients "
+                 "(Wolinski's footnote 5: the trajectory stays invariant); the step is then "
+                 "taken from group_summary (solver 'cubic'), apply() is refused",
+            min=0.0, max=1.0)
+        summary_batch: Literal["step", "previous"] = option(
+            "step", "batch the summary ḡ, H̄, D3 is measured on: the step's own, or the "
+                    "previous step's (Algorithm 1's independent mini-batches for the "
+                    "gradient and the summary; the first step uses its own)")
 
         def __post_init__(self) -> None:
+            if self.direction_momentum >= 1.0:
+                raise ValueError("direction_momentum: must be < 1")
             if self.eta_ema >= 1.0:
                 raise ValueError("eta_ema: must be < 1 (eta_ema = 1 would never take in a "
                                  "new η)")
@@ -124,7 +118,15 @@ class Partition(Preconditioner):
             if self.groups:
                 # regexes are checked here, so a typo is a config error before any model
                 partitions.compile_groups(self.groups)
-            _direction_choice(self.direction)  # validates a table/name at config time
+            d = self.direction
+            if isinstance(d, dict) or (isinstance(d, str) and d != "gradient"):
+                # the config layer resolves a nested part (curvkit.build_optimizer,
+                # curvkit.create); a raw table here was never validated
+                raise ValueError("direction: a preconditioner name or table must be "
+                                 "resolved by the config layer (build the part with "
+                                 "curvkit.build_optimizer or curvkit.create)")
+            if getattr(d, "name", None) == "partition":
+                raise ValueError("direction: cannot be another 'partition' preconditioner")
 
     def __init__(self, model: nn.Module, options: Options | None = None) -> None:
         super().__init__(model, options)
@@ -136,35 +138,46 @@ class Partition(Preconditioner):
         except ValueError as err:
             raise ValueError(f"preconditioner 'partition': {err}") from err
         self.inner: Preconditioner | None = None
-        choice = _direction_choice(o.direction)
-        if choice is not None:
+        choice = _inner(o.direction)
+        if choice is not None:  # a PartChoice the config layer validated
             self.inner = choice.spec.cls(model=model, options=choice.options)
-            self.inner.config_path = DIRECTION_PATH
+            self.inner.config_path = choice.path
             self.state["direction"] = self.inner.state
         self.state["groups"] = self.partition.groups
-        self._rule: EtaRule = plain_eta
         self._rule_info: dict[str, Any] = {}
         self._step: int | None = None
         self._ids: list[Tensor] | None = None
+        # summary_batch = "previous": the last step's batch (not checkpointed: after a
+        # resume the first summary is measured on the step's own batch)
+        self._previous: Any = None
 
     # ------------------------------------------------------------------ config
     @classmethod
     def requirements(cls, options: Options) -> frozenset[str]:
         """``summary``, plus whatever the direction's preconditioner needs."""
-        choice = _direction_choice(options.direction)
+        choice = _inner(options.direction)
         return cls.needs | (choice.needs if choice is not None else frozenset())
-
-    def set_eta_rule(self, rule: EtaRule | None) -> None:
-        """Replace how η is computed from the summary (None: back to the plain solve)."""
-        self._rule = rule or plain_eta
 
     # ------------------------------------------------------------------ update
     def should_update(self, step: int) -> bool:
         own = step % self.options.update_every == 0
-        due = own or (self.inner is not None and self.inner.should_update(step))
+        due = own or (self.inner is not None and self.inner.should_update(step)) or \
+            self._every_step
         # update() needs the step to tell whose refresh is due
         self._step = step if due else None
         return due
+
+    @property
+    def _every_step(self) -> bool:
+        """The momentum and the previous batch are taken in at every step."""
+        o = self.options
+        return o.direction_momentum > 0.0 or o.summary_batch == "previous"
+
+    def _u(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """This step's u: of the momentum m_t (already holding g_t) or of the gradient."""
+        if self.options.direction_momentum > 0.0 and "momentum" in self.state:
+            return self.direction_of(self.state["momentum"])
+        return self.direction_of(grads)
 
     def direction_of(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """u: the gradient, or the inner preconditioner's P⁻¹g."""
@@ -174,13 +187,24 @@ class Partition(Preconditioner):
         """Refresh the inner direction (on its schedule) and, every ``update_every`` steps,
         the summary along u and η. Called without :meth:`should_update` it does both."""
         step, self._step = self._step, None
+        o = self.options
+        if o.direction_momentum > 0.0:
+            prev = self.state.get("momentum")
+            self.state["momentum"] = [g.detach().clone() for g in grads] if prev is None else \
+                [torch.add(g.detach(), m, alpha=o.direction_momentum)
+                 for m, g in zip(prev, grads)]
+        measure_on = batch
+        if o.summary_batch == "previous":
+            # Algorithm 1's Z̃_t: a batch drawn independently of the gradient's Z_t
+            measure_on = self._previous if self._previous is not None else batch
+            self._previous = batch
         if self.inner is not None and (step is None or self.inner.should_update(step)):
             self.inner.update(estimator, batch, grads)
             self.state["direction"] = self.inner.state
-        if step is not None and step % self.options.update_every != 0:
+        if step is not None and step % o.update_every != 0:
             return
-        u = [t.detach() for t in self.direction_of(grads)]
-        new = estimator.summary(batch, u, self.partition.ids, self.partition.groups)
+        u = [t.detach() for t in self._u(grads)]
+        new = estimator.summary(measure_on, u, self.partition.ids, self.partition.groups)
         S = self.partition.groups
         if tuple(new.g.shape) != (S,) or tuple(new.H.shape) != (S, S) or \
                 (new.D3 is not None and tuple(new.D3.shape) != (S,)):
@@ -205,9 +229,12 @@ class Partition(Preconditioner):
         eye = torch.eye(S, dtype=H.dtype, device=H.device)
         used = torch.diag(torch.diagonal(H)) if self.options.diagonal_only else H
         damped = Summary(g=g, H=used + self.options.damping * eye, D3=D3)
-        eta_new, rule_info = self._rule(damped)
-        # Everything is computed before the state changes: a rule that raises (the cubic
-        # solver's StepError) leaves the preconditioner as it was.
+        # the plain rule's η (what apply() scales the direction by; a solver that computes
+        # its own η from group_summary(), such as cubic, does not use it)
+        eta_new = plain_eta(damped)
+        rule_info = {}
+        if eta_new is None or not bool(torch.isfinite(eta_new).all()):
+            eta_new, rule_info = None, {"partition_singular": 1}
         state = dict(self.state)
         state.update(g=g, H=H, updates=count, groups=S)
         if D3 is None:
@@ -226,8 +253,8 @@ class Partition(Preconditioner):
             state["solved"] = solved
             state["eta_valid"] = 1
         else:
-            # keep the previous η for the running average; steps are skipped until the
-            # next successful computation
+            # keep the previous η for the running average; apply() gives a non-finite
+            # direction (the optimizer skips and counts the step) until the next success
             state["eta_valid"] = 0
         self.state = state
         self._rule_info = dict(rule_info)
@@ -235,12 +262,14 @@ class Partition(Preconditioner):
     # ------------------------------------------------------------------ the step
     @property
     def eta_valid(self) -> bool:
-        """Whether the last computation produced an η (False after a cubic failure)."""
+        """Whether the last computation produced an η (False after a singular H̄)."""
         return bool(self.state.get("eta_valid", 0)) and "eta" in self.state
 
-    def group_summary(self, damped: bool = True) -> Summary:
-        """The current (averaged) summary as η uses it (Diag(H̄) with ``diagonal_only``);
-        ``damped``: plus damping·I. float64."""
+    def group_summary(self, grads: Sequence[Tensor] | None = None,
+                      damped: bool = True) -> GroupSummary:
+        """The ``group_summary`` capability: the current (averaged) summary as η uses it
+        (Diag(H̄) with ``diagonal_only``; ``damped``: plus damping·I; float64) with the
+        direction u of ``grads`` (empty without) and the group ids, as typed data."""
         if "H" not in self.state:
             raise RuntimeError("preconditioner 'partition': no summary before the first "
                                "update()")
@@ -249,20 +278,35 @@ class Partition(Preconditioner):
             H = torch.diag(torch.diagonal(H))
         if damped:
             H = H + self.options.damping * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        return Summary(g=self.state["g"], H=H, D3=self.state.get("D3"))
+        u = [] if grads is None else [t.detach() for t in self._u(grads)]
+        return GroupSummary(g=self.state["g"], H=H, D3=self.state.get("D3"),
+                            version=int(self.state.get("updates", 0)), u=u,
+                            ids=self._ids_like(u) if u else list(self.partition.ids),
+                            eta_ema=float(self.options.eta_ema))
+
+    def _ids_like(self, u: Sequence[Tensor]) -> list[Tensor]:
+        if self._ids is None or self._ids[0].device != u[0].device:
+            self._ids = [ids.to(t.device) for ids, t in zip(self.partition.ids, u)]
+        return self._ids
 
     def combine(self, eta: Tensor, u: Sequence[Tensor]) -> list[Tensor]:
         """Σ_s η_s u_s, as a list shaped like the parameters."""
-        if self._ids is None or self._ids[0].device != u[0].device:
-            self._ids = [ids.to(t.device) for ids, t in zip(self.partition.ids, u)]
         eta = eta.to(device=u[0].device)
-        return [t * eta[ids].to(t.dtype) for ids, t in zip(self._ids, u)]
+        return [t * eta[ids].to(t.dtype) for ids, t in zip(self._ids_like(u), u)]
 
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
-        """Σ_s η_s u_s(d) with the current η; u(d) = d or the inner preconditioner's P⁻¹d."""
-        if "eta" not in self.state:
+        """Σ_s η_s u_s(d) with the current η; u(d) = d or the inner preconditioner's P⁻¹d.
+        After a singular H̄ (no valid η) the result is NaN, which the optimizer skips."""
+        if "eta" not in self.state and "H" not in self.state:
             raise RuntimeError("preconditioner 'partition': apply() before the first update()")
         check_like(direction, self.params, "direction")
+        if self.options.direction_momentum > 0.0:
+            raise StepError(f"{self.config_path or 'preconditioner'}.direction_momentum: the "
+                            f"direction is a momentum of gradients, not a linear map of d, so "
+                            f"apply(d) is undefined; use solver 'cubic', which takes the step "
+                            f"Σ η_s u_s from group_summary")
+        if not self.eta_valid:
+            return [torch.full_like(d, math.nan) for d in direction]
         return self.combine(self.state["eta"], self.direction_of(direction))
 
     # ------------------------------------------------------------------ reporting
@@ -337,3 +381,9 @@ class Partition(Preconditioner):
             state["direction"] = self.inner.state
         self.state = state
         self._rule_info = {}
+
+
+def _inner(direction: Any) -> Any:
+    """The inner preconditioner's :class:`~curvkit.config.PartChoice` (resolved by the config
+    layer), or None for the gradient."""
+    return None if isinstance(direction, str) else direction

@@ -234,14 +234,15 @@ class TrustRegionOptions:
         "superlinear", "CG stops when ‖r‖ < min(cg_tol, sqrt‖g‖)·‖g‖ (superlinear, "
                        "scipy trust-ncg) or < cg_tol·‖g‖ (fixed); norms in M⁻¹")
     initial_radius: float = option(1.0, "trust radius Δ₀ (in the preconditioner's norm)",
-                                   min=0.0)
-    max_radius: float = option(1000.0, "largest radius Δ̂", min=0.0)
+                                   min=0.0, min_exclusive=True)
+    max_radius: float = option(1000.0, "largest radius Δ̂", min=0.0, min_exclusive=True)
     min_radius: float = option(0.0, "the radius never shrinks below this", min=0.0)
     eta: float = option(0.15, "accept the step if ρ > eta (N&W Alg. 4.1: eta ∈ [0, ¼))",
                         min=0.0, max=0.25)
     shrink_threshold: float = option(0.25, "ρ below this shrinks the radius", min=0.0,
                                      max=1.0)
-    shrink_factor: float = option(0.25, "Δ ← shrink_factor·Δ on shrink", min=0.0, max=1.0)
+    shrink_factor: float = option(0.25, "Δ ← shrink_factor·Δ on shrink", min=0.0, max=1.0,
+                                  min_exclusive=True)
     expand_threshold: float = option(0.75, "ρ above this with a step on the boundary "
                                            "expands the radius", min=0.0, max=1.0)
     expand_factor: float = option(2.0, "Δ ← min(expand_factor·Δ, max_radius) on expand",

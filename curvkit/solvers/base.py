@@ -37,12 +37,11 @@ class StepResult:
 
 @dataclass
 class StepContext:
-    """Everything a solver may use for one step. ``loss`` and ``grads`` are at the current
-    parameters on ``batch`` (already reduced across ranks)."""
+    """What a solver gets for one step, as typed values (never the optimizer itself):
+    ``loss`` and ``grads`` at the current parameters on ``batch`` (already reduced across
+    ranks), the estimator (bound to the model and loss), the preconditioner, the learning
+    rate and the step number. Trial points go through :meth:`loss_at`."""
 
-    model: nn.Module
-    loss_fn: Any
-    names: list[str]
     params: list[nn.Parameter]
     batch: tuple[Any, Tensor]
     loss: Tensor
@@ -51,20 +50,19 @@ class StepContext:
     preconditioner: Any
     lr: float
     step: int
-    group: dict[str, Any]
     evaluations: int = 0
     #: the step's non-finite check (:class:`curvkit.params.FiniteLedger`): a tensor already
     #: found finite in this step and unchanged since is not scanned again
     finite: Callable[[Sequence[Tensor]], bool] = all_finite
     # all parameter groups, and the group index of each parameter in ``params`` order
-    # (None: one group, ``group``)
+    # (None: one group holding every parameter, at ``lr``)
     groups: list[dict[str, Any]] | None = None
     group_of: list[int] | None = None
 
     def group_members(self) -> list[tuple[dict[str, Any], list[int]]]:
         """``[(group, indices into params)]`` for every non-empty parameter group."""
         if self.groups is None or self.group_of is None:
-            return [(self.group, list(range(len(self.params))))]
+            return [({"lr": self.lr}, list(range(len(self.params))))]
         members: list[list[int]] = [[] for _ in self.groups]
         for i, g in enumerate(self.group_of):
             members[g].append(i)
@@ -80,11 +78,13 @@ class StepContext:
         if params is None:
             params = self.params if update is None else \
                 [p.detach() + u for p, u in zip(self.params, update)]
+        est = self.estimator
+        names = [n for n, _ in est.named_params]
         with torch.no_grad():
-            out = functional_call(self.model, dict(zip(self.names, params)), (X,))
-            value = self.loss_fn(out, y)
+            out = functional_call(est.model, dict(zip(names, params)), (X,))
+            value = est.loss_fn(out, y)
         self.evaluations += 1
-        reduction = getattr(self.loss_fn, "reduction", "mean")
+        reduction = getattr(est.loss_fn, "reduction", "mean")
         return distributed.weighted_mean([value.detach()], batch_size(self.batch), reduction)[0]
 
 
@@ -108,5 +108,6 @@ class Solver(Part, abc.ABC):
     def step(self, ctx: StepContext) -> StepResult:
         """Propose an update for the parameters from the context of this step."""
 
-    def bind(self, optimizer: Any) -> None:
-        """Called once by the optimizer after all parts exist (validate against the model)."""
+    def bind(self, estimator: Any, preconditioner: Any) -> None:
+        """Called once by the optimizer after all parts exist, with the estimator (bound to
+        the model and loss) and the preconditioner: validate against them."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from curvkit.parts import MATVEC
 from curvkit.solvers import _krylov as K
@@ -49,17 +52,6 @@ class TrustRegion(Solver):
         self.state = K.initial_state(self.options)
 
     def step(self, ctx: StepContext) -> StepResult:
-        o = self.options
-        st = self.state
-        lr = float(ctx.lr)
-        grads = list(ctx.grads)
-        precond = ctx.preconditioner.apply
-
-        def tol(gnorm: float) -> float:  # gnorm = ‖g‖_{M⁻¹}, from CG's first preconditioning
-            return K.cg_tolerance(gnorm, o.cg_tol, o.cg_forcing)
-
-        loss0 = float(ctx.loss)
-        info: dict[str, Any] = {"cg_iters": 0, "matvecs": 0, "attempts": 0}
         # C on this batch at this θ, made on the first product (none at a stationary point)
         # and shared by all attempts: θ does not move within a step (trial points go through
         # ctx.loss_at, a rejected attempt changes nothing), so the operator stays valid.
@@ -70,33 +62,11 @@ class TrustRegion(Solver):
                 ops.append(ctx.estimator.linearize(ctx.batch))
             return ops[0].matvec(v)
 
-        for attempt in range(o.retries + 1):
-            lam = st["damping"]
-            radius = st["radius"]
-
-            cg = K.steihaug_cg(grads, curvature, precond, radius, o.max_iters, tol, shift=lam)
-            info["cg_iters"] += cg.iters
-            info["matvecs"] += cg.matvecs
-            info["attempts"] = attempt + 1
-            st["matvecs"] += cg.matvecs
-            st["cg_iters"] += cg.iters
-            info.update(stop=cg.stop, radius=radius, damping=lam, step_norm=cg.norm)
-            if cg.stop == "zero_gradient":
-                # a stationary point: nothing to do, the (zero) step changes nothing
-                info.update(rho=math.nan, predicted=0.0, actual=0.0, radius_next=radius)
-                return self._result(ctx, cg.step, 0.0, True, info)
-            # the applied update is exactly the evaluated one: direction lr·p, alpha 1
-            direction = K.scale(lr, cg.step)
-            predicted = -cg.model(lr)
-            trial = float(ctx.loss_at(direction))
-            actual = loss0 - trial
-            rho = K.ratio(actual, predicted)
-            accepted = K.update_radius(o, st, rho, cg.hit_boundary)
-            info.update(rho=rho, predicted=predicted, actual=actual, trial_loss=trial,
-                        radius_next=st["radius"], damping_next=st["damping"])
-            if accepted:
-                return self._result(ctx, direction, 1.0, True, info)
-        return self._result(ctx, direction, 1.0, False, info)
+        info: dict[str, Any] = {}
+        direction, alpha, accepted = trust_region_step(
+            self.options, self.state, list(ctx.grads), curvature, ctx.preconditioner.apply,
+            float(ctx.lr), float(ctx.loss), lambda d: float(ctx.loss_at(d)), info)
+        return self._result(ctx, direction, alpha, accepted, info)
 
     def _result(self, ctx: StepContext, direction: list, alpha: float, accepted: bool,
                 info: dict[str, Any]) -> StepResult:
@@ -105,3 +75,52 @@ class TrustRegion(Solver):
         # 1 per loss evaluation
         info["work"] = 2 + 2 * info["matvecs"] + ctx.evaluations
         return StepResult(direction, alpha, accepted, info)
+
+
+def trust_region_step(o: Any, st: dict[str, Any], grads: list[Tensor],
+                      curvature: Callable[[list[Tensor]], Sequence[Tensor]],
+                      precond: Callable[[list[Tensor]], Sequence[Tensor]] | None, lr: float,
+                      loss0: float, trial_loss: Callable[[list[Tensor]], float],
+                      info: dict[str, Any]) -> tuple[list[Tensor], float, bool]:
+    """One outer step of Nocedal & Wright's Algorithm 4.1 on any curvature operator.
+
+    Solves min gᵀp + ½pᵀ(C + λI)p within ‖p‖_M ≤ Δ by Steihaug CG (``curvature`` v ↦ Cv,
+    ``precond`` M⁻¹), evaluates ``trial_loss(lr·p)``, and updates Δ (and λ) in ``st`` with
+    the shared rule :func:`~curvkit.solvers._krylov.update_radius`; after a rejection it
+    re-solves up to ``o.retries`` times. ``trust_region`` drives it with the estimator's
+    curvature, ``varpro`` with its reduced Gauss-Newton operator. Returns
+    ``(direction, alpha, accepted)`` (at a stationary point a zero step with alpha 0);
+    ``info`` receives the step's report.
+    """
+    def tol(gnorm: float) -> float:  # gnorm = ‖g‖_{M⁻¹}, from CG's first preconditioning
+        return K.cg_tolerance(gnorm, o.cg_tol, o.cg_forcing)
+
+    info.update(cg_iters=0, matvecs=0, attempts=0)
+    direction: list[Tensor] = K.zeros_like(grads)
+    for attempt in range(o.retries + 1):
+        lam = st["damping"]
+        radius = st["radius"]
+
+        cg = K.steihaug_cg(grads, curvature, precond, radius, o.max_iters, tol, shift=lam)
+        info["cg_iters"] += cg.iters
+        info["matvecs"] += cg.matvecs
+        info["attempts"] = attempt + 1
+        st["matvecs"] += cg.matvecs
+        st["cg_iters"] += cg.iters
+        info.update(stop=cg.stop, radius=radius, damping=lam, step_norm=cg.norm)
+        if cg.stop == "zero_gradient":
+            # a stationary point: nothing to do, the (zero) step changes nothing
+            info.update(rho=math.nan, predicted=0.0, actual=0.0, radius_next=radius)
+            return cg.step, 0.0, True
+        # the applied update is exactly the evaluated one: direction lr·p, alpha 1
+        direction = K.scale(lr, cg.step)
+        predicted = -cg.model(lr)
+        trial = float(trial_loss(direction))
+        actual = loss0 - trial
+        rho = K.ratio(actual, predicted)
+        accepted = K.update_radius(o, st, rho, cg.hit_boundary)
+        info.update(rho=rho, predicted=predicted, actual=actual, trial_loss=trial,
+                    radius_next=st["radius"], damping_next=st["damping"])
+        if accepted:
+            return direction, 1.0, True
+    return direction, 1.0, False

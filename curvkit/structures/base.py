@@ -42,29 +42,44 @@ preconditioner's state contract: tensors are replaced, never modified in place).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from curvkit.options import build_options
+from curvkit.parts import Part
 
-class Structure(abc.ABC):
+
+class Structure(Part, abc.ABC):
     """A d×d matrix with a fixed structure; see the module docstring.
 
-    ``CONFIG`` maps each structure parameter (e.g. ``block_size``) to its default;
-    ``config`` of an instance holds the values it was built with.
+    A registered part (kind ``structure``): its parameters (e.g. ``block_size``) are the
+    fields of its ``Options`` dataclass; ``config`` of an instance holds the values it was
+    built with, as a dict. ``curvkit.create("structure", name, **options)`` (or a nested
+    table of ``lie_group``'s ``structures``) gives the structure with its options and no
+    matrix (``dim`` None); :meth:`zeros`, :meth:`eye` and :meth:`from_dense` with
+    ``**config`` make elements.
     """
 
+    kind = "structure"
     name: ClassVar[str] = ""
-    CONFIG: ClassVar[dict[str, Any]] = {}
     # True if products with a dense (d, n) matrix cost O(d²n) (no sparsity to exploit):
     # then Π(Mᵀ A M) from a d×d A can be cheaper than ``inner`` with a tall root of A
     DENSE_PRODUCTS: ClassVar[bool] = False
 
-    def __init__(self, dim: int, data: Mapping[str, Tensor], **config: Any) -> None:
-        self.dim = int(dim)
+    def __init__(self, dim: int | None = None, data: Mapping[str, Tensor] | None = None,
+                 options: Any | None = None, **config: Any) -> None:
+        if options is not None:
+            config = {**dataclasses.asdict(options), **config}
         self.config = self.resolve_config(config)
+        super().__init__(self.Options(**self.config))
+        if dim is None and data is None:  # the part itself (a choice of structure)
+            self.dim, self.data = None, {}
+            return
+        self.dim = int(dim)
         expected = self.shapes(self.dim, **self.config)
         data = dict(data)
         if set(data) != set(expected):
@@ -80,12 +95,14 @@ class Structure(abc.ABC):
     # ------------------------------------------------------------------ configuration
     @classmethod
     def resolve_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """``config`` completed with the defaults; unknown keys are an error."""
-        unknown = sorted(set(config) - set(cls.CONFIG))
+        """``config`` validated against ``Options`` and completed with the defaults; unknown
+        keys are an error."""
+        known = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(config) - set(known))
         if unknown:
             raise ValueError(f"{cls.name}: unknown structure parameter(s) {unknown}; "
-                             f"known: {sorted(cls.CONFIG) or 'none'}")
-        return {k: config.get(k, v) for k, v in cls.CONFIG.items()}
+                             f"known: {known or 'none'}")
+        return dataclasses.asdict(build_options(cls.Options, config, f"structure {cls.name}"))
 
     # ------------------------------------------------------------------ to implement
     @classmethod

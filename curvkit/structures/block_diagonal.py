@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure
 
 
-class BlockDiagonal(Structure):
+class BlockDiagonalStructure(Structure):
     """M = blockdiag(M_1, …, M_n, R) with n = ⌊d/b⌋ dense b×b blocks and a dense r×r rest
     (r = d − n·b < b). Π(X) keeps the diagonal blocks of X. Memory n·b² + r² ≤ d·b,
     products O(d·b·n_cols), the congruence Π(Mᵀ A M) O(d·b²).
     """
 
     name = "block_diagonal"
-    CONFIG = {"block_size": 30}
+
+    @dataclass
+    class Options:
+        block_size: int = option(30, "size b of the dense diagonal blocks", min=1)
 
     @classmethod
     def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
-        b = int(config.get("block_size", cls.CONFIG["block_size"]))
+        b = int(config.get("block_size", cls.Options.block_size))
         if b < 1:
             raise ValueError(f"{cls.name}: block_size must be >= 1, got {b}")
         n, r = divmod(dim, b)
@@ -70,18 +75,18 @@ class BlockDiagonal(Structure):
     def tmm(self, X: Tensor) -> Tensor:
         return self._apply(X, transpose=True)
 
-    def __matmul__(self, other: Structure) -> BlockDiagonal:
+    def __matmul__(self, other: Structure) -> BlockDiagonalStructure:
         self._check_same(other)
         return self._new({"blocks": torch.bmm(self.data["blocks"], other.data["blocks"]),
                           "rest": self.data["rest"] @ other.data["rest"]})
 
-    def right_step(self, m: Structure, c: float) -> BlockDiagonal:
+    def right_step(self, m: Structure, c: float) -> BlockDiagonalStructure:
         self._check_same(m)
         blocks, rest = self.data["blocks"], self.data["rest"]
         return self._new({"blocks": torch.baddbmm(blocks, blocks, m.data["blocks"], alpha=c),
                           "rest": torch.addmm(rest, rest, m.data["rest"], alpha=c)})
 
-    def inner(self, X: Tensor | None = None) -> BlockDiagonal:
+    def inner(self, X: Tensor | None = None) -> BlockDiagonalStructure:
         blocks, rest = self.data["blocks"], self.data["rest"]
         if X is None:
             return self._new({"blocks": torch.bmm(blocks.transpose(1, 2), blocks),
@@ -92,12 +97,12 @@ class BlockDiagonal(Structure):
         Sr = S[n * b:]
         return self._new({"blocks": torch.bmm(Sb, Sb.transpose(1, 2)), "rest": Sr @ Sr.T})
 
-    def outer(self) -> BlockDiagonal:
+    def outer(self) -> BlockDiagonalStructure:
         blocks, rest = self.data["blocks"], self.data["rest"]
         return self._new({"blocks": torch.bmm(blocks, blocks.transpose(1, 2)),
                           "rest": rest @ rest.T})
 
-    def congruence(self, A: Tensor) -> BlockDiagonal:
+    def congruence(self, A: Tensor) -> BlockDiagonalStructure:
         n, b, r = self._split
         Ad = self._project(A, self.dim, self.config)
         blocks, rest = self.data["blocks"], self.data["rest"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure
 
 
-class Hierarchical(Structure):
+class HierarchicalStructure(Structure):
     """Block rows of sizes (k₁, m, k₂), m = d − k₁ − k₂::
 
         M = [ A   B_m   B_e ]      A: k₁×k₁, B = [B_m | B_e]: k₁×(m + k₂) dense
@@ -24,7 +26,11 @@ class Hierarchical(Structure):
     """
 
     name = "hierarchical"
-    CONFIG = {"k1": 15, "k2": 15}
+
+    @dataclass
+    class Options:
+        k1: int = option(15, "size k₁ of the dense top block rows", min=0)
+        k2: int = option(15, "size k₂ of the dense bottom-right block", min=0)
 
     @classmethod
     def sizes(cls, dim: int, k1: int, k2: int) -> tuple[int, int, int]:
@@ -103,7 +109,7 @@ class Hierarchical(Structure):
         torch.mm(d["E"].T, X3, out=out[a + m:]).addmm_(Be.T, X1)
         return out
 
-    def __matmul__(self, other: Structure) -> Hierarchical:
+    def __matmul__(self, other: Structure) -> HierarchicalStructure:
         self._check_same(other)
         a, m, e = self._sizes
         p, q = self.data, other.data
@@ -114,7 +120,7 @@ class Hierarchical(Structure):
         return self._new({"A": p["A"] @ q["A"], "B": B, "c": p["c"] * q["c"],
                           "D": p["D"] * q["c"] + p["E"] @ q["D"], "E": p["E"] @ q["E"]})
 
-    def inner(self, X: Tensor | None = None) -> Hierarchical:
+    def inner(self, X: Tensor | None = None) -> HierarchicalStructure:
         a, m, e = self._sizes
         d = self.data
         if X is None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.options import option
 from curvkit.structures.base import Structure, diagonal_sums
 
 
-class TriangularToeplitz(Structure):
+class TriangularToeplitzStructure(Structure):
     """M[i, j] = t[i − j] for i ≥ j (``lower=True``) or t[j − i] for j ≥ i (upper), else 0.
 
     These matrices are the polynomials in the (lower or upper) shift matrix, so products
@@ -26,7 +28,11 @@ class TriangularToeplitz(Structure):
 
     name = "triangular_toeplitz"
     DENSE_PRODUCTS = True
-    CONFIG = {"lower": True}
+
+    @dataclass
+    class Options:
+        lower: bool = option(True, "lower-triangular Toeplitz (singd's triltoeplitz); false: "
+                                   "upper (triutoeplitz)")
 
     @classmethod
     def shapes(cls, dim: int, **config: Any) -> dict[str, tuple[int, ...]]:
@@ -53,9 +59,9 @@ class TriangularToeplitz(Structure):
     def average_trace(self) -> Tensor:
         return self.data["coeffs"][0]
 
-    def __matmul__(self, other: Structure) -> TriangularToeplitz:
+    def __matmul__(self, other: Structure) -> TriangularToeplitzStructure:
         self._check_same(other)
         # first column of the lower product: L(t) s, the truncated convolution t ∗ s
         t, s = self.data["coeffs"], other.data["coeffs"]
-        lower = TriangularToeplitz(self.dim, {"coeffs": t}, lower=True).to_dense()
+        lower = TriangularToeplitzStructure(self.dim, {"coeffs": t}, lower=True).to_dense()
         return self._new({"coeffs": lower @ s})

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvkit.structures.lower_triangular import LowerTriangular
+from curvkit.structures.lower_triangular import LowerTriangularStructure
 
 
-class UpperTriangular(LowerTriangular):
+class UpperTriangularStructure(LowerTriangularStructure):
     """M[i, j] = 0 for j < i. Π(X) = triu(X) + triu(Xᵀ, 1); otherwise as
-    :class:`~curvkit.structures.lower_triangular.LowerTriangular` (memory d², O(d²n))."""
+    :class:`~curvkit.structures.lower_triangular.LowerTriangularStructure` (memory d², O(d²n))."""
 
     name = "upper_triangular"
 

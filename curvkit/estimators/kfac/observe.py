@@ -6,6 +6,7 @@ provide them, else from a pass of our own (:mod:`curvkit.estimators.kfac.capture
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -120,21 +121,20 @@ def _mismatches(*pairs: tuple[Tensor, Tensor]) -> bool:
     return False
 
 
-_SKETCHES: dict[tuple[int, int, torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+# Bounded (least recently used): one entry per (layer shape, dtype, device) seen, so a
+# long-lived process that meets many shapes or devices does not keep probes forever.
+_SKETCH_CACHE_SIZE = 64
 
 
+@functools.lru_cache(maxsize=_SKETCH_CACHE_SIZE)
 def _sketch(D: int, d_out: int, dtype: torch.dtype, device: torch.device
             ) -> tuple[Tensor, Tensor]:
     """Gaussian probes P̃ = [P | p_b] (2, D + 1) of a layer shape, as P (2, D) and p_b (2, 1),
     drawn once from a fixed private seed (a generator per call cost more than the check's
     products on small layers)."""
-    key = (D, d_out, dtype, device)
-    probes = _SKETCHES.get(key)
-    if probes is None:
-        gen = torch.Generator(device=device).manual_seed(1_000_003 * D + d_out)
-        P = torch.randn(_PROBES, D + 1, generator=gen, dtype=dtype, device=device)
-        probes = _SKETCHES[key] = (P[:, :D].contiguous(), P[:, D:].contiguous())
-    return probes
+    gen = torch.Generator(device=device).manual_seed(1_000_003 * D + d_out)
+    P = torch.randn(_PROBES, D + 1, generator=gen, dtype=dtype, device=device)
+    return P[:, :D].contiguous(), P[:, D:].contiguous()
 
 
 def _sketched_grad_pairs(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curvkit._optional import require
 from curvkit.options import option
 from curvkit.tasks.base import DatasetPart
 
@@ -33,9 +34,8 @@ class Digits(DatasetPart):
                                  f"(1797 in total), got {self.val_size} + {self.test_size}")
 
     def generate(self) -> dict[str, np.ndarray]:
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
+        datasets = require("sklearn.datasets", "dataset 'digits'")
+        bunch = datasets.load_digits()
         x = (bunch.images.astype(np.float64) / 16.0)[:, None, :, :]
         y = bunch.target.astype(np.int64)
         order = np.random.default_rng(self.options.seed).permutation(len(y))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curvkit._optional import require
 from curvkit.options import option
 from curvkit.tasks.base import DatasetPart
 
@@ -41,8 +42,8 @@ class Mnist1d(DatasetPart):
                                  f"({int(self.num_samples * 0.8)}), got {self.val_size}")
 
     def generate(self) -> dict[str, np.ndarray]:
-        from mnist1d.data import get_dataset_args, make_dataset
-
+        data_mod = require("mnist1d.data", "dataset 'mnist1d'")
+        get_dataset_args, make_dataset = data_mod.get_dataset_args, data_mod.make_dataset
         args = get_dataset_args()
         args.num_samples = self.options.num_samples
         args.seed = self.options.seed

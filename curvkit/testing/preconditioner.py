@@ -3,7 +3,7 @@
 A structure's test module subclasses :class:`PreconditionerSuite`, sets ``name`` and
 declares its ground truth::
 
-    from preconditioner_suite import Case, PreconditionerSuite
+    from curvkit.testing import Case, PreconditionerSuite
 
     class TestDiagonal(PreconditionerSuite):
         name = "diagonal"
@@ -29,7 +29,7 @@ refused before training with the providers named.
 
 Hooks a subclass may override: ``cases``, ``reference`` (required), ``make_problem``,
 ``direction``, ``train_case``, ``train_config``, ``train_steps``, ``poison``.
-Cases run in float64 on the tiny models of ``tests/models.py``.
+Cases run in float64 on the tiny models of :mod:`curvkit.testing.problems`.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from typing import Any
 
 import pytest
 import torch
-from models import Problem, problem
 from torch import Tensor
 
 import curvkit
 from curvkit.errors import IncompatibleError
 from curvkit.parts import ESTIMATOR_CAPABILITIES
+from curvkit.testing.problems import Problem, problem
 
 
 @dataclass

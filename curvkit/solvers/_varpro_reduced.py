@@ -1,0 +1,223 @@
+"""The reduced problem of ``varpro``: θ with the final layer eliminated, and its operators.
+
+:class:`Split` says how a model separates: which trainable parameters are the final layer
+W̃ = [W | b] (by identity, so tied or shared weights are seen) and which are θ, and maps
+θ to the layer's input features φ_θ(X) through a copy of the model whose final layer is
+the identity. Feature passes never touch the model's buffers (BatchNorm running statistics
+advance once per optimizer step, in the optimizer's own pass) and, within one step, all
+draw the same random numbers (one dropout mask per step), without disturbing the caller's
+RNG. :class:`Point` is everything known at one θ after the inner solve;
+:class:`ReducedGaussNewton` is GNvpro's reduced Gauss-Newton matrix at a point as an
+operator on θ-directions, the curvature the outer trust-region loop drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp
+
+from curvkit.solvers._varpro_inner import F64, Head
+
+
+class Identity(nn.Module):
+    """Stands in for the final layer in the feature model: returns its input φ."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+@dataclass
+class Split:
+    """The separation θ | W̃ of a model's trainable parameters at its final layer."""
+
+    model: nn.Module
+    layer_name: str                 # '' = the model itself is the final layer
+    w_idx: int                      # index of W among the trainable parameters
+    b_idx: int | None               # index of a trainable bias, else None
+    theta_idx: list[int]
+    theta_names: list[str]
+    d: int                          # out_features
+    k_in: int                       # in_features
+    offset: Tensor | None           # a frozen bias, added to the outputs
+    fmodel: nn.Module | None = None
+    rng_state: Tensor | None = None  # the step's random state (one dropout mask per step)
+    stochastic: bool = False         # whether a feature pass draws random numbers
+
+    @classmethod
+    def build(cls, model: nn.Module, layer_name: str, params: Sequence[nn.Parameter],
+              names: Sequence[str]) -> Split:
+        layer = model.get_submodule(layer_name) if layer_name else model
+        index = {id(p): i for i, p in enumerate(params)}
+        w_idx = index[id(layer.weight)]
+        b_idx = index.get(id(layer.bias)) if layer.bias is not None else None
+        theta_idx = [i for i in range(len(params)) if i not in (w_idx, b_idx)]
+        offset = layer.bias.detach() if layer.bias is not None and b_idx is None else None
+        return cls(model, layer_name, w_idx, b_idx, theta_idx, [names[i] for i in theta_idx],
+                   layer.out_features, layer.in_features, offset,
+                   _feature_model(model, layer_name))
+
+    # ------------------------------------------------------------------ parameters
+    def W_of(self, params: Sequence[Tensor]) -> Tensor:
+        """Current W̃ = [W | b] of the model (float64, d × k)."""
+        W = params[self.w_idx].detach().to(F64)
+        if self.b_idx is not None:
+            W = torch.cat([W, params[self.b_idx].detach().to(F64)[:, None]], 1)
+        return W
+
+    def split_W(self, W: Tensor, like: Sequence[Tensor]) -> dict[int, Tensor]:
+        out = {self.w_idx: W[:, :self.k_in].to(like[self.w_idx].dtype)}
+        if self.b_idx is not None:
+            out[self.b_idx] = W[:, -1].to(like[self.b_idx].dtype)
+        return out
+
+    def theta_of(self, params: Sequence[Tensor]) -> list[Tensor]:
+        return [params[i].detach() for i in self.theta_idx]
+
+    def is_current(self, W: Tensor, params: Sequence[Tensor]) -> bool:
+        """Whether the model's W̃ equals ``W`` up to the rounding of writing it back
+        (θ unchanged, so the optimizer's gradient is the reduced gradient)."""
+        for i, t in self.split_W(W, params).items():
+            p = params[i].detach()
+            tol = 4 * torch.finfo(p.dtype).eps * float(p.abs().max()) if p.numel() else 0.0
+            if not bool(((t - p).abs() <= tol).all()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ features
+    @contextlib.contextmanager
+    def step_random_state(self) -> Iterator[None]:
+        """Run with the step's random state (drawn once per step), leaving the caller's RNG
+        where it was."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
+            any(p.is_cuda for p in self.model.parameters()) else []
+        with torch.random.fork_rng(devices=devices):
+            if self.rng_state is not None:
+                torch.set_rng_state(self.rng_state)
+            yield
+
+    def features(self, theta: Sequence[Tensor], X: Any) -> Tensor:
+        """φ_θ(X): the input of the final layer (buffers untouched, the step's RNG)."""
+        if self.fmodel is None:
+            return X
+        for mine, theirs in zip(self.fmodel.modules(), self.model.modules()):
+            mine.training = theirs.training  # follow model.train() / model.eval()
+        state = dict(zip(self.theta_names, theta))
+        # scratch copies: train-mode BatchNorm updates its running statistics in place
+        state.update({n: b.clone() for n, b in self.model.named_buffers()})
+        with self.step_random_state():
+            return functional_call(self.fmodel, state, (X,))
+
+
+def _feature_model(model: nn.Module, layer_name: str) -> nn.Module | None:
+    """A copy of the model sharing its parameters, with the final layer replaced by the
+    identity (so its output is the features φ). The user's model is untouched; hooks are not
+    copied (they would see a different module)."""
+    if not layer_name:
+        return None
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    fmodel = copy.deepcopy(model, memo)
+    for m in fmodel.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks"):
+            d = getattr(m, hooks, None)
+            if d is not None:
+                d.clear()
+    parent_name, _, attr = layer_name.rpartition(".")
+    setattr(fmodel.get_submodule(parent_name) if parent_name else fmodel, attr, Identity())
+    return fmodel
+
+
+@dataclass
+class Point:
+    """Everything known at one θ on one batch after the inner solve."""
+
+    theta: list[Tensor]
+    head: Head
+    W: Tensor                       # W̃(θ), float64 (d × k)
+    g_o: Tensor                     # ∇_o ℓ at o(W̃(θ)), this rank
+    hl: Callable[[Tensor], Tensor]  # u ↦ H_ℓ u at o(W̃(θ)), this rank
+    solve_H: Callable[[Tensor], Tensor]  # U ↦ (∇²_W̃ F)⁻¹ U
+    loss: float                     # F(θ) = L(θ, W̃(θ)) + reg
+    inner_grad_norm: float = 0.0    # ‖∇_W̃F‖ at the inner solution (0 up to the solve's accuracy)
+    X: Any = None                   # the batch input (for JVPs of the features)
+    vjp_fn: Callable | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class ReducedGaussNewton:
+    """GNvpro's reduced Gauss-Newton matrix at a :class:`Point`, as an operator on θ.
+
+    For the reduced model o(θ) = W̃(θ)[φ_θ; 1] with the implicit Jacobian
+    dW̃/dθ = −(∇²_W̃F)⁻¹ ∂_θ∇_W̃F,
+
+        Ĝ = J_redᵀ H_ℓ J_red + alpha·(dW̃/dθ)ᵀ D (dW̃/dθ),   J_red = ∂_θo + ∂_W̃o · dW̃/dθ,
+
+    applied matrix-free: one JVP and one VJP through the feature extractor and two solves
+    with ∇²_W̃F per product (:meth:`matvec`). Also the reduced gradient and dW̃/dθ · v.
+    """
+
+    def __init__(self, split: Split, pt: Point) -> None:
+        self.split = split
+        self.pt = pt
+
+    def _attach_vjp(self) -> None:
+        """Recompute the features at θ with their VJP (one more forward pass)."""
+        pt = self.pt
+        _, pt.vjp_fn = vjp(lambda *th: self.split.features(th, pt.X), *pt.theta)
+        pt.counts["forward"] = pt.counts.get("forward", 0) + 1
+
+    def pullback(self, xi: Tensor) -> list[Tensor]:
+        """red(J_φᵀ Ξ) for a feature cotangent Ξ (R × k, float64; bias column dropped)."""
+        pt = self.pt
+        xi = xi[:, :self.split.k_in].reshape(pt.head.feat_shape).to(pt.head.feat_dtype)
+        if pt.vjp_fn is None:
+            self._attach_vjp()
+        out = pt.vjp_fn(xi)
+        pt.counts["vjp"] = pt.counts.get("vjp", 0) + 1
+        return pt.head.red([t.detach() for t in out])
+
+    def gradient(self) -> list[Tensor]:
+        """∇_θF(θ) = J_φᵀ(∇_o ℓ · W̃) at W̃(θ) — the reduced gradient."""
+        return self.pullback(self.pt.head.rows(self.pt.g_o) @ self.pt.W)
+
+    def _mixed(self, dZ: Tensor) -> Tensor:
+        """∂_θ∇_W̃F · v given dZ = dφ·v (R × k): red((H_ℓ[dZ W̃ᵀ])ᵀ Z + ∇_oℓᵀ dZ)."""
+        pt, h = self.pt, self.pt.head
+        Hdo = h.rows(pt.hl((dZ @ pt.W.T).reshape(h.out_shape)))
+        return h.red([Hdo.T @ h.Z + h.rows(pt.g_o).T @ dZ])[0]
+
+    def _tangent(self, v: Sequence[Tensor]) -> Tensor:
+        """dZ = (∂φ/∂θ) v as R × k (zero bias column), float64."""
+        pt, h = self.pt, self.pt.head
+        _, dfeat = jvp(lambda *th: self.split.features(th, pt.X), tuple(pt.theta),
+                       tuple(t.to(p.dtype) for t, p in zip(v, pt.theta)))
+        pt.counts["jvp"] = pt.counts.get("jvp", 0) + 1
+        dZ = dfeat.detach().to(F64).reshape(-1, self.split.k_in)
+        if h.Z.shape[1] > self.split.k_in:
+            dZ = torch.cat([dZ, dZ.new_zeros(dZ.shape[0], 1)], 1)
+        return dZ
+
+    def jacobian(self, v: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """(dZ, dW̃) with dW̃ = (dW̃/dθ) v = −(∇²_W̃F)⁻¹ ∂_θ∇_W̃F v."""
+        dZ = self._tangent(v)
+        return dZ, -self.pt.solve_H(self._mixed(dZ))
+
+    def matvec(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """Ĝv, matrix-free. J_red v = dZ W̃ᵀ + Z dW̃ᵀ; with u = H_ℓ J_red v and
+        s = (∇²_W̃F)⁻¹(red(uᵀZ) + alpha D dW̃), Ĝv = J_φᵀ[u W̃ − (H_ℓ[Z sᵀ] W̃ + ∇_oℓ s)]
+        (the second term is −(∂_θ∇_W̃F)ᵀ s)."""
+        pt, h = self.pt, self.pt.head
+        dZ, dW = self.jacobian(v)
+        u = h.rows(pt.hl(((dZ @ pt.W.T) + (h.Z @ dW.T)).reshape(h.out_shape)))
+        w = h.red([u.T @ h.Z])[0] + h.alpha * h.mask * dW
+        s = pt.solve_H(w)
+        Hs = h.rows(pt.hl(h.lin(s)))
+        xi = u @ pt.W - (Hs @ pt.W + h.rows(pt.g_o) @ s)
+        return self.pullback(xi)
