@@ -42,6 +42,10 @@ def test_device_rule_every_factory_call_names_its_device():
     found = set()
     for path in sorted((ROOT / "curvkit").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("curvkit/testing/"):
+            # the shipped test suites build small CPU reference problems of their own (as
+            # tests/ does); the rule is about tensors made next to a user's parameters
+            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                     and node.func.attr in FACTORIES and isinstance(node.func.value, ast.Name) \
