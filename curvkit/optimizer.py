@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit import distributed
+from curvkit import distributed, passes
 from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
 from curvkit.losses import batch_size
@@ -74,7 +74,11 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         X, y = batch
         params = self.param_groups[0]["params"]
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(X), y)
+            out = self.model(X)
+            if isinstance(self.loss_fn, nn.modules.loss._Loss):
+                # a torch loss takes one tensor: say how to pick it before anything moves
+                passes.require_tensor_output(out, self.model, "optimizer")
+            loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         # a parameter the forward pass does not use has a zero gradient
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -97,9 +101,20 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         info: dict[str, Any] = {"step": step}
         self.counters["steps"] += 1
         update = self._has_statistics and self.preconditioner.should_update(step)
+        # every other pass of this step (curvature, trial points) replays the random state
+        # of the step's own forward: one dropout mask per step, and the generators advance
+        # as for one forward
+        rng = passes.RandomState(self.model)
         with (self.estimator.observe(batch) if update and self._observes
               else contextlib.nullcontext()):
             loss, grads = self._loss_and_grads(batch)
+        with passes.rng_scope(self.model, state=rng):
+            return self._finish(batch, step, update, loss, grads, info, t_start, comm0)
+
+    def _finish(self, batch: tuple[Any, Tensor], step: int, update: bool, loss: Tensor,
+                grads: list[Tensor], info: dict[str, Any], t_start: float, comm0: int
+                ) -> Tensor:
+        """The rest of ``step`` after the step's own forward and backward pass."""
         info["loss"] = float(loss)
         # one ledger per step: a tensor checked here and passed on unchanged (the gradient
         # through identity + direct) is not scanned again by the solver or before the update
