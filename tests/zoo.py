@@ -280,3 +280,91 @@ CASES: list[Case] = [
 ]
 
 BY_NAME = {c.name: c for c in CASES}
+
+
+# ----------------------------------------------------------------------------- docs/models.md
+HEADER = """# Supported models
+
+This page is generated from the test zoo (`tests/zoo.py`) by
+
+    python tests/zoo.py --write docs/models.md
+
+and is never edited by hand. Every cell is what the zoo measured on a tiny float64
+instance of the model: **exact** — equal to an independent reference (finite differences
+of first-order quantities, relative error ≤ 1e-6; third derivatives ≤ 1e-4); **estimate** —
+a documented stochastic estimator within its statistical tolerance (Hutchinson);
+**runs** — Monte Carlo quantities whose products agree with each other, or a composition
+that took 5 steps with finite losses and BatchNorm statistics advanced exactly once per
+step; **refused** — refused before the first step with a message naming the module and the
+way out (quoted below); **n/a** — the estimator does not offer the capability; **known** —
+a failure owned by an open item (reason below). Dict and tuple outputs run through
+`curvkit.SelectOutput(model, key)`; without it every estimator and the optimizer refuse
+them with that advice.
+
+How curvkit's own passes run on these models (attention on the math kernel and
+normalizations decomposed for higher-order passes, one dropout mask per evaluation,
+buffers untouched outside the optimizer's own forward) is described in
+`curvkit/passes.py`.
+"""
+
+
+def write_matrix(path: str | None) -> str:
+    """Run the whole zoo and return (and write to ``path``) the support matrix."""
+    from test_methods_table import SNIPPETS
+    from zoo_refs import CAPABILITIES, ESTIMATORS, Problem, check_composition, check_estimator
+
+    torch.set_num_threads(1)
+    notes: list[str] = []
+
+    def cell(c, where: str) -> str:
+        if c.status in ("refused", "FAIL", "known"):
+            notes.append(f"- {where}: {' '.join(c.detail.split())}")
+            return f"{c.status} [{len(notes)}]"
+        return c.status
+
+    lines = [HEADER, "## Models", "", "| model | family | parameters | notes |",
+             "|---|---|---|---|"]
+    problems = {}
+    for case in CASES:
+        problems[case.name] = Problem(case)
+        lines.append(f"| `{case.name}` | {case.family} | {problems[case.name].P} | "
+                     f"{'dropout (train)' if case.random else ''}"
+                     f"{'' if case.smooth else 'kinks: D3 not checked'} |")
+    for est in ESTIMATORS:
+        lines += ["", f"## Estimator `{est}`", "",
+                  "| model | " + " | ".join(CAPABILITIES) + " |",
+                  "|---|" + "---|" * len(CAPABILITIES)]
+        for case in CASES:
+            cells = check_estimator(problems[case.name], est)
+            lines.append(f"| `{case.name}` | " + " | ".join(
+                cell(cells[c], f"`{case.name}` × `{est}.{c}`") for c in CAPABILITIES) + " |")
+    known = {"GNvpro": "open: varpro's feature extraction (issue 12, varpro items)"}
+    lines += ["", "## Compositions of [methods](methods.md) (5 steps)", "",
+              "| model | " + " | ".join(n for n, _ in SNIPPETS) + " |",
+              "|---|" + "---|" * len(SNIPPETS)]
+    for case in CASES:
+        row = []
+        for name, config in SNIPPETS:
+            c = check_composition(case, config)
+            why = next((w for k, w in known.items() if name.startswith(k)), None)
+            if c.status == "FAIL" and why:
+                c.status, c.detail = "known", f"{why} — {c.detail}"
+            row.append(cell(c, f"`{case.name}` × {name}"))
+        lines.append(f"| `{case.name}` | " + " | ".join(row) + " |")
+    lines += ["", "## Notes", ""] + [f"{i + 1}. {n[2:]}" for i, n in enumerate(notes)]
+    text = "\n".join(lines) + "\n"
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="regenerate the support matrix")
+    parser.add_argument("--write", metavar="PATH", help="write the page here (else stdout)")
+    args = parser.parse_args()
+    out = write_matrix(args.write)
+    if not args.write:
+        print(out)
