@@ -36,6 +36,16 @@ SLOW = [c.name for c in CASES if not c.fast]
 FAST_METHODS = ("Hessian-free", "K-FAC", "NewtonSummary")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (two threads on a shared 2-core machine spend more
+    time synchronizing than computing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _params(names):
     return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in names]
 
