@@ -168,7 +168,9 @@ _local = threading.local()
 
 
 def _devices(model: nn.Module | None) -> list[torch.device]:
-    if model is None or not torch.cuda.is_available():
+    # is_initialized, not is_available: cheap, and a generator nothing has used is not
+    # initialized yet (parameters on a CUDA device initialize it)
+    if model is None or not torch.cuda.is_initialized():
         return []
     return sorted({p.device for p in model.parameters() if p.device.type == "cuda"},
                   key=str)
