@@ -13,21 +13,10 @@ from test_methods_table import SNIPPETS
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from zoo import BY_NAME, CASES
-from zoo_refs import ESTIMATORS, Problem, check_composition, check_estimator
+from zoo_refs import ESTIMATORS, Problem, check_estimator, composition
 
 import curvkit
 from curvkit import passes
-
-# Cells that fail for reasons owned elsewhere: (method prefix, text of the failure, reason).
-# Anything else must pass.
-KNOWN = [
-    ("GNvpro", "", "varpro: feature extraction through BatchNorm/dropout/sequence heads "
-                   "(solvers/varpro.py, issue 12's varpro items)"),
-    ("K-FAC", "kronecker:", "K-FAC decides at step 0 what it could decide at build "
-                            "(K-FAC restructuring, issue 12's K-FAC items)"),
-    ("SINGD", "kronecker:", "K-FAC statistics decided at step 0, not at build "
-                            "(K-FAC restructuring, issue 12's K-FAC items)"),
-]
 
 FAST = [c.name for c in CASES if c.fast]
 SLOW = [c.name for c in CASES if not c.fast]
@@ -60,11 +49,6 @@ def test_estimator_capabilities_match_references(case):
     assert not bad, bad
 
 
-def _known(method: str, detail: str) -> str | None:
-    return next((why for key, text, why in KNOWN
-                 if method.startswith(key) and text in detail), None)
-
-
 def _compositions():
     out = []
     for case in FAST + SLOW:
@@ -77,13 +61,10 @@ def _compositions():
 
 @pytest.mark.parametrize("case,method,config", _compositions())
 def test_composition_runs_or_is_refused_at_build(case, method, config):
-    cell = check_composition(BY_NAME[case], config)
-    why = _known(method, cell.detail)
-    if why and not cell.ok:
-        pytest.xfail(why)
+    cell = composition(BY_NAME[case], method, config)
+    if cell.status == "known":
+        pytest.xfail(cell.detail)
     assert cell.ok, cell.detail
-    if cell.status == "refused":
-        assert "module" in cell.detail or "model" in cell.detail, cell.detail
 
 
 # ----------------------------------------------------------------------------- mechanics

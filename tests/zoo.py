@@ -311,7 +311,7 @@ buffers untouched outside the optimizer's own forward) is described in
 def write_matrix(path: str | None) -> str:
     """Run the whole zoo and return (and write to ``path``) the support matrix."""
     from test_methods_table import SNIPPETS
-    from zoo_refs import CAPABILITIES, ESTIMATORS, Problem, check_composition, check_estimator
+    from zoo_refs import CAPABILITIES, ESTIMATORS, Problem, check_estimator, composition
 
     torch.set_num_threads(1)
     notes: list[str] = []
@@ -338,17 +338,13 @@ def write_matrix(path: str | None) -> str:
             cells = check_estimator(problems[case.name], est)
             lines.append(f"| `{case.name}` | " + " | ".join(
                 cell(cells[c], f"`{case.name}` × `{est}.{c}`") for c in CAPABILITIES) + " |")
-    known = {"GNvpro": "open: varpro's feature extraction (issue 12, varpro items)"}
     lines += ["", "## Compositions of [methods](methods.md) (5 steps)", "",
               "| model | " + " | ".join(n for n, _ in SNIPPETS) + " |",
               "|---|" + "---|" * len(SNIPPETS)]
     for case in CASES:
         row = []
         for name, config in SNIPPETS:
-            c = check_composition(case, config)
-            why = next((w for k, w in known.items() if name.startswith(k)), None)
-            if c.status == "FAIL" and why:
-                c.status, c.detail = "known", f"{why} — {c.detail}"
+            c = composition(case, name, config)
             row.append(cell(c, f"`{case.name}` × {name}"))
         lines.append(f"| `{case.name}` | " + " | ".join(row) + " |")
     lines += ["", "## Notes", ""] + [f"{i + 1}. {n[2:]}" for i, n in enumerate(notes)]

@@ -258,6 +258,36 @@ def _check_summary(pb: Problem, est, name: str, ref: Tensor, u: Tensor) -> Cell:
 
 
 # ----------------------------------------------------------------------------- compositions
+# Cells that fail for reasons owned by open items: (method prefix, text of the failure,
+# reason). They are reported as "known" (an expected failure in the tests); anything else
+# must run or be refused at build with advice.
+KNOWN = [
+    ("GNvpro", "", "open: varpro's feature extraction and head choice (BatchNorm, dropout, "
+                   "sequence heads, tied head; issue 12's varpro items)"),
+    ("K-FAC", "kronecker:", "open: K-FAC decides at step 0 what it could refuse at build "
+                            "(issue 12's K-FAC items)"),
+    ("SINGD", "kronecker:", "open: K-FAC statistics decided at step 0, not refused at build "
+                            "(issue 12's K-FAC items)"),
+]
+
+
+def _advice(detail: str) -> bool:
+    return "module" in detail or "model" in detail
+
+
+def composition(case: Case, method: str, config: dict, steps: int = 5) -> Cell:
+    """:func:`check_composition`, with failures owned by open items marked ``known``."""
+    cell = check_composition(case, config, steps)
+    if cell.status == "FAIL" or (cell.status == "refused" and not _advice(cell.detail)):
+        why = next((w for key, text, w in KNOWN
+                    if method.startswith(key) and text in cell.detail), None)
+        if why:
+            return Cell("known", f"{why} — {cell.detail}")
+        if cell.status == "refused":
+            return Cell("FAIL", f"refused without naming the module: {cell.detail}")
+    return cell
+
+
 def check_composition(case: Case, config: dict, steps: int = 5) -> Cell:
     """Build the optimizer on a fresh model and take ``steps`` steps: runs with a finite
     loss (and BatchNorm statistics advanced exactly once per step), or refused at build."""
