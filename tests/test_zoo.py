@@ -176,3 +176,18 @@ def test_sdpa_model_hessian_matches_finite_differences_under_the_flash_kernel():
     H = est.dense(pb.batch)
     ref = pb.hessian()
     assert torch.allclose(H, ref, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_models_page_is_the_generated_matrix_of_this_zoo():
+    """docs/models.md comes from `python tests/zoo.py --write docs/models.md` (regenerate
+    it when the zoo changes): its header is the generator's, every zoo case has its rows,
+    and no cell is an unexplained failure."""
+    from pathlib import Path
+
+    from zoo import HEADER
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert text.startswith(HEADER)
+    for case in CASES:
+        assert text.count(f"| `{case.name}` |") == 1 + len(ESTIMATORS) + 1, case.name
+    assert "FAIL" not in text.split("## Notes")[0]
