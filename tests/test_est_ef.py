@@ -114,15 +114,13 @@ def test_diagonal_of_model_with_reused_module_and_bare_parameter():
     torch.testing.assert_close(flat(est.diagonal(prob.batch)), ref.diagonal())
 
 
-def test_batchnorm_in_training_mode_diagonal_is_the_dense_diagonal():
-    """BatchNorm in training mode couples the samples: per-sample passes would compute
-    another function, so the diagonal comes from the full Jacobian (exact)."""
+def test_batchnorm_in_training_mode_is_rejected_by_diagonal():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
     X = torch.randn(5, 4, dtype=torch.float64)
     y = torch.randint(0, 2, (5,))
     est = curvkit.create("estimator", "ef", model=model, loss_fn=nn.CrossEntropyLoss())
-    torch.testing.assert_close(flat(est.diagonal((X, y))), est.dense((X, y)).diagonal())
-    assert int(model[1].num_batches_tracked) == 0  # buffers untouched
+    with pytest.raises(ValueError, match=r"module 1 \(BatchNorm1d\) is in training mode"):
+        est.diagonal((X, y))
     model.eval()
     d = flat(est.diagonal((X, y)))
     torch.testing.assert_close(d, ef_reference(model, nn.CrossEntropyLoss(), [(X, y)]).diagonal())
