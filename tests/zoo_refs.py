@@ -8,7 +8,7 @@ through normalization, forward mode of the flash-attention kernel):
     H[:, i]  = (∇L(θ + h e_i) − ∇L(θ − h e_i)) / 2h           (Hessian)
     J[:, i]  = (f(θ + h e_i) − f(θ − h e_i)) / 2h              (output Jacobian)
     GGN      = Jᵀ H_out J,  H_out = ∂²L/∂f² of the loss alone (no model inside)
-    EF       = Σ_n (1/c) (J_nᵀ ∇_{f_n}L)(J_nᵀ ∇_{f_n}L)ᵀ,  L = c Σ_n ℓ_n
+    EF       = Σ_{n,t} (1/c) (J_{n,t}ᵀ ∇_{f_{n,t}}L)(…)ᵀ,  L = c Σ_{n,t} ℓ_{n,t}  (t: positions)
     D3[s]    = φ_s'''(0), φ_s(t) = L(θ + t u_s), 6-point stencil
 
 Every forward of a reference replays one random state and uses copies of the buffers, as
@@ -34,7 +34,6 @@ from zoo import Case
 
 import curvkit
 from curvkit.errors import ConfigError
-from curvkit.losses import reduction_factor
 
 ESTIMATORS = ("hessian", "ggn", "ef", "fisher", "outer_product")
 CAPABILITIES = ("matvec", "dense", "diagonal", "summary")
@@ -126,10 +125,14 @@ class Problem:
         out, J = self.jacobian()
         o = out.detach().requires_grad_(True)
         g_out, = torch.autograd.grad(self.loss_fn(o, self.batch[1]), o)
-        c = reduction_factor(self.loss_fn, out)
-        N = out.shape[0]
-        Jn = J.reshape(N, -1, self.P)
-        rows = torch.einsum("no,nop->np", g_out.reshape(N, -1), Jn)
+        # cross-entropy (every zoo loss): L = c Σ_n ℓ_n with c = 1 for "sum", else 1 over
+        # the number of targets (samples × positions)
+        c = 1.0 if self.loss_fn.reduction == "sum" else out.shape[1] / out.numel()
+        # one term per sample and position (cross-entropy over (N, C, d…) logits): rows
+        # J_{n,t}ᵀ ∇_{f_{n,:,t}} L
+        N, C = out.shape[0], out.shape[1]
+        Jt = J.reshape(N, C, -1, self.P)
+        rows = torch.einsum("nct,nctp->ntp", g_out.reshape(N, C, -1), Jt).reshape(-1, self.P)
         return rows.T @ rows / c
 
     def outer_product(self) -> Tensor:
@@ -180,6 +183,10 @@ def check_estimator(pb: Problem, name: str, capabilities: tuple[str, ...] = CAPA
         if cap not in provided:
             cells[cap] = Cell("n/a", "not provided")
             continue
+        refusal = est.refusal(cap) if hasattr(est, "refusal") else ""
+        if refusal:  # declared before any pass, with the module and the way out
+            cells[cap] = Cell("refused", refusal)
+            continue
         try:
             cells[cap] = _check_capability(pb, est, name, cap, reference, v_flat, stochastic)
         except Exception as err:  # a crash is a FAIL cell, reported with its message
@@ -189,7 +196,7 @@ def check_estimator(pb: Problem, name: str, capabilities: tuple[str, ...] = CAPA
     if stochastic and dense is not None:
         # the Monte Carlo Fisher: its own capabilities agree with each other
         for cap in ("matvec", "diagonal"):
-            if cap in cells and cells[cap].ok and cap in provided:
+            if cap in cells and cells[cap].status == "runs":
                 cells[cap] = _check_capability(pb, est, name, cap, dense, v_flat, False,
                                                status="runs")
         cells["dense"] = Cell("runs", "Monte Carlo; matvec/diagonal agree with it")
