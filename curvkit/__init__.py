@@ -26,6 +26,7 @@ from curvkit.losses import GaussianNLL, LossPart  # noqa: E402
 from curvkit.optimizer import CurvkitOptimizer, build_optimizer  # noqa: E402
 from curvkit.options import option  # noqa: E402
 from curvkit.parts import Part  # noqa: E402
+from curvkit.passes import SelectOutput  # noqa: E402
 from curvkit.preconditioners.base import Preconditioner  # noqa: E402
 from curvkit.registry import get_registry, reload_registry  # noqa: E402
 from curvkit.solvers.base import Solver, StepContext, StepResult  # noqa: E402
@@ -49,5 +50,5 @@ __all__ = [
     "StepContext", "StepResult", "LossPart", "GaussianNLL", "DatasetPart", "ModelPart",
     "get_registry", "reload_registry",
     "ConfigError", "CurvkitError", "IncompatibleError", "NonFiniteError", "RegistryError",
-    "StepError", "LinearOperator", "spectral",
+    "StepError", "LinearOperator", "spectral", "SelectOutput",
 ]

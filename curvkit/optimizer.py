@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit import distributed
+from curvkit import distributed, passes
 from curvkit.capture import PassCapture
 from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
@@ -95,6 +95,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self._needs_batch = bool(getattr(self.preconditioner, "needs_batch", True)
                                  or getattr(self.solver, "needs_batch", True))
         self._observation: Any = None
+        self._pass_rng: passes.RandomState | None = None
         self._keep = False
         self._capture = PassCapture(called, loss_fn, on_forward=self._open_observation)
 
@@ -114,7 +115,11 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         X, y = batch
         params = self._params
         with torch.enable_grad(), self._paused():
-            loss = self.loss_fn(self.model(X), y)
+            out = self.model(X)
+            if isinstance(self.loss_fn, nn.modules.loss._Loss):
+                # a torch loss takes one tensor: say how to pick it before anything moves
+                passes.require_tensor_output(out, self.model, "optimizer")
+            loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         # a parameter the forward pass does not use has a zero gradient
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -150,10 +155,15 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self._close_observation(keep=False)
         self._capture.reset()
         update = self.preconditioner.should_update(self.counters["steps"])
+        # every other pass of this step (curvature, trial points) replays the random state
+        # of the step's own forward: one dropout mask per step, and the generators advance
+        # as for one forward
+        rng = passes.RandomState(self.model)
         with (self.estimator.observe(batch) if update and self._observes
               else contextlib.nullcontext()):
             loss, grads = self._loss_and_grads(batch)
-        return self._take_step(batch, loss, grads, start)
+        with passes.rng_scope(self.model, state=rng):
+            return self._take_step(batch, loss, grads, start)
 
     # ------------------------------------------------------------------ torch.optim style
     @contextlib.contextmanager
@@ -169,6 +179,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         """At the start of the caller's pass: record the estimator's statistics from it if
         this step refreshes the preconditioner (as ``step((X, y))`` does from its own)."""
         self._close_observation(keep=False)
+        # the random state of the caller's forward, replayed by the step's other passes
+        self._pass_rng = passes.RandomState(self.model)
         if self._observes and self.preconditioner.should_update(self.counters["steps"]):
             cm = self.estimator.observe(lambda: self._capture.batch if self._keep else None)
             cm.__enter__()
@@ -208,7 +220,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         known = loss is not None
         if loss is None:  # a loss that is not a module, with a composition needing no batch
             loss = torch.tensor(float("nan"), device=self._params[0].device)
-        result = self._take_step(batch, loss, grads, start, loss_known=known)
+        rng, self._pass_rng = self._pass_rng, None
+        with (passes.rng_scope(self.model, state=rng) if rng is not None
+              else contextlib.nullcontext()):
+            result = self._take_step(batch, loss, grads, start, loss_known=known)
         if isinstance(returned, Tensor):
             return returned
         return result if known else None

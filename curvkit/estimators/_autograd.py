@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit import passes
 from curvkit.estimators.base import CurvatureEstimator, partition_masks
 from curvkit.params import check_like
 
@@ -42,11 +43,11 @@ def loss_graph(est: CurvatureEstimator, X: Any, y: Tensor) -> tuple[list[Tensor]
     if next(est.model.buffers(), None) is not None:
         params = leaves(est)
         with torch.enable_grad():
-            loss = est.loss_fn(est.forward_fn()(params, X), y)
+            loss = est.loss_fn(est.forward_fn(tensor_output=False)(params, X), y)
         return params, loss
     params = est.params
     with torch.enable_grad():
-        loss = est.loss_fn(est.model(X), y)
+        loss = est.loss_fn(passes.forward(est.model, X), y)
     return params, loss
 
 
@@ -66,10 +67,12 @@ def grad_with_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
             k = grad_outputs[0].shape[0]
             return [torch.zeros((k, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
         return [torch.zeros_like(x) for x in inputs]
-    grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), [g for _, g in pairs],
-                                create_graph=create_graph, retain_graph=retain_graph,
-                                allow_unused=True,
-                                is_grads_batched=is_grads_batched)
+    outs, cots = [o for o, _ in pairs], [g for _, g in pairs]
+    if is_grads_batched:
+        grads = _batched_grad(outs, list(inputs), cots, create_graph, retain_graph)
+    else:
+        grads = torch.autograd.grad(outs, list(inputs), cots, create_graph=create_graph,
+                                    retain_graph=retain_graph, allow_unused=True)
     out = []
     for x, g in zip(inputs, grads):
         if g is None:
@@ -77,6 +80,28 @@ def grad_with_zeros(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
             g = torch.zeros(shape, dtype=x.dtype, device=x.device)
         out.append(g)
     return out
+
+
+def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor],
+                  create_graph: bool, retain_graph: bool | None) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(..., is_grads_batched=True)``; where torch cannot batch a
+    backward formula (vmap over GroupNorm's or a recurrent layer's backward raises inside
+    torch), one backward per cotangent, stacked — the same numbers, slower."""
+    try:
+        return torch.autograd.grad(outputs, inputs, cotangents, create_graph=create_graph,
+                                   retain_graph=True if retain_graph is None else retain_graph,
+                                   allow_unused=True, is_grads_batched=True)
+    except RuntimeError:
+        pass
+    k = cotangents[0].shape[0]
+    rows = []
+    for i in range(k):
+        keep = True if i < k - 1 else (create_graph if retain_graph is None else retain_graph)
+        rows.append(torch.autograd.grad(outputs, inputs, [c[i] for c in cotangents],
+                                        create_graph=create_graph, retain_graph=keep,
+                                        allow_unused=True))
+    return tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+                 for j in range(len(inputs)))
 
 
 def check_direction_and_partition(est: CurvatureEstimator, direction: Sequence[Tensor],

@@ -11,7 +11,9 @@ sample n's output, c the loss' reduction factor (:func:`curvkit.losses.reduction
   C = Σ_{n,k} (J_nᵀ s_{n,k})(J_nᵀ s_{n,k})ᵀ.
 * ``diagonal``: Linear/Conv2d parameters from the layers' inputs and output gradients
   (:func:`curvkit.estimators.kfac.layer_diagonals`); all other parameters from per-sample
-  vector-Jacobian products (``torch.func.vmap`` over samples).
+  vector-Jacobian products (``torch.func.vmap`` over samples, a loop where vmap cannot
+  batch the model). Models whose batch outputs are not their per-sample outputs because
+  the forward draws random numbers (dropout) use diag(WᵀW) from the full Jacobian.
 * ``kronecker``: :func:`curvkit.estimators.kfac.kronecker_factors`.
 
 Several batches are combined by :meth:`CurvatureEstimator.accumulate`; each batch gets its
@@ -32,11 +34,12 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
+from curvkit import passes
 from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
 from curvkit.estimators.kfac import Observation, layer_diagonals
 from curvkit.losses import LOSS_GRADIENT, loss_part
-from curvkit.params import check_like
+from curvkit.params import check_like, unflatten
 from curvkit.parts import DENSE, DIAGONAL, KRONECKER, KRONECKER_ROOTS, MATVEC
 
 
@@ -86,8 +89,9 @@ class LowRankOutputEstimator(CurvatureEstimator):
         (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
         columns as ``kronecker``; see :mod:`curvkit.estimators.kfac`."""
         from curvkit.estimators.kfac import kronecker_roots
-        return kronecker_roots(self, batch, approx or self.options.kfac_approx, self._columns,
-                               observed=self._observation)
+        with passes.evaluation(self.model, higher_order=False):
+            return kronecker_roots(self, batch, approx or self.options.kfac_approx,
+                                   self._columns, observed=self._observation)
 
     def _observation(self, X: Any, y: Tensor) -> Observation | None:
         """The recorded pass on exactly this batch (see ``observe``); the base has none."""
@@ -138,7 +142,8 @@ class LowRankOutputEstimator(CurvatureEstimator):
             res = grad_with_zeros([out], params, [u])
         return [r.detach() for r in res]
 
-    def _dense_at(self, X: Any, y: Tensor, index: int) -> Tensor:
+    def _weighted_jacobian(self, X: Any, y: Tensor, index: int) -> Tensor:
+        """W (K·N, P) with rows J_nᵀ s_{n,k}, so that C = WᵀW (from the full Jacobian)."""
         out, J = self.output_jacobian(X)
         N, M, P = out.shape[0], out.numel(), J.shape[1]
         J = J.reshape(N, M // N, P)
@@ -150,6 +155,10 @@ class LowRankOutputEstimator(CurvatureEstimator):
         else:
             W = torch.einsum("kno,nop->knp", cols.reshape(cols.shape[0], N, -1),
                              J).reshape(-1, P)
+        return W
+
+    def _dense_at(self, X: Any, y: Tensor, index: int) -> Tensor:
+        W = self._weighted_jacobian(X, y, index)
         return W.T @ W
 
     def refusal(self, capability: str) -> str:
@@ -166,6 +175,11 @@ class LowRankOutputEstimator(CurvatureEstimator):
         if why:
             raise ValueError(f"estimator {self.name!r}: {why}; call model.eval() first, or "
                              f"use estimator 'ggn'")
+        if passes.per_sample_obstacle(self.model, X):
+            # per-sample passes would compute another function: diag(WᵀW), exact, costlier
+            diag = (self._weighted_jacobian(X, y, index) ** 2).sum(0)
+            return [t.detach() for t in unflatten(diag, self.params)]
+
         def columns(o: Tensor) -> Tensor:
             cols = self._columns(o, y, index)
             return self._term_columns(cols, o.shape) if self._separate_terms() else cols
@@ -205,5 +219,6 @@ class LowRankOutputEstimator(CurvatureEstimator):
             grads = vmap(pull)(sn.reshape(sn.shape[0], -1))[0]
             return [(g ** 2).sum(0) for g in grads]
 
-        contrib = vmap(per_sample, randomness="different")(X, cols.transpose(0, 1))
+        contrib = passes.vmap_or_loop(per_sample, X, cols.transpose(0, 1),
+                                      randomness="different")
         return [c.sum(0) for c in contrib]

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacfwd, jacrev
+from torch.func import jacfwd, jacrev
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from curvkit import distributed
+from curvkit import distributed, passes
 from curvkit.linops import LinearOperator
 from curvkit.losses import batch_size, reduction_of, try_loss_part
 from curvkit.params import check_like, flatten, trainable, unflatten
@@ -180,21 +180,23 @@ class CurvatureEstimator(Part, abc.ABC):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def forward_fn(self) -> Callable[[Sequence[Tensor], Any], Tensor]:
+    def forward_fn(self, tensor_output: bool = True) -> Callable[[Sequence[Tensor], Any], Tensor]:
         """``f(params, X)``: the model output with the trainable parameters replaced.
 
-        Buffers are passed as fresh copies made inside ``f``: a forward that updates buffers
-        in place (BatchNorm running statistics in training mode) neither changes the user's
-        model nor trips ``torch.func`` transforms over a mutated captured tensor.
+        Runs through :func:`curvkit.passes.forward`: buffers are passed as fresh copies (a
+        forward that updates them in place, BatchNorm in training mode, neither changes the
+        user's model nor trips ``torch.func`` transforms over a mutated captured tensor), and
+        inside an evaluation every call replays the evaluation's random state (one dropout
+        mask for all passes of it). With ``tensor_output`` an output that is not a tensor
+        (a dict or tuple) is refused with the way out (:class:`curvkit.SelectOutput`).
         """
         names = [n for n, _ in self.named_params]
         model = self.model
-        buffers = dict(model.named_buffers())
+        where = f"estimator {self.name!r}"
 
         def f(params: Sequence[Tensor], X: Any) -> Tensor:
-            state = dict(zip(names, params))
-            state.update({n: b.clone() for n, b in buffers.items()})
-            return functional_call(model, state, (X,))
+            out = passes.forward(model, X, dict(zip(names, params)))
+            return passes.require_tensor_output(out, model, where) if tensor_output else out
 
         return f
 
@@ -217,7 +219,8 @@ class CurvatureEstimator(Part, abc.ABC):
 
         argnums = tuple(range(len(params)))
         if P <= M:
-            jac = jacfwd(fn, argnums=argnums)(*params)
+            # "same": the batched forward draws one dropout mask, the one ``out`` saw
+            jac = jacfwd(fn, argnums=argnums, randomness="same")(*params)
         else:
             jac = jacrev(fn, argnums=argnums, chunk_size=chunk_size)(*params)
         return out, torch.cat([j.reshape(M, -1) for j in jac], dim=1)
@@ -246,7 +249,8 @@ class CurvatureEstimator(Part, abc.ABC):
         if cls.matvec is not CurvatureEstimator.matvec \
                 and cls._linearize is CurvatureEstimator._linearize:
             return Linearized(self, lambda v: list(self.matvec(batches, v)))
-        prepared = [self._linearize(X, y) for X, y in batches]
+        with passes.evaluation(self.model):
+            prepared = [self._linearize(X, y) for X, y in batches]
         return Linearized(self, lambda v: combine(
             batches, lambda i, X, y: list(prepared[i](v)), self.reduction))
 
@@ -307,14 +311,19 @@ class CurvatureEstimator(Part, abc.ABC):
         return torch.stack(cols, dim=1)
 
     def accumulate(self, batch: Batch | Iterable[Batch], fn: Callable[[Any, Tensor], Any],
-                   reduction: str | None = None) -> Any:
+                   reduction: str | None = None, first_order: bool = False) -> Any:
         """Combine ``fn(X, y)`` (a pytree of tensors, linear in the loss) over batches and ranks.
 
         Each ``fn`` result is the quantity of that batch's loss under the loss' reduction;
-        the combination is :func:`combine`.
+        the combination is :func:`combine`. The whole call is one
+        :func:`curvkit.passes.evaluation`: one random state for all its forward passes,
+        the model's buffers untouched, and — unless ``first_order`` (a pass that takes only
+        first derivatives, e.g. a K-FAC capture) — attention and normalization kernels that
+        autograd differentiates correctly to any order.
         """
-        return combine(as_batches(batch), lambda i, X, y: fn(X, y),
-                       reduction or self.reduction)
+        with passes.evaluation(self.model, higher_order=not first_order):
+            return combine(as_batches(batch), lambda i, X, y: fn(X, y),
+                           reduction or self.reduction)
 
 
 def combine(batches: Sequence[Batch], fn: Callable[[int, Any, Tensor], Any],

@@ -11,6 +11,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from curvkit import passes
 from curvkit.estimators._autograd import (
     check_direction_and_partition,
     grad_with_zeros,
@@ -121,7 +122,8 @@ class GGNEstimator(CurvatureEstimator):
             # the model itself (no buffers to protect): cheaper than functional_call
             params = self.params
             with torch.enable_grad():
-                out = self.model(X)
+                out = passes.require_tensor_output(passes.forward(self.model, X), self.model,
+                                                   f"estimator {self.name!r}")
         else:
             params = leaves(self)
             with torch.enable_grad():
@@ -162,20 +164,18 @@ class GGNEstimator(CurvatureEstimator):
         (:func:`curvkit.estimators.kfac.layer_diagonals`, one forward and one batched
         backward). Every other parameter (a module called twice, bare parameters, …) uses
         per-sample vector-Jacobian products (``torch.func.vmap`` over samples, each model
-        call on one sample). A loss no part describes, non-tensor inputs, and models that
-        couple the samples of a batch (BatchNorm in training mode) use diag(Jᵀ H_loss J)
-        from the full Jacobian (exact, costlier).
+        call on one sample). A loss no part describes, non-tensor inputs, and models whose
+        batch outputs are not their per-sample outputs (BatchNorm in training mode, dropout:
+        see :func:`curvkit.passes.per_sample_obstacle`) use diag(Jᵀ H_loss J) from the full
+        Jacobian (exact, costlier).
         """
         return self.accumulate(batch, self._diagonal)
-
-    def _couples_samples(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                   for m in self.model.modules())
 
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
         from curvkit.estimators.kfac import layer_diagonals, output_columns
 
-        if not isinstance(X, Tensor) or self._couples_samples() or self.loss is None:
+        if not isinstance(X, Tensor) or self.loss is None \
+                or passes.per_sample_obstacle(self.model, X):
             return self._diagonal_from_jacobian(X, y)
         where = f"estimator {self.name!r}"
 
@@ -209,7 +209,8 @@ class GGNEstimator(CurvatureEstimator):
             grads = vmap(pull)(sn.reshape(sn.shape[0], -1))[0]  # J_nᵀ s_{n,k}: (K, *shape)
             return [(g ** 2).sum(0) for g in grads]
 
-        contrib = vmap(per_sample, chunk_size=self._chunk())(X, cols.transpose(0, 1))
+        contrib = passes.vmap_or_loop(per_sample, X, cols.transpose(0, 1),
+                                      chunk_size=self._chunk())
         return [c.sum(0) for c in contrib]
 
     def _diagonal_from_jacobian(self, X: Any, y: Tensor) -> list[Tensor]:
@@ -260,7 +261,7 @@ class GGNEstimator(CurvatureEstimator):
         def push(*u: Tensor) -> tuple[Tensor, Tensor]:
             return jvp(lambda *ps: f(ps, X), params, u)
 
-        outs, JU = vmap(push, chunk_size=self._chunk())(*U)
+        outs, JU = passes.vmap_or_loop(push, *U, chunk_size=self._chunk(), randomness="same")
         out = outs[0]
         g_out = grad(lambda o: self.loss_fn(o, y))(out)
         HJU = vmap(self._output_hvp(out, y), chunk_size=self._chunk())(JU)

@@ -15,9 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from curvkit import distributed
+from curvkit import distributed, passes
 from curvkit.losses import batch_size
 from curvkit.params import all_finite
 from curvkit.parts import Part
@@ -81,7 +80,9 @@ class StepContext:
         est = self.estimator
         names = [n for n, _ in est.named_params]
         with torch.no_grad():
-            out = functional_call(est.model, dict(zip(names, params)), (X,))
+            # buffer copies (running statistics move once per step, in the step's own
+            # pass) and the step's random state (the dropout mask of the gradient)
+            out = passes.forward(est.model, X, dict(zip(names, params)))
             value = est.loss_fn(out, y)
         self.evaluations += 1
         reduction = getattr(est.loss_fn, "reduction", "mean")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     pass
+from curvkit import passes
 from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
     KFACLayer,
@@ -87,7 +88,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
         for layer in layers:
             handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
         with torch.enable_grad():
-            out = model(X)
+            out = passes.forward(model, X)
     finally:
         for h in handles:
             h.remove()

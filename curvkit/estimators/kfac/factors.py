@@ -215,7 +215,7 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
                             for n, c in counts.items()}
         return out
 
-    acc = estimator.accumulate(batches, one, reduction=estimator.reduction)
+    acc = estimator.accumulate(batches, one, reduction=estimator.reduction, first_order=True)
     if sum_red:
         acc["A"] = {n: a / acc["count"][n] for n, a in acc["A"].items()}
     by_name = {layer.name: layer for layer in layers}

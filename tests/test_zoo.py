@@ -1,0 +1,193 @@
+"""The model zoo (tests/zoo.py): every estimator capability against independent float64
+references, every composition of docs/methods.md for 5 steps; plus the pass mechanics
+(curvkit.passes) the zoo depends on.
+
+The default suite runs one fast case per family; ``tox -e slow`` runs the whole cross.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_methods_table import SNIPPETS
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from zoo import BY_NAME, CASES
+from zoo_refs import ESTIMATORS, Problem, check_estimator, composition
+
+import curvkit
+from curvkit import passes
+
+FAST = [c.name for c in CASES if c.fast]
+SLOW = [c.name for c in CASES if not c.fast]
+# the default suite runs these compositions on the fast cases (trial points, a capture
+# pass, the partition summary with D3); the others run in `tox -e slow`
+FAST_METHODS = ("Hessian-free", "K-FAC", "NewtonSummary")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (two threads on a shared 2-core machine spend more
+    time synchronizing than computing)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _params(names):
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("case", _params(FAST + SLOW))
+def test_estimator_capabilities_match_references(case):
+    pb = Problem(BY_NAME[case])
+    bad = {}
+    for estimator in ESTIMATORS:
+        cells = check_estimator(pb, estimator)
+        bad.update({f"{estimator}.{k}": c.detail for k, c in cells.items() if not c.ok})
+    assert not bad, bad
+
+
+def _compositions():
+    out = []
+    for case in FAST + SLOW:
+        for method, config in SNIPPETS:
+            slow = case not in FAST or not method.startswith(FAST_METHODS)
+            out.append(pytest.param(case, method, config, id=f"{case}-{method}",
+                                    marks=pytest.mark.slow if slow else ()))
+    return out
+
+
+@pytest.mark.parametrize("case,method,config", _compositions())
+def test_composition_runs_or_is_refused_at_build(case, method, config):
+    cell = composition(BY_NAME[case], method, config)
+    if cell.status == "known":
+        pytest.xfail(cell.detail)
+    assert cell.ok, cell.detail
+
+
+# ----------------------------------------------------------------------------- mechanics
+def test_differentiable_restores_the_callers_attention_backend():
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        before = torch.nn.attention._cur_sdpa_kernel_backends()
+        with passes.differentiable():
+            assert torch.nn.attention._cur_sdpa_kernel_backends() == [SDPBackend.MATH]
+        assert torch.nn.attention._cur_sdpa_kernel_backends() == before
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch", "group"])
+def test_third_derivative_through_normalization_matches_finite_differences(norm):
+    """The summary's D3 through the norms torch's fused kernels get wrong at third order."""
+    torch.manual_seed(0)
+    layer = {"layer": nn.LayerNorm(5), "batch": nn.BatchNorm1d(5),
+             "group": nn.GroupNorm(1, 5)}[norm]
+    model = nn.Sequential(nn.Linear(4, 5), layer, nn.Tanh(), nn.Linear(5, 3)).double()
+    X = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    from zoo import Case
+    pb = Problem(Case("t", "t", lambda: (model, (X, y), nn.CrossEntropyLoss())))
+    est = curvkit.create("estimator", "hessian", model=model, loss_fn=nn.CrossEntropyLoss())
+    u = torch.randn(pb.P, dtype=torch.float64)
+    s = est.summary((X, y), pb.split(u))
+    S = len(pb.named)
+    start = 0
+    for k, (_, p) in enumerate(pb.named):
+        uk = torch.zeros_like(u)
+        uk[start:start + p.numel()] = u[start:start + p.numel()]
+        start += p.numel()
+        fd = pb.third(uk)
+        assert abs(float(s.D3[k]) - fd) <= 1e-4 * max(1.0, abs(fd)), (k, float(s.D3[k]), fd)
+    assert S == len(s.D3)
+
+
+def test_dropout_one_mask_per_evaluation_and_callers_rng_untouched():
+    pb = Problem(BY_NAME["dropout"])
+    for name in ("ggn", "ef", "hessian"):
+        est = curvkit.create("estimator", name, model=pb.model, loss_fn=pb.loss_fn)
+        v = pb.split(torch.randn(pb.P, dtype=torch.float64))
+        state = torch.get_rng_state()
+        D = est.dense(pb.batch)
+        mv = torch.cat([t.reshape(-1) for t in est.matvec(pb.batch, v)])
+        assert torch.equal(torch.get_rng_state(), state), "an evaluation advanced the RNG"
+        assert torch.allclose(D @ torch.cat([t.reshape(-1) for t in v]), mv, atol=1e-10)
+        if name != "hessian":
+            diag = torch.cat([t.reshape(-1) for t in est.diagonal(pb.batch)])
+            assert torch.allclose(diag, D.diagonal(), atol=1e-10)
+
+
+def test_trial_points_see_the_steps_dropout_mask_and_buffers():
+    """loss_at(0) inside a step is the step's own loss: the same mask, the same BatchNorm
+    statistics (batch statistics, buffers untouched)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.4),
+                          nn.Linear(6, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    seen = []
+
+    class Probe(curvkit.Solver):
+        name = "probe"
+
+        def step(self, ctx):
+            seen.append((float(ctx.loss), float(ctx.loss_at())))
+            return curvkit.StepResult(direction=[torch.zeros_like(p) for p in ctx.params])
+
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(),
+                                  {"lr": 1.0, "estimator": "ggn", "preconditioner": "identity",
+                                   "solver": "direct"})
+    opt.solver = Probe()
+    for _ in range(3):
+        opt.step((X, y))
+    assert all(abs(a - b) < 1e-12 for a, b in seen), seen
+    assert int(model[1].num_batches_tracked) == 3
+    assert len({a for a, _ in seen}) == 3  # a fresh mask every step
+
+
+def test_dict_output_is_refused_with_the_way_out_and_select_output_works():
+    model, batch, loss_fn = BY_NAME["dict_output"].build()
+    est = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
+    v = [torch.zeros_like(p) for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"SelectOutput\(model, 'logits'\)"):
+        est.matvec(batch, v)
+    opt = curvkit.build_optimizer(model, loss_fn, {"estimator": "ggn", "solver": "direct",
+                                                   "preconditioner": "identity"})
+    with pytest.raises(TypeError, match="SelectOutput"):
+        opt.step(batch)
+    wrapped = curvkit.SelectOutput(model, "logits")
+    opt = curvkit.build_optimizer(wrapped, loss_fn, {"estimator": "ggn", "solver": "direct",
+                                                     "preconditioner": "identity"})
+    assert torch.isfinite(opt.step(batch))
+
+
+def test_vmap_or_loop_falls_back_where_vmap_cannot_batch():
+    def fn(x):
+        return x * float(x.sum().item())  # .item() cannot be batched by vmap
+
+    x = torch.arange(6.0).reshape(3, 2)
+    out = passes.vmap_or_loop(fn, x)
+    assert torch.equal(out, torch.stack([r * float(r.sum()) for r in x]))
+
+
+def test_sdpa_model_hessian_matches_finite_differences_under_the_flash_kernel():
+    """F.scaled_dot_product_attention's CPU flash kernel has no double backward: curvkit
+    routes its own passes to the math kernel (dense Hessian = FD reference)."""
+    pb = Problem(BY_NAME["sdpa"])
+    est = curvkit.create("estimator", "hessian", model=pb.model, loss_fn=pb.loss_fn)
+    H = est.dense(pb.batch)
+    ref = pb.hessian()
+    assert torch.allclose(H, ref, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_models_page_is_the_generated_matrix_of_this_zoo():
+    """docs/models.md comes from `python tests/zoo.py --write docs/models.md` (regenerate
+    it when the zoo changes): its header is the generator's, every zoo case has its rows,
+    and no cell is an unexplained failure."""
+    from pathlib import Path
+
+    from zoo import HEADER
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    assert text.startswith(HEADER)
+    for case in CASES:
+        assert text.count(f"| `{case.name}` |") == 1 + len(ESTIMATORS) + 1, case.name
+    assert "FAIL" not in text.split("## Notes")[0]
