@@ -116,8 +116,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         params = self._params
         with torch.enable_grad(), self._paused():
             out = self.model(X)
-            if isinstance(self.loss_fn, nn.modules.loss._Loss):
+            if type(self.loss_fn).__module__.startswith("torch."):
                 # a torch loss takes one tensor: say how to pick it before anything moves
+                # (a subclass of the user's may take the dict itself)
                 passes.require_tensor_output(out, self.model, "optimizer")
             loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
