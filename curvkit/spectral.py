@@ -89,15 +89,17 @@ def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int,
         m = j + 1
         if beta <= 1e-13 * max(scale, 1e-300) or m == steps:
             break
-        a_t = torch.tensor(alphas, dtype=torch.float64)
-        b_t = torch.tensor(betas, dtype=torch.float64)
+        # the tridiagonal problem is tiny (m × m): it lives on the host, whatever the vectors'
+        # device
+        a_t = torch.tensor(alphas, dtype=torch.float64, device="cpu")
+        b_t = torch.tensor(betas, dtype=torch.float64, device="cpu")
         if stop is not None and stop(a_t, b_t, beta):
             break
         betas.append(beta)
         q = w / beta
     m = len(alphas)
-    return (torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas[:m - 1],
-            dtype=torch.float64), Q[:, :m], beta_last)
+    return (torch.tensor(alphas, dtype=torch.float64, device="cpu"),
+            torch.tensor(betas[:m - 1], dtype=torch.float64, device="cpu"), Q[:, :m], beta_last)
 
 
 def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:

@@ -35,3 +35,20 @@ class TestCrossEntropy(LossSuite):
         y = torch.tensor([0, 3, 1, 1, 2])
         return [LossCase("mean", nn.CrossEntropyLoss(), out, y),
                 LossCase("sum", nn.CrossEntropyLoss(reduction="sum"), out, y)]
+
+
+class _WrongGradient(TestMSE):
+    """The mse part with its output gradient doubled: the suite must catch it."""
+
+    def part(self, case):
+        part = super().part(case)
+        gradient = part.gradient
+        part.gradient = lambda out, y: 2 * gradient(out, y)
+        return part
+
+
+def test_the_suite_fails_a_loss_part_with_a_wrong_gradient():
+    import pytest
+
+    with pytest.raises(AssertionError, match="∇L"):
+        _WrongGradient().test_gradient_is_the_output_gradient()

@@ -28,3 +28,18 @@ class TestCubicDiscretePartition(SolverSuite):
     name = "cubic"
     preconditioner = {"name": "partition", "partition": "discrete"}
     options = {"lambda_int": 1.0}
+
+
+class _Stalled(SolverSuite):
+    """direct with a learning rate that cannot reach the minimiser in its steps."""
+
+    name = "direct"
+    lr = 1e-6
+    steps = 2
+
+
+def test_the_suite_fails_a_solver_that_does_not_reach_the_minimiser():
+    import pytest
+
+    with pytest.raises(AssertionError, match="on a quadratic"):
+        _Stalled().test_convex_quadratic_reaches_the_minimiser(5, 10.0)

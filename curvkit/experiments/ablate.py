@@ -28,6 +28,10 @@ points (``grid.json``) and the records (``results.jsonl``, see
 :mod:`curvkit.experiments.store`). Re-running the same command resumes: finished runs are
 skipped, interrupted ones restarted as a new attempt; a directory made from a different
 config is refused.
+
+Slightly over 500 lines because grid expansion, validation before the first run and the
+resume bookkeeping read the same point records; executors, the lock, the store and tuning
+already live in their own modules.
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ def factors_to_dense(factors: KroneckerFactors, shapes: dict[str, torch.Size]) -
     d_aug = factors.A.shape[0]
     w_name = factors.params[0]
     d_in = int(torch.Size(shapes[w_name]).numel()) // d_out
-    idx = torch.arange(d_out * d_aug).reshape(d_out, d_aug)
+    idx = torch.arange(d_out * d_aug, device=K.device).reshape(d_out, d_aug)
     order = [idx[:, :d_in].reshape(-1)]
     if len(factors.params) > 1:
         order.append(idx[:, d_in])

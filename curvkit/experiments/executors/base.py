@@ -25,8 +25,10 @@ class Executor(Part):
             steps: Callable[[str, int], None]) -> list[str]:
         """Execute every pending run; call ``write`` with each record, in the order each
         run emits them (runs may interleave). Returns errors of runs whose execution
-        itself failed (a worker died); exceptions inside a run are ``failed`` records."""
-        raise NotImplementedError
+        itself failed (a worker died); exceptions inside a run are ``failed`` records.
+        Every executor part defines it; the base says which one did not."""
+        raise TypeError(f"executor {getattr(self, 'name', '?')!r} "
+                        f"({type(self).__name__}) does not define run()")
 
 
 def run_one(spec: dict[str, Any], attempt: int, resume: dict[str, Any] | None,
