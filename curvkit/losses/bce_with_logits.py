@@ -12,7 +12,7 @@ from curvkit.losses._layout import diagonal_sqrt
 from curvkit.losses.base import LossPart, Terms, global_noise
 
 
-class BCEWithLogits(LossPart):
+class BCEWithLogitsLossPart(LossPart):
     """Binary cross-entropy on logits (multi-label), with ``weight`` and ``pos_weight``.
 
     Per output entry with σ = sigmoid(f), target y ∈ [0, 1], element weight w (``weight``,

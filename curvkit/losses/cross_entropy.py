@@ -13,7 +13,7 @@ from curvkit.losses._layout import ClassDimTerms, categorical_sqrt
 from curvkit.losses.base import LossPart, Terms, categorical, global_noise
 
 
-class CrossEntropy(ClassDimTerms, LossPart):
+class CrossEntropyLossPart(ClassDimTerms, LossPart):
     """Cross-entropy on logits (N, C, d…), class-index or probability targets.
 
     Label smoothing and ``ignore_index`` are supported.

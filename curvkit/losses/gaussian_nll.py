@@ -28,7 +28,7 @@ class GaussianNLL(nn.GaussianNLLLoss):
         return super().forward(mean, target, var)
 
 
-class GaussianNLLPart(LossPart):
+class GaussianNLLLossPart(LossPart):
     """Gaussian NLL with predicted variance: output [μ | σ²] along the last dim.
 
     Per feature with v = max(σ², eps) (torch clamps without a gradient) and residual

@@ -12,7 +12,7 @@ from curvkit.losses._layout import diagonal_sqrt
 from curvkit.losses.base import LossPart, Terms, global_noise
 
 
-class MSE(LossPart):
+class MSELossPart(LossPart):
     """Squared error ℓ_n = ‖f_n − y_n‖² (summed over a sample's outputs).
 
     ∇_f ℓ = 2 (f − y), ∂²ℓ/∂f² = 2 I. Reduction factor 1 for ``sum``, 1/(number of output

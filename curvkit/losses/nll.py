@@ -12,7 +12,7 @@ from curvkit.losses._layout import ClassDimTerms
 from curvkit.losses.base import LOSS_GRADIENT, LOSS_SAMPLING, LossPart, categorical, global_noise
 
 
-class NLL(ClassDimTerms, LossPart):
+class NLLLossPart(ClassDimTerms, LossPart):
     """Negative log-likelihood on log-probabilities o (N, C, d…): ℓ = −o_y per term.
 
     ℓ is linear in the output, so its output Hessian — and with it the GGN and every

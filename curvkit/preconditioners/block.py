@@ -17,7 +17,7 @@ from curvkit.preconditioners._running import blend, ema_weight, psd_inverse, wor
 from curvkit.preconditioners.base import Preconditioner
 
 
-class Block(Preconditioner):
+class BlockPreconditioner(Preconditioner):
     """Block-diagonal curvature: one dense block per parameter tensor or per layer.
 
     For each block b (a set of parameter tensors, flattened and concatenated in parameter

@@ -15,7 +15,7 @@ from curvkit.preconditioners._running import blend, ema_weight, rectify, working
 from curvkit.preconditioners.base import Preconditioner
 
 
-class Diagonal(Preconditioner):
+class DiagonalPreconditioner(Preconditioner):
     """Elementwise scaling by the curvature diagonal: d ↦ d / (ρ(ŝ) + damping)^power.
 
     ``ŝ`` (shaped like each parameter) is the running average of ``estimator.diagonal``

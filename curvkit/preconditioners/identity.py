@@ -5,7 +5,7 @@ from __future__ import annotations
 from curvkit.preconditioners.base import Preconditioner
 
 
-class Identity(Preconditioner):
+class IdentityPreconditioner(Preconditioner):
     """No preconditioning (P = I): the direction passes through unchanged."""
 
     name = "identity"

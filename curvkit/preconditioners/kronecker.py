@@ -25,7 +25,7 @@ from curvkit.preconditioners._running import (
 )
 
 
-class Kronecker(LayerwiseKronecker):
+class KroneckerPreconditioner(LayerwiseKronecker):
     """K-FAC: per Linear/Conv2d layer the curvature block of vec_r([W | b]) is G ⊗ A.
 
     With Ḡ, Ā the running averages (``ema``) of the factors the estimator's ``kronecker``
@@ -291,4 +291,4 @@ def pi_factor(A: Tensor, G: Tensor) -> float:
     return math.sqrt(ta / tg)
 
 
-__all__ = ["Kronecker", "linalg_dtype", "pi_factor"]
+__all__ = ["KroneckerPreconditioner", "linalg_dtype", "pi_factor"]

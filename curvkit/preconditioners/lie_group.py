@@ -37,7 +37,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 
 
-class LieGroup(LayerwiseKronecker):
+class LieGroupPreconditioner(LayerwiseKronecker):
     """SINGD: inverse-free structured Kronecker factors updated on a matrix Lie group.
 
     Every ``update_every`` steps, with A, G the layer's Kronecker factors from the estimator,
@@ -393,7 +393,7 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-__all__ = ["LieGroup"]
+__all__ = ["LieGroupPreconditioner"]
 
 
 def _structure_label(name: str, options: Any) -> str:

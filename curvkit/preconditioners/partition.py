@@ -33,7 +33,7 @@ def plain_eta(summary: Summary) -> Tensor | None:
         return None
 
 
-class Partition(Preconditioner):
+class PartitionPreconditioner(Preconditioner):
     """Per-group learning rates η from the S×S partition summary (Wolinski).
 
     For a partition of the parameters into S groups and a direction u (the gradient, or

@@ -224,7 +224,7 @@ def _finite(sol: CubicSolution) -> CubicSolution:
     return sol
 
 
-class Cubic(Solver):
+class CubicSolver(Solver):
     """Anisotropic Nesterov cubic regularization of the partition step (Wolinski, Method 1).
 
     η = argmin −ηᵀḡ + ½ηᵀH̄η + (λ_int/6)‖Dη‖³, D = Diag(d), d_s = |D3_s|^{1/3} floored

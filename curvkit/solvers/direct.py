@@ -10,7 +10,7 @@ from curvkit.options import option
 from curvkit.solvers.base import Solver, StepContext, StepResult
 
 
-class Direct(Solver):
+class DirectSolver(Solver):
     """Preconditioned gradient step −lr·P⁻¹g with SGD momentum and weight decay.
 
     With ``d = P⁻¹ g``, exactly the recursion of ``torch.optim.SGD`` on ``d``::

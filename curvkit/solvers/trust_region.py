@@ -14,7 +14,7 @@ from curvkit.solvers import _krylov as K
 from curvkit.solvers.base import Solver, StepContext, StepResult
 
 
-class TrustRegion(Solver):
+class TrustRegionSolver(Solver):
     """Newton-Krylov trust region: Steihaug-Toint CG on the estimator's curvature.
 
     Each step approximately solves

@@ -28,7 +28,7 @@ from curvkit.solvers.base import Solver, StepContext, StepResult
 from curvkit.solvers.trust_region import trust_region_step
 
 
-class VarPro(Solver):
+class VarProSolver(Solver):
     """Variable projection: the final linear layer solved exactly, the rest by an outer step.
 
     For a separable model f(x) = W̃ [φ_θ(x); 1] (the ``nn.Linear`` holding W and b whose

@@ -133,7 +133,7 @@ def solve(y: np.ndarray, n: int, kappa0: float = 0.05) -> np.ndarray:
     return spla.spsolve(A, s).reshape(n, n)
 
 
-class Cdr(DatasetPart):
+class CdrDataset(DatasetPart):
     """Convection-diffusion-reaction surrogate: 55 PDE parameters → 72 sensor values (MSE).
 
     Each sample draws parameters y ~ U[−1, 1]^55 (``numpy.random.default_rng(seed)``),

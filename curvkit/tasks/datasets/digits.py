@@ -11,7 +11,7 @@ from curvkit.options import option
 from curvkit.tasks.base import DatasetPart
 
 
-class Digits(DatasetPart):
+class DigitsDataset(DatasetPart):
     """scikit-learn's bundled 8×8 digits, 10 classes, inputs (1, 8, 8) scaled to [0, 1].
 
     The 1797 images ship inside scikit-learn (nothing is downloaded). They are shuffled

@@ -12,7 +12,7 @@ from curvkit.options import option
 from curvkit.tasks.base import DatasetPart
 
 
-class Mnist1d(DatasetPart):
+class Mnist1dDataset(DatasetPart):
     """MNIST-1D (Greydanus 2020): 10 classes of 1-D signals of length 40, inputs (1, 40).
 
     Generated with ``mnist1d.data.make_dataset`` from ``get_dataset_args()`` (never

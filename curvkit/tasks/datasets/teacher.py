@@ -20,7 +20,7 @@ _ACT = {
 }
 
 
-class Teacher(DatasetPart):
+class TeacherDataset(DatasetPart):
     """Regression on y = teacher(x) + noise, with a random MLP teacher and x ~ N(0, I).
 
     The teacher has ``depth`` hidden layers of ``width`` units, weights

@@ -16,7 +16,7 @@ _POOL = {("max", 1): nn.MaxPool1d, ("max", 2): nn.MaxPool2d,
          ("avg", 1): nn.AvgPool1d, ("avg", 2): nn.AvgPool2d}
 
 
-class Cnn(ModelPart):
+class CnnModel(ModelPart):
     """Small CNN: [Conv → act → pool] per entry of ``channels``, Flatten, Linear → act → Linear.
 
     The dimension follows the input: shape (C, L) builds Conv1d layers (mnist1d is (1, 40)),

@@ -11,7 +11,7 @@ from curvkit.options import option
 from curvkit.tasks.base import Activation, ModelPart, activation
 
 
-class Mlp(ModelPart):
+class MlpModel(ModelPart):
     """Multilayer perceptron: Flatten, ``depth`` hidden Linear+activation layers, Linear.
 
     Hidden widths are ``widths`` when given, else ``depth`` layers of ``width`` units (so a

@@ -25,7 +25,7 @@ class ResidualBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm(x))))
 
 
-class ResMlp(ModelPart):
+class ResMlpModel(ModelPart):
     """Residual MLP: Flatten → Linear stem → ``blocks`` residual blocks → act → Linear head.
 
     Each block computes x + W₂·act(W₁·LN(x) + b₁) + b₂ (LayerNorm only with ``norm``),
