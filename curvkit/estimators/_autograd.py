@@ -113,7 +113,7 @@ def check_direction_and_partition(est: CurvatureEstimator, direction: Sequence[T
     params = est.params
     check_like(direction, params, "direction")
     if partition is None:
-        partition = [torch.tensor(i) for i in range(len(params))]
+        partition = [torch.tensor(i, device=p.device) for i, p in enumerate(params)]
     partition = [torch.as_tensor(ids) for ids in partition]
     if len(partition) != len(params):
         raise ValueError(f"partition has {len(partition)} entries, the model has {len(params)} "

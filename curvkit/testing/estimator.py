@@ -106,7 +106,7 @@ def third_directional_derivative(model: nn.Module, loss_fn: nn.Module,
     def phi(t: Tensor) -> Tensor:
         return L(theta + t * u)
 
-    return jacfwd(jacfwd(jacfwd(phi)))(torch.zeros((), dtype=theta.dtype))
+    return jacfwd(jacfwd(jacfwd(phi)))(torch.zeros((), dtype=theta.dtype, device=theta.device))
 
 
 def flat(tensors: Sequence[Tensor]) -> Tensor:
