@@ -92,3 +92,15 @@ def diagonal_sqrt(h: Tensor, terms_of, joint: bool) -> Tensor:
     eye = torch.eye(E, dtype=h.dtype, device=h.device)
     cols = eye[:, None, :] * r.reshape(1, N, E)               # (E, N, E)
     return cols.reshape(E, *h.shape)
+
+
+class DiagonalHessian:
+    """For losses whose per-term output Hessian is diagonal: ``hessian_sqrt`` and
+    ``hessian_vector`` from ``_hdiag(out, y)`` (the diagonal, shaped like ``out``)."""
+
+    def hessian_sqrt(self, out: Tensor, y: Tensor, terms: str = "separate") -> Tensor:
+        return diagonal_sqrt(self._hdiag(out, y), self.terms, joint=terms == "joint")
+
+    def hessian_vector(self, out: Tensor, y: Tensor):
+        h = self._hdiag(out, y)
+        return lambda w: h * w

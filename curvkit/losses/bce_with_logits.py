@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvkit.losses._layout import diagonal_sqrt
-from curvkit.losses.base import LossPart, Terms, global_noise
+from curvkit.losses._layout import DiagonalHessian
+from curvkit.losses.base import LossPart, global_noise
 
 
-class BCEWithLogitsLossPart(LossPart):
+class BCEWithLogitsLossPart(DiagonalHessian, LossPart):
     """Binary cross-entropy on logits (multi-label), with ``weight`` and ``pos_weight``.
 
     Per output entry with σ = sigmoid(f), target y ∈ [0, 1], element weight w (``weight``,
@@ -65,13 +63,6 @@ class BCEWithLogitsLossPart(LossPart):
     def _hdiag(self, out: Tensor, y: Tensor) -> Tensor:
         s = torch.sigmoid(out.detach())
         return self._h(out.detach(), y) * s * (1.0 - s)
-
-    def hessian_sqrt(self, out: Tensor, y: Tensor, terms: Terms = "separate") -> Tensor:
-        return diagonal_sqrt(self._hdiag(out, y), self.terms, joint=terms == "joint")
-
-    def hessian_vector(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
-        h = self._hdiag(out, y)
-        return lambda w: h * w
 
     def sample_labels(self, out: Tensor, mc_samples: int, generator: torch.Generator,
                       rows: tuple[int, int] | None = None) -> Tensor:

@@ -10,14 +10,13 @@ apply.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.losses._layout import diagonal_sqrt
-from curvkit.losses.base import LossPart, Terms, global_noise
+from curvkit.losses._layout import DiagonalHessian
+from curvkit.losses.base import LossPart, global_noise
 
 
 class GaussianNLL(nn.GaussianNLLLoss):
@@ -28,7 +27,7 @@ class GaussianNLL(nn.GaussianNLLLoss):
         return super().forward(mean, target, var)
 
 
-class GaussianNLLLossPart(LossPart):
+class GaussianNLLLossPart(DiagonalHessian, LossPart):
     """Gaussian NLL with predicted variance: output [μ | σ²] along the last dim.
 
     Per feature with v = max(σ², eps) (torch clamps without a gradient) and residual
@@ -85,13 +84,6 @@ class GaussianNLLLossPart(LossPart):
     def _hdiag(self, out: Tensor, y: Tensor) -> Tensor:
         _, v, _ = self._split(out.detach(), y)
         return torch.cat([1.0 / v, 0.5 / (v * v)], dim=-1)
-
-    def hessian_sqrt(self, out: Tensor, y: Tensor, terms: Terms = "separate") -> Tensor:
-        return diagonal_sqrt(self._hdiag(out, y), self.terms, joint=terms == "joint")
-
-    def hessian_vector(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
-        h = self._hdiag(out, y)
-        return lambda w: h * w
 
     def sample_labels(self, out: Tensor, mc_samples: int, generator: torch.Generator,
                       rows: tuple[int, int] | None = None) -> Tensor:
