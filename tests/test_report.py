@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import curvkit
 from curvkit.cli import main
@@ -227,3 +228,37 @@ def test_torch_baselines_log_work_per_closure_call():
             assert counts == {"closure": calls}
         else:  # LBFGS evaluates the closure once per inner iteration (and once more)
             assert counts["closure"] > 1
+
+
+def test_state_memory_is_recorded_and_reported(tmp_path):
+    """The end record carries the optimizer's state size; K-FAC's bfloat16 state is half its
+    float32 state (factors and inverses, both counted), Adam's state is its two moments."""
+    from curvkit.experiments.runner import state_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    X, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    sizes = {}
+    for dtype in ("float32", "bfloat16"):
+        opt = curvkit.build_optimizer(model, loss_fn, {
+            "lr": 0.1, "estimator": "fisher",
+            "preconditioner": {"name": "kronecker", "state_dtype": dtype},
+            "solver": "direct"})
+        opt.step((X, y))
+        sizes[dtype] = state_bytes(opt)
+    assert sizes["float32"]["preconditioner_bytes"] > 0
+    assert sizes["bfloat16"]["preconditioner_bytes"] * 2 == sizes["float32"]["preconditioner_bytes"]
+    adam = torch.optim.Adam(model.parameters())
+    loss_fn(model(X), y).backward()
+    adam.step()
+    moments = 2 * sum(p.numel() * 4 for p in model.parameters())
+    assert moments <= state_bytes(adam)["state_bytes"] <= moments + 64
+    assert "preconditioner_bytes" not in state_bytes(adam)
+
+    (tmp_path / "grid.toml").write_text(CONFIG.replace('"optimizer.lr" = [0.05, 0.1]',
+                                                       '"optimizer.lr" = [0.1]'))
+    assert main(["ablate", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "r")]) == 0
+    report = build_report(tmp_path / "r", log=lambda _: None).read_text()
+    assert "optimizer state" in report
+    (row,) = table_rows(report).values()
+    assert "B" in row[-1]

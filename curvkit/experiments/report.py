@@ -196,6 +196,7 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
         row.append(str(g.count("diverged")))
         row.append(str(g.count("failed")))
         rows.append(row)
+    _memory_columns(groups, header, rows)
     # counts that are 0 in every row say nothing: the columns go, the text says why
     for name in ("rejected", "non-finite", "diverged", "failed"):
         j = header.index(name)
@@ -204,6 +205,29 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
             for row in rows:
                 row.pop(j)
     return header, rows
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _memory_columns(groups: list[Group], header: list[str], rows: list[list[str]]) -> None:
+    """The optimizer's state between steps (runner.state_bytes): every tensor it keeps, and
+    the preconditioner's share; columns only when some run recorded them (a seed's state
+    has the same size as any other's, so the first finished run speaks for the row)."""
+    for key, name in (("state_bytes", "optimizer state"),
+                      ("preconditioner_bytes", "preconditioner state")):
+        cells = []
+        for g in groups:
+            sizes = [r.end[key] for r in g.runs if r.end and isinstance(r.end.get(key), int)]
+            cells.append(_bytes(sizes[0]) if sizes else "—")
+        if any(c != "—" for c in cells):
+            header.append(name)
+            for row, c in zip(rows, cells):
+                row.append(c)
 
 
 def _absent_counts(header: list[str]) -> str:

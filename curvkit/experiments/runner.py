@@ -416,12 +416,42 @@ def _train(cfg: RunConfig, seed: int, emit: Emit, base: dict[str, Any], cache_di
         if progress is not None and done < steps:
             progress(steps - done)
     structures = opt.structures() if isinstance(opt, CurvkitOptimizer) else {}
+    memory = state_bytes(opt)
     return {"status": status, "reason": reason, "steps": done, "time": train_time,
             "wall": wall_before + time.perf_counter() - wall0, "final": last_eval,
             "nonfinite": counters["nonfinite"], "rejected": counters["rejected"],
             "steps_per_second": done / train_time if train_time > 0 else None,
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "structures": structures}
+            "structures": structures, **memory}
+
+
+def _tensor_bytes(obj: Any, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists, tuples), each storage once."""
+    if isinstance(obj, Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes())
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """What the optimizer keeps between steps, in bytes: ``state_bytes`` (every tensor of its
+    ``state_dict()``: momentum buffers, Adam's moments, curvature statistics, stored
+    inverses) and, for curvkit, ``preconditioner_bytes`` (the preconditioner's part: the
+    factors K-FAC/SINGD keep, in their state dtype). Storages shared by several entries
+    count once."""
+    sd = opt.state_dict()
+    out = {"state_bytes": _tensor_bytes(sd, set())}
+    parts = sd.get("curvkit") if isinstance(sd, dict) else None
+    if isinstance(parts, dict):
+        out["preconditioner_bytes"] = _tensor_bytes(parts.get("preconditioner", {}), set())
+    return out
 
 
 def torch_step(opt: torch.optim.Optimizer, model: nn.Module, loss_fn: nn.Module,

@@ -16,7 +16,7 @@ Records (``type``)::
            rejected, info{key: []}       (per-step values, a chunk of consecutive steps)
     eval   run, attempt, step, time, wall, {train,val,test}_{loss,accuracy}, snapshot{}
     end    run, attempt, status (finished | diverged | failed), steps, time, wall, final{},
-           nonfinite, rejected, reason / error
+           nonfinite, rejected, state_bytes, preconditioner_bytes, reason / error
     resume run, attempt, step     (the attempt continues from its checkpoint at ``step``:
                                    readers forget its steps >= step and evals > step
                                    written before this record)
@@ -238,7 +238,7 @@ def validate_record(rec: Any) -> str:
         for key in ("time", "wall"):
             if key in rec and not _is_num(rec[key], none=True):
                 return f"{key}: expected a number, got {rec[key]!r:.60}"
-        for key in ("nonfinite", "rejected"):
+        for key in ("nonfinite", "rejected", "state_bytes", "preconditioner_bytes"):
             if key in rec and not _is_int(rec[key]):
                 return f"{key}: expected an int, got {rec[key]!r:.60}"
         final = rec.get("final", {})
