@@ -127,3 +127,28 @@ def test_tune_table_errors_name_the_path(table, message):
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         parse_tune(tomllib.loads("[tune]\n" + table))
+
+
+def test_a_dimension_can_be_searched_for_some_points_only(tmp_path, capsys):
+    """`points` on a space entry: the damping is searched for the kfac point, whose axis
+    label names it inside a two-axis grid label; a name no point has is refused."""
+    two_axes = CONFIG.replace(
+        '[ablate]\n', '[ablate]\n"train.dtype" = ["float64"]\n').replace(
+        '"optimizer.preconditioner.damping" = [0.001, 0.01]',
+        '"optimizer.preconditioner.damping" = { choices = [0.001, 0.01], points = ["kfac"] }\n'
+        '"optimizer.preconditioner.ema" = { low = 0.5, high = 0.9, points = ["Adam"] }')
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(two_axes.replace("trials = 3", "trials = 2"))
+    out = tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    searches = {s["label"]: s for s in load_searches(out).values()}
+    assert set(searches) == {"dtype=float64, kfac", "dtype=float64, Adam"}
+    kfac = searches["dtype=float64, kfac"]["trials"]
+    assert all(set(t["params"]) == {"optimizer.lr", "optimizer.preconditioner.damping"}
+               for t in kfac)
+    adam = searches["dtype=float64, Adam"]["trials"]
+    assert all(set(t["params"]) == {"optimizer.lr"} for t in adam)  # ema: not Adam's option
+    cfg.write_text(two_axes.replace('points = ["kfac"]', 'points = ["kfac2"]'))
+    assert main(["ablate", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "tune.space.optimizer.preconditioner.damping.points: no grid point is labelled " \
+        "'kfac2'" in capsys.readouterr().err

@@ -13,8 +13,13 @@ same budget. ``[tune]`` lists the options to search and the budget::
     points = ["Adam"]           # optional: tune only the grid points with these labels
     [tune.space]
     "optimizer.lr" = { low = 1e-3, high = 1.0, log = true }
-    "optimizer.preconditioner.damping" = { low = 1e-4, high = 0.1, log = true }
+    "optimizer.preconditioner.damping" = { low = 1e-4, high = 0.1, log = true,
+                                           points = ["K-FAC"] }   # only for these points
     "optimizer.solver.momentum" = [0.0, 0.5, 0.9]       # a list: categorical
+    "optimizer.solver.max_iters" = { choices = [5, 10, 20], points = ["GN"] }
+
+A point is named by its whole label or by the label of one of its axis values (the
+``label`` of an optimizer entry: ``"K-FAC"`` names ``"MLP/mnist1d, K-FAC"``).
 
 Each trial trains the point's configuration with the suggested values on the training
 split for ``steps`` steps (seed ``seed``) and scores it by ``metric`` on the validation
@@ -61,6 +66,7 @@ class Dimension:
     log: bool = False
     integer: bool = False
     choices: list[Any] = field(default_factory=list)
+    points: list[str] | None = None  # searched only for these grid points (None: all)
 
     def suggest(self, trial: Any) -> Any:
         if self.choices:
@@ -97,6 +103,23 @@ def _number(value: Any) -> bool:
         math.isfinite(value)
 
 
+def _names(table: Mapping[str, Any], path: str) -> list[str] | None:
+    """An optional ``points`` list of grid point labels."""
+    points = table.get("points")
+    if points is not None and (not isinstance(points, list) or not points or
+                               not all(isinstance(x, str) for x in points)):
+        raise ConfigError(f"{path}: expected a non-empty list of grid point labels, got "
+                          f"{points!r}")
+    return points
+
+
+def _names_of(point: Any) -> set[str]:
+    """What names a grid point: its label and the labels of its axis values."""
+    from curvkit.experiments.ablate import value_label
+
+    return {point.label, *(value_label(k, v) for k, v in point.overrides.items())}
+
+
 def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
     """The validated ``[tune]`` table, or None without one; errors name the dotted path."""
     table = doc.get("tune")
@@ -123,11 +146,7 @@ def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
     timeout = table.get("timeout_s", 0)
     if not _number(timeout) or timeout < 0:
         raise ConfigError(f"tune.timeout_s: expected a number >= 0, got {timeout!r}")
-    points = table.get("points")
-    if points is not None and (not isinstance(points, list) or not points or
-                               not all(isinstance(x, str) for x in points)):
-        raise ConfigError(f"tune.points: expected a non-empty list of grid point labels, got "
-                          f"{points!r}")
+    points = _names(table, "tune.points")
     space_table = table.get("space")
     if not isinstance(space_table, Mapping) or not space_table:
         raise ConfigError("tune.space: expected a table of dotted keys → {low, high, log} or "
@@ -141,10 +160,20 @@ def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
             if not value:
                 raise ConfigError(f"{path}: expected a non-empty list of choices")
             space.append(Dimension(prefix, choices=list(value)))
-        elif isinstance(value, Mapping) and ("low" in value or "high" in value):
-            unknown = [k for k in value if k not in ("low", "high", "log")]
+        elif isinstance(value, Mapping) and "choices" in value:
+            unknown = [k for k in value if k not in ("choices", "points")]
             if unknown:
-                raise ConfigError(f"{path}.{unknown[0]}: unknown (a range has low, high, log)")
+                raise ConfigError(f"{path}.{unknown[0]}: unknown (a categorical table has "
+                                  f"choices, points)")
+            if not isinstance(value["choices"], list) or not value["choices"]:
+                raise ConfigError(f"{path}.choices: expected a non-empty list of choices")
+            space.append(Dimension(prefix, choices=list(value["choices"]),
+                                   points=_names(value, f"{path}.points")))
+        elif isinstance(value, Mapping) and ("low" in value or "high" in value):
+            unknown = [k for k in value if k not in ("low", "high", "log", "points")]
+            if unknown:
+                raise ConfigError(f"{path}.{unknown[0]}: unknown (a range has low, high, log, "
+                                  f"points)")
             low, high, log = value.get("low"), value.get("high"), value.get("log", False)
             if not _number(low) or not _number(high) or not low < high:
                 raise ConfigError(f"{path}: expected numbers low < high, got low={low!r}, "
@@ -154,7 +183,8 @@ def parse_tune(doc: Mapping[str, Any]) -> TuneOptions | None:
             if log and low <= 0:
                 raise ConfigError(f"{path}: a log range needs low > 0, got {low!r}")
             integer = isinstance(low, int) and isinstance(high, int)
-            space.append(Dimension(prefix, low, high, log, integer))
+            space.append(Dimension(prefix, low, high, log, integer,
+                                   points=_names(value, f"{path}.points")))
         elif isinstance(value, Mapping):
             for k, v in value.items():
                 walk(f"{prefix}.{k}", v)
@@ -262,7 +292,9 @@ def tune_point(point: Any, opts: TuneOptions, out: Path, writer: ResultsWriter,
             from err
     if previous and previous.get("best"):
         return previous["best"]["params"]
-    dims, left_out = _applicable(point.doc, opts.space)
+    names = _names_of(point)
+    mine = [d for d in opts.space if d.points is None or names & set(d.points)]
+    dims, left_out = _applicable(point.doc, mine)
     for why in left_out:
         log(f"  tune [{point.label}]: left out {why}")
     point_id = point.config.config_id()
@@ -336,13 +368,15 @@ def tune_grid(grid: Any, doc: Mapping[str, Any], out: Path, *, cache_dir: Any = 
         raise ConfigError("tune: tune without torchrun first (the search runs in one "
                           "process); the tuned runs can then resume under torchrun")
     chosen = grid.active
-    if opts.points is not None:
-        labels = [p.label for p in grid.active]
-        unknown = [x for x in opts.points if x not in labels]
+    known = set().union(*(_names_of(p) for p in grid.active)) if grid.active else set()
+    for path, names in [("tune.points", opts.points),
+                        *((f"tune.space.{d.key}.points", d.points) for d in opts.space)]:
+        unknown = [x for x in names or [] if x not in known]
         if unknown:
-            raise ConfigError(f"tune.points: no grid point is labelled {unknown[0]!r} "
-                              f"(labels: {', '.join(repr(x) for x in labels)})")
-        chosen = [p for p in grid.active if p.label in opts.points]
+            raise ConfigError(f"{path}: no grid point is labelled {unknown[0]!r} "
+                              f"(labels: {', '.join(repr(p.label) for p in grid.active)})")
+    if opts.points is not None:
+        chosen = [p for p in grid.active if _names_of(p) & set(opts.points)]
     searches = load_searches(out)
     with ResultsWriter(out / TUNE_FILE) as writer:
         for point in chosen:
