@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from _common import machine, models, publish
+from _common import header, models, publish
 from torch import nn
 
 import curvkit
@@ -96,13 +96,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [compare(label, model, X, y, args) for label, (model, X, y) in models().items()]
-    lines = ["# Spectral: top Hessian eigenvalue vs scipy eigsh on curvlinops\n",
-             f"`python benchmarks/bench_spectral.py --repeats {args.repeats} --tol {args.tol}`"
-             f" on {machine()}. CPU time of this process, the two interleaved (alternating "
-             f"order) in every repeat; ratio = median(curvkit) / median(eigsh on "
-             f"curvlinops), min–max over the per-repeat ratios. Products: mean Hessian-vector "
-             f"products per solve.\n",
-             "| model | P | ratio (median) | min–max | products curvkit | products eigsh | "
+    lines = header("Spectral: top Hessian eigenvalue vs scipy eigsh on curvlinops",
+                   "bench_spectral.py",
+                   f"`--repeats {args.repeats} --tol {args.tol}`; the two interleaved "
+                   f"(alternating order) in every repeat; ratio = median(curvkit) / "
+                   f"median(eigsh on curvlinops), min–max over the per-repeat ratios. "
+                   f"Products: mean Hessian-vector products per solve")
+    lines += ["| model | P | ratio (median) | min–max | products curvkit | products eigsh | "
              "curvkit s | eigsh s | λ₁ curvkit | λ₁ eigsh |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

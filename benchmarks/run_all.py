@@ -6,6 +6,9 @@
     python benchmarks/run_all.py --docs               # pages into docs/benchmarks/ (publish)
     python benchmarks/run_all.py --repeats 5          # short: every script's --repeats
 
+Afterwards the summary table (docs/benchmarks.md with ``--docs``, else ``index.md`` in the
+output directory) is rebuilt from the pages by ``summary.py``.
+
 Each script compares curvkit with a peer (or a reference computation) in one process,
 its contenders interleaved round by round, and prints ratios of medians with min–max
 (machines here are noisy: ratios, not absolute times). Each writes its page
@@ -20,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import summary  # benchmarks/summary.py (this folder is on sys.path when run as a script)
 
 HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs" / "benchmarks"
@@ -54,6 +59,11 @@ def main(argv: list[str]) -> int:
         print(f"--- {script.name}: exit {rc}, {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             failed.append(script.name)
+    # the summary reads every figure from the pages just written (and earlier ones)
+    target = DOCS.parent / "benchmarks.md" if args.docs else out_dir / "index.md"
+    for miss in summary.write(out_dir, target):
+        print(f"summary: not found on the pages: {miss}")
+    print(f"summary written to {target}")
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0
