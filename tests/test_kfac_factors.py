@@ -394,15 +394,6 @@ def test_frozen_weight_keeps_its_bias_factors_and_frozen_bias_is_not_augmented()
     assert facs["0"].params == ("0.bias",) and facs["0"].A.shape == (1, 1)
 
 
-class Twice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.fc(x)))
-
-
 class Functional(nn.Module):
     """fc's weight is also used outside fc's forward."""
 
@@ -414,21 +405,8 @@ class Functional(nn.Module):
         return self.fc(x) + F.linear(x, self.fc.weight) * 0.5
 
 
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Linear(3, 3, bias=False)
-        self.dec = nn.Linear(3, 3, bias=False)
-        self.dec.weight = self.enc.weight
-
-    def forward(self, x):
-        return self.dec(torch.tanh(self.enc(x)))
-
-
 @pytest.mark.parametrize("model,match", [
-    (Twice(), r"module fc \(Linear\) is called 2 times"),
     (Functional(), r"module fc \(Linear\): the gradient of fc.weight is not explained"),
-    (Tied(), r"module enc \(Linear\) holds a parameter shared by dec.weight, enc.weight"),
     (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()),
      r"module 0 \(Conv2d\) has groups=2"),
 ])

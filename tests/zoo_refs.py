@@ -271,10 +271,6 @@ def _check_summary(pb: Problem, est, name: str, ref: Tensor, u: Tensor) -> Cell:
 KNOWN = [
     ("GNvpro", "", "open: varpro's feature extraction and head choice (BatchNorm, dropout, "
                    "sequence heads, tied head; issue 12's varpro items)"),
-    ("K-FAC", "kronecker:", "open: K-FAC decides at step 0 what it could refuse at build "
-                            "(issue 12's K-FAC items)"),
-    ("SINGD", "kronecker:", "open: K-FAC statistics decided at step 0, not refused at build "
-                            "(issue 12's K-FAC items)"),
 ]
 
 

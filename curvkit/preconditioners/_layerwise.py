@@ -4,12 +4,13 @@ Both precondition each layer the estimator's ``kronecker`` capability covers wit
 Kronecker-structured block over W̃ = [W | b], and every other parameter with ``fallback``.
 What is common lives here, once:
 
-* **coverage**: before the first update the layers are *predicted* (every Linear/Conv
-  module with a trainable weight or bias); after an update they are exactly the layers the
-  estimator returned statistics for. ``structures()`` reports that truth: a layer whose
-  statistics never arrive (a Linear whose weight is used outside its forward, as
-  MultiheadAttention's ``out_proj``; an unused Linear) is reported as, and treated as, the
-  fallback — never as Kronecker-preconditioned.
+* **coverage**: before the first update the layers are *predicted* (the layers the K-FAC
+  handlers cover: Linear/Conv/Embedding modules with a trainable weight or bias, tied
+  modules as one layer, a weight shared in another way left out); after an update they
+  are exactly the layers the estimator returned statistics for. ``structures()`` reports
+  that truth: a layer whose statistics never arrive (a Linear whose weight is used outside
+  its forward, as MultiheadAttention's ``out_proj``; an unused Linear) is reported as,
+  and treated as, the fallback — never as Kronecker-preconditioned.
 * **warnings**, once per preconditioner: for a predicted layer the estimator returned no
   statistics for, and for the parameters of modules no Kronecker handler covers
   (LayerNorm, biases-only modules of other kinds, bare parameters, …).
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from curvkit.estimators.base import KroneckerFactors, KroneckerRoots
+from curvkit.estimators.kfac import kfac_exclusions, kfac_layers
 from curvkit.parts import DIAGONAL, KRONECKER
 from curvkit.preconditioners.base import Preconditioner
 
@@ -53,18 +55,30 @@ class LayerwiseKronecker(Preconditioner):
 
     # ------------------------------------------------------------------ coverage
     def _predicted_layers(self) -> dict[str, list[str]]:
-        """Before any statistics: every Linear/Conv module with a trainable weight or bias,
-        {module: [weight, (bias)]}."""
+        """Before any statistics: the layers the K-FAC handlers cover on this model
+        (:func:`~curvkit.estimators.kfac.kfac_layers`; a weight shared in a way they do
+        not cover is left out), {module: [weight, (bias)]} of the trainable ones."""
         trainable_names = {n for n, _ in self.named_params}
         layers: dict[str, list[str]] = {}
-        for mod_name, mod in self.model.named_modules():
-            if not isinstance(mod, KRONECKER_MODULES):
-                continue
-            prefix = f"{mod_name}." if mod_name else ""
-            names = [prefix + a for a in ("weight", "bias") if prefix + a in trainable_names]
+        for layer in kfac_layers(self.model, strict=False):
+            names = [n for n in layer.params if n in trainable_names]
             if names:
-                layers[mod_name] = names
+                layers[layer.name] = names
         return layers
+
+    def _excluded_params(self) -> dict[str, list[str]]:
+        """{why: parameters} of the modules whose weight is shared in a way K-FAC does not
+        cover (:func:`~curvkit.estimators.kfac.kfac_exclusions`) and that no layer covers."""
+        predicted = {p for names in self._predicted_layers().values() for p in names}
+        full = {id(p): n for n, p in self.named_params}
+        out: dict[str, list[str]] = {}
+        for mod, why in kfac_exclusions(self.model).items():
+            held = [full[id(p)] for p in self.model.get_submodule(mod).parameters(
+                recurse=False) if id(p) in full and full[id(p)] not in predicted]
+            reported = {n for names in out.values() for n in names}
+            if held and not set(held) <= reported:  # one warning per shared parameter
+                out[why] = held
+        return out
 
     def _layers(self) -> dict[str, list[str]]:
         """The layers preconditioned with Kronecker structure now: those of the last update,
@@ -137,6 +151,7 @@ class LayerwiseKronecker(Preconditioner):
         self._warned.add("<other modules>")
         covered = {p for names in layers.values() for p in names}
         predicted = {p for names in self._predicted_layers().values() for p in names}
+        predicted |= {p for names in self._excluded_params().values() for p in names}
         other = [n for n, _ in self.named_params if n not in covered and n not in predicted]
         if other:
             kinds = sorted({self._owner_type(n) for n in other})
@@ -160,6 +175,14 @@ class LayerwiseKronecker(Preconditioner):
         why = getattr(estimator, "refusal", lambda cap: "")(KRONECKER)
         if why:
             raise ValueError(f"preconditioner {self.name!r} needs Kronecker factors: {why}")
+        # what no forward is needed to see: a grouped convolution is refused now, a weight
+        # shared in a way K-FAC does not cover falls back (one warning each, now)
+        kfac_layers(self.model, strict=True)
+        for why, names in self._excluded_params().items():
+            if why not in self._warned:
+                self._warned.add(why)
+                warnings.warn(f"preconditioner {self.name!r}: {why}. Its parameters {names} "
+                              f"use the {self.options.fallback!r} fallback", stacklevel=3)
         if self.options.fallback != "diagonal":
             return
         covered = {p for names in self._predicted_layers().values() for p in names}

@@ -28,11 +28,29 @@ Both coincide when T = 1. For a single sample and a single layer they are exact
 (``expand`` when the loss treats positions separately, ``reduce`` when the positions are
 summed before the loss).
 
+**Weight sharing across calls** (a module called several times in one forward, modules of
+one type and configuration tied to the same weight and bias): every call u is a further set
+of weight-sharing positions, t runs over the positions of all calls (T = Σ_u T_u) in both
+formulas. So a Linear called twice on (N, d) inputs has the factors of one call on the
+(N, 2, d) stack of the two inputs (the same as curvlinops' KFACLinearOperator computes for
+that stacked model, ``expand`` and ``reduce``), and the weight gradient Σ_u Σ_t g ãᵀ is the
+true one. (curvlinops, applied to the module called twice, adds the calls' factors, each
+normalized by its own positions: A is R times larger under ``expand`` for R calls of equal
+T, and ``reduce`` reduces within each call only; the convention here does not depend on
+how a model batches its calls.) ``reduce`` is exact for one sample when every use sees
+the same input (e.g. one projection applied twice to x): Σ_u g_u ãᵀ = ĝ āᵀ.
+
+Sharing in another form — an Embedding tied to a Linear head (the same matrix in the two
+orientations), a weight tied while the biases are not — is not a Kronecker product per
+layer: that weight is left to the preconditioner's fallback, with one warning when the
+optimizer is built (:func:`~curvkit.estimators.kfac.layers.kfac_exclusions` names the
+modules and the way out: untie), and ``structures()`` reports it as the fallback.
+
 Module inputs and output gradients are captured with temporary forward hooks on the
 user's model, removed in ``finally``; each hook hands on a copy of the layer output, so a
 later in-place operation (``ReLU(inplace=True)``) cannot corrupt the captured tensor. A
-module called more than once, with several inputs, a grouped convolution or a tied
-parameter raises an error naming the module. As a guard against any other silently wrong
+module called with several inputs or a grouped convolution raises an error naming the
+module. As a guard against any other silently wrong
 factor, the weight gradient implied by the captured inputs and output gradients is compared
 with the true weight gradient (from the same backward pass); a mismatch (the weight also
 used outside the module's forward, a subclass with a different forward) raises too.
@@ -64,10 +82,11 @@ from curvkit.estimators.kfac.factors import (
     layer_diagonals,
     output_columns,
 )
-from curvkit.estimators.kfac.layers import CONV, KFACLayer, kfac_layers
+from curvkit.estimators.kfac.layers import CONV, KFACLayer, kfac_exclusions, kfac_layers
 from curvkit.estimators.kfac.observe import Observation, captured_columns, observe_pass
 from curvkit.estimators.kfac.roots import kronecker_roots
 
-__all__ = ["kronecker_factors", "kronecker_roots", "kfac_layers", "captured_columns",
+__all__ = ["kronecker_factors", "kronecker_roots", "kfac_layers", "kfac_exclusions",
+           "captured_columns",
            "factors_to_dense", "output_columns", "layer_diagonals", "Observation",
            "observe_pass", "STATISTIC_NEEDS", "KFACLayer", "CONV", "Statistic", "Approx"]

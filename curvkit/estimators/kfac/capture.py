@@ -1,13 +1,19 @@
 """Capture of the own pass: forward hooks on the covered layers, then the output columns
 backpropagated to the layer outputs, with the check that the captured inputs and output
 gradients explain the true weight gradient (see :mod:`curvkit.estimators.kfac`).
+
+A layer used several times (a module called more than once, tied modules) has one record
+per layer with one entry per call; its inputs (N, T_u, D) and output gradients
+(K, N, T_u, d_out) of the calls u are concatenated along the positions
+(:func:`_uses_inputs`, :func:`_uses_grads`), so that every use is a weight-sharing
+position and the weight gradient Σ_u Σ_t g ãᵀ is the true one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,14 +34,38 @@ from curvkit.estimators.kfac.layers import (
 
 @dataclass
 class _Record:
+    """What the hooks saw of one layer, one list entry per call (use)."""
+
     calls: int = 0
-    inputs: Tensor | None = None
-    output: Tensor | None = None
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
     problem: str = ""
     differentiable: bool = False
-    # observed passes only (see `observe_pass`): ∂loss/∂output and the output's layout
-    grad: Tensor | None = None
-    output_like: tuple[torch.Size, torch.dtype, torch.device] | None = None
+    # observed passes only (see `observe_pass`): ∂loss/∂output per call (None until the
+    # backward delivers it) and the outputs' layouts
+    grads: list[Tensor | None] = field(default_factory=list)
+    output_like: list[tuple[torch.Size, torch.dtype, torch.device]] = \
+        field(default_factory=list)
+
+
+def _uses_inputs(layer: KFACLayer, rec: _Record) -> Tensor:
+    """(N, Σ_u T_u, D): the inputs of every call of the layer, positions concatenated; a
+    batch size that differs between calls raises (the uses are not per-sample)."""
+    parts = [_layer_inputs(layer, x) for x in rec.inputs]
+    if len(parts) == 1:
+        return parts[0]
+    sizes = {int(a.shape[0]) for a in parts}
+    if len(sizes) != 1:
+        raise ValueError(f"kronecker: module {_label(layer)} is called {len(parts)} times "
+                         f"with batch sizes {sorted(sizes)}; the calls of a shared layer "
+                         f"must see the same samples")
+    return torch.cat(parts, 1)
+
+
+def _uses_grads(layer: KFACLayer, grads: list[Tensor]) -> Tensor:
+    """(K, N, Σ_u T_u, d_out) from each call's output gradients (K, *output shape)."""
+    parts = [_layer_output_grads(layer, g) for g in grads]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
 def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
@@ -75,9 +105,9 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
             if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
                 rec.problem = "called with more than one input"
                 return output
-            rec.inputs = inputs[0].detach()
-            rec.output = output
-            rec.differentiable = output.requires_grad
+            rec.inputs.append(inputs[0].detach())
+            rec.outputs.append(output)
+            rec.differentiable |= output.requires_grad
             # downstream code gets a copy: in-place ops on it leave `output` intact
             return output.clone()
 
@@ -86,7 +116,8 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
     handles = []
     try:
         for layer in layers:
-            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+            for mod in layer.modules:
+                handles.append(mod.register_forward_hook(make_hook(layer.name)))
         with torch.enable_grad():
             out = passes.forward(model, X)
     finally:
@@ -111,17 +142,14 @@ def _classify(layers: list[KFACLayer], records: dict[str, _Record], strict: bool
     skipped: dict[str, str] = {}
     for layer in layers:
         rec = records[layer.name]
-        if rec.calls == 0 or (not rec.problem and rec.calls == 1 and not rec.differentiable):
+        if rec.calls == 0 or (not rec.problem and not rec.differentiable):
             skipped[layer.name] = "not called in the forward pass (or not differentiated)"
             continue
         reason = rec.problem
-        if rec.calls > 1:
-            reason = (f"called {rec.calls} times in one forward pass (its weight is used more "
-                      f"than once)")
         if reason:
             if strict:
                 raise ValueError(f"kronecker: module {_label(layer)} is {reason}; K-FAC "
-                                 f"factors are defined for a layer applied once to one input")
+                                 f"factors are defined for a layer applied to one input")
             skipped[layer.name] = reason
             continue
         active.append(layer)
@@ -140,22 +168,33 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
     fails raises (``strict``) or is dropped and reported in the returned dict.
     """
     K = cols.shape[0]
-    A_in = {layer.name: _layer_inputs(layer, records[layer.name].inputs) for layer in active}
+    A_in: dict[str, Tensor] = {}
+    dropped: dict[str, str] = {}
+    for layer in list(active):
+        try:
+            A_in[layer.name] = _uses_inputs(layer, records[layer.name])
+        except ValueError as err:
+            if strict:
+                raise
+            dropped[layer.name] = str(err)
+    active = [layer for layer in active if layer.name in A_in]
     k0 = int(cols.reshape(K, -1).norm(dim=1).argmax())
-    outputs = [records[layer.name].output for layer in active]
+    outputs = [o for layer in active for o in records[layer.name].outputs]
     params = [p for layer in active for p in _layer_params(layer)]
     grads = torch.autograd.grad(out, outputs + params, grad_outputs=cols[k0],
                                 retain_graph=True, allow_unused=True)
     kept: list[KFACLayer] = []
-    dropped: dict[str, str] = {}
-    pos = len(outputs)
-    for layer, g, o in zip(active, grads, outputs):
+    pos, at = len(outputs), 0
+    for layer in active:
+        outs = records[layer.name].outputs
         ps = _layer_params(layer)
         true = [t if t is not None else torch.zeros_like(p)
                 for t, p in zip(grads[pos:pos + len(ps)], ps)]
         pos += len(ps)
-        g = _layer_output_grads(layer, (g if g is not None else torch.zeros_like(o))
-                                .detach().unsqueeze(0))
+        g = _uses_grads(layer, [(g if g is not None else torch.zeros_like(o))
+                                .detach().unsqueeze(0)
+                                for g, o in zip(grads[at:at + len(outs)], outs)])
+        at += len(outs)
         msg = _weight_grad_mismatch(layer, A_in[layer.name], g[0], true)
         if msg:
             if strict:
@@ -166,7 +205,7 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
         kept.append(layer)
         consume(layer, A_in[layer.name], g)
     rest = [k for k in range(K) if k != k0]
-    outputs = [records[layer.name].output for layer in kept]
+    outputs = [o for layer in kept for o in records[layer.name].outputs]
     if not kept or not rest:
         return kept, A_in, dropped
     # columns per batched backward: bounded by the memory of the layer-output gradients
@@ -186,8 +225,12 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
                                        allow_unused=True) for k in idx]
             gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
                   for i in range(len(outputs))]
-        for layer, g, o in zip(kept, gs, outputs):
-            if g is None:
-                g = torch.zeros((len(idx), *o.shape), dtype=o.dtype, device=o.device)
-            consume(layer, A_in[layer.name], _layer_output_grads(layer, g.detach()))
+        at = 0
+        for layer in kept:
+            n = len(records[layer.name].outputs)
+            per_call = [g.detach() if g is not None else
+                        torch.zeros((len(idx), *o.shape), dtype=o.dtype, device=o.device)
+                        for g, o in zip(gs[at:at + n], outputs[at:at + n])]
+            at += n
+            consume(layer, A_in[layer.name], _uses_grads(layer, per_call))
     return kept, A_in, dropped

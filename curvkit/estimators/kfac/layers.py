@@ -5,6 +5,13 @@ positions), ``nn.Conv1d``/``Conv2d``/``Conv3d`` (input patches at the output pos
 ``nn.Embedding`` (a Linear on one-hot inputs, stored transposed) — gives the layer inputs
 (N, T, d_in) and output gradients (K, N, T, d_out) in one layout; a frozen weight with a
 trainable bias is the bias alone. See :mod:`curvkit.estimators.kfac` for the convention.
+
+Weight sharing across calls: a module called several times in one forward, and modules of
+one type and configuration that hold the same parameters (tied weight *and* bias), are one
+layer whose *uses* are those calls; the positions of all uses are concatenated (see
+``_find_layers``). Any other sharing of a covered parameter (an Embedding tied to a Linear
+head: the same matrix in the two orientations; a weight tied but biases not) is refused
+here, when the optimizer is built, naming the modules and the way out.
 """
 
 from __future__ import annotations
@@ -37,37 +44,64 @@ class KFACLayer:
     # True for an Embedding: its weight (V, d) is the transpose of the Linear it equals on
     # one-hot inputs, W_lin = Wᵀ (d, V); its factors are returned with the slots swapped
     transposed: bool = False
+    # further modules holding exactly the same parameters (same type and configuration):
+    # their calls are further uses of this layer
+    tied: tuple[nn.Module, ...] = ()
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Every module whose calls are uses of this layer's parameters."""
+        return (self.module, *self.tied)
 
 
-_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer]]]] = \
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[tuple, list[KFACLayer],
+                                                                dict[str, str]]]] = \
     weakref.WeakKeyDictionary()
 
 
 def kfac_layers(model: nn.Module, strict: bool = True) -> list[KFACLayer]:
-    """Every nn.Linear / nn.Conv2d whose weight is trainable, in module order.
+    """Every nn.Linear / Conv1d/2d/3d / Embedding whose weight or bias is trainable, in
+    module order (tied modules of one type and configuration are one layer).
 
-    A configuration whose factors would be wrong — a grouped convolution, or a weight/bias
-    that other modules also hold (tied) — raises a clear error naming the module, or, with
-    ``strict=False``, is left out.
+    A configuration whose factors would be wrong — a grouped convolution — raises a clear
+    error naming the module, or, with ``strict=False``, is left out. A weight shared in a
+    way K-FAC does not cover (see :func:`kfac_exclusions`) is always left out (the module's
+    own untied bias stays covered): its parameter uses the preconditioner's fallback.
 
     The result is reused while the model's parameters (identity, trainability) are
     unchanged: it is asked for on every preconditioner update, and finding it walks the
     module tree three times. (A module swapped for another brings new parameters.)
     """
+    return list(_cached(model, strict)[0])
+
+
+def kfac_exclusions(model: nn.Module) -> dict[str, str]:
+    """{module name: why} for the modules whose weight K-FAC leaves to the fallback
+    because it is shared in a way not covered (an Embedding tied to a Linear head, a
+    weight tied while the biases are not), with the way out in the reason."""
+    return dict(_cached(model, False)[1])
+
+
+def _cached(model: nn.Module, strict: bool) -> tuple[list[KFACLayer], dict[str, str]]:
     key = tuple((id(p), p.requires_grad) for p in model.parameters())
     cached = _LAYERS.setdefault(model, {}).get(strict)
     if cached is not None and cached[0] == key:
-        return list(cached[1])
-    layers = _find_layers(model, strict)
-    _LAYERS[model][strict] = (key, layers)
-    return list(layers)
+        return cached[1], cached[2]
+    excluded: dict[str, str] = {}
+    layers = _find_layers(model, strict, excluded)
+    _LAYERS[model][strict] = (key, layers, excluded)
+    return layers, excluded
 
 
-def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
+def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
+                 ) -> list[KFACLayer]:
     holders: dict[int, set[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         for attr, p in mod.named_parameters(recurse=False):
             holders.setdefault(id(p), set()).add(f"{mod_name}.{attr}" if mod_name else attr)
+            if not any(m is mod for _, m in owners.get(id(p), [])):
+                owners.setdefault(id(p), []).append((mod_name, mod))
     full_name = {id(p): n for n, p in model.named_parameters()}
     layers: list[KFACLayer] = []
     seen: set[int] = set()
@@ -90,11 +124,34 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
                                               or mod.scale_grad_by_freq):
             problem = ("has max_norm, sparse or scale_grad_by_freq set; K-FAC factors are "
                        "implemented for a plain lookup")
-        for p in ((weight,) if use_weight else ()) + ((bias,) if use_bias else ()):
-            where = holders.get(id(p), set())
-            if len(where) > 1:
-                problem = (f"holds a parameter shared by {', '.join(sorted(where))}; the "
-                           f"curvature of a tied parameter is not a per-layer Kronecker product")
+        covered = ((weight,) if use_weight else ()) + ((bias,) if use_bias else ())
+        tied: list[nn.Module] = []
+        for p in covered:
+            for other_name, other in owners.get(id(p), []):
+                if other is mod or any(other is t for t in tied):
+                    continue
+                if _same_use(mod, other):
+                    tied.append(other)
+                    continue
+                where = ", ".join(sorted(holders[id(p)]))
+                excluded[mod_name] = (
+                    f"module {label} holds a parameter shared by {where}, and module "
+                    f"{other_name!r} ({type(other).__name__}) uses it in another way "
+                    f"(another orientation, type or configuration, or other tied/untied "
+                    f"parameters); K-FAC covers sharing between calls of one module and "
+                    f"between modules of one type and configuration holding the same "
+                    f"weight and bias. To precondition it with Kronecker factors, untie it "
+                    f"(e.g. `{other_name}.weight = nn.Parameter({other_name}.weight"
+                    f".detach().clone())`)")
+        if mod_name in excluded:  # the shared parameters fall back, an untied bias stays
+            tied = []
+            shared = {id(p) for p in ((weight,) if use_weight else ())
+                      + ((bias,) if use_bias else ()) if len(holders.get(id(p), ())) > 1}
+            use_weight &= id(weight) not in shared
+            use_bias &= not isinstance(bias, nn.Parameter) or id(bias) not in shared
+            if not use_weight and not use_bias:
+                continue
+        seen.update(id(t) for t in tied)
         if problem:
             if strict:
                 raise ValueError(f"kronecker: module {label} {problem}")
@@ -102,8 +159,16 @@ def _find_layers(model: nn.Module, strict: bool) -> list[KFACLayer]:
         params = ((full_name[id(weight)],) if use_weight else ()) + \
             ((full_name[id(bias)],) if use_bias else ())
         layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight,
-                                transposed=isinstance(mod, nn.Embedding)))
+                                transposed=isinstance(mod, nn.Embedding), tied=tuple(tied)))
     return layers
+
+
+def _same_use(mod: nn.Module, other: nn.Module) -> bool:
+    """True if ``other`` is a further use of ``mod``'s parameters: the same type and
+    configuration (``extra_repr``), holding exactly the same weight and bias."""
+    if type(mod) is not type(other) or mod.extra_repr() != other.extra_repr():
+        return False
+    return all(getattr(mod, a, None) is getattr(other, a, None) for a in ("weight", "bias"))
 
 
 def _label(layer: KFACLayer) -> str:

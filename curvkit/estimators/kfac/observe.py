@@ -23,11 +23,11 @@ from curvkit.estimators.kfac.capture import (
     _classify,
     _forward_capture,
     _Record,
+    _uses_grads,
+    _uses_inputs,
 )
 from curvkit.estimators.kfac.layers import (
     KFACLayer,
-    _layer_inputs,
-    _layer_output_grads,
     _layer_params,
 )
 
@@ -64,6 +64,11 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
             setattr(target, attr, grad.detach())
         return hook
 
+    def keep_at(target: list, i: int) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            target[i] = grad.detach()
+        return hook
+
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             rec = obs.records[name]
@@ -71,11 +76,16 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
             if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
                 rec.problem = "called with more than one input"
                 return
-            rec.inputs = inputs[0].detach()
-            rec.differentiable = isinstance(output, Tensor) and output.requires_grad
-            if rec.differentiable:
-                rec.output_like = (output.shape, output.dtype, output.device)
-                obs.handles.append(output.register_hook(keep(rec, "grad")))
+            if not isinstance(output, Tensor):
+                rec.problem = f"returning {type(output).__name__}, not a tensor"
+                return
+            rec.inputs.append(inputs[0].detach())
+            rec.grads.append(None)
+            rec.output_like.append((output.shape, output.dtype, output.device))
+            if isinstance(output, Tensor) and output.requires_grad:
+                rec.differentiable = True
+                obs.handles.append(output.register_hook(keep_at(rec.grads,
+                                                                len(rec.grads) - 1)))
 
         return hook
 
@@ -93,7 +103,8 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
     handles = obs.handles
     try:
         for layer in layers:
-            handles.append(layer.module.register_forward_hook(make_hook(layer.name)))
+            for mod in layer.modules:
+                handles.append(mod.register_forward_hook(make_hook(layer.name)))
             for j, p in enumerate(_layer_params(layer)):
                 handles.append(p.register_hook(make_param_hook(layer.name, j)))
         handles.append(model.register_forward_hook(root_hook))
@@ -191,16 +202,14 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     expected = loss.gradient(out, y) * c
     if obs.out_grad.shape != expected.shape:
         return None
-    A_in = {layer.name: _layer_inputs(layer, obs.records[layer.name].inputs)
-            for layer in active}
+    A_in = {layer.name: _uses_inputs(layer, obs.records[layer.name]) for layer in active}
     checked, pairs = [], [(obs.out_grad, expected)]
     for layer in active:
         rec = obs.records[layer.name]
-        g = rec.grad
-        if g is None:  # the output does not reach the loss
-            shape, dtype, device = rec.output_like
-            g = torch.zeros(shape, dtype=dtype, device=device)
-        g = _layer_output_grads(layer, g.unsqueeze(0))
+        # an output that does not reach the loss has no gradient: zeros
+        g = _uses_grads(layer, [(t if t is not None else torch.zeros(
+            shape, dtype=dtype, device=device)).unsqueeze(0)
+            for t, (shape, dtype, device) in zip(rec.grads, rec.output_like)])
         true = [t if t is not None else torch.zeros_like(p)
                 for t, p in zip(obs.param_grads[layer.name], _layer_params(layer))]
         pairs += _sketched_grad_pairs(layer, A_in[layer.name], g[0], true)
