@@ -45,6 +45,15 @@ def cases() -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
         out.append((f"ce-probs-smooth-{red}",
                     nn.CrossEntropyLoss(reduction=red, label_smoothing=0.2), r(4, 3, 2),
                     torch.softmax(r(4, 3, 2), 1)))
+        w = torch.rand(4, generator=g, dtype=DT) + 0.25
+        y = torch.randint(0, 4, (3, 6), generator=g)
+        y[0, 1] = y[2, 4] = -100
+        out.append((f"ce-weights-seq-ignore-smooth-{red}", nn.CrossEntropyLoss(
+            reduction=red, weight=w, label_smoothing=0.1), r(3, 4, 6), y))
+        out.append((f"ce-weights-{red}", nn.CrossEntropyLoss(reduction=red, weight=w),
+                    r(5, 4), torch.randint(0, 4, (5,), generator=g)))
+        out.append((f"ce-weights-probs-{red}", nn.CrossEntropyLoss(reduction=red, weight=w[:3]),
+                    r(4, 3, 2), torch.softmax(r(4, 3, 2), 1)))
         out.append((f"mse-{red}", nn.MSELoss(reduction=red), r(4, 5, 3), r(4, 5, 3)))
         out.append((f"bce-{red}", nn.BCEWithLogitsLoss(reduction=red), r(5, 3),
                     torch.rand(5, 3, generator=g, dtype=DT).round()))
@@ -171,7 +180,7 @@ def test_refusals_name_the_loss_and_the_registered_parts():
                                                    r"registered: bce_with_logits.*cross_entropy"):
         loss_part(nn.HuberLoss())
     with pytest.raises(UnsupportedLossError, match="class weights"):
-        loss_part(nn.CrossEntropyLoss(weight=torch.ones(3)))
+        loss_part(nn.CrossEntropyLoss(weight=torch.tensor([1.0, -1.0, 2.0])))
     model = nn.Sequential(nn.Linear(3, 4), nn.LogSoftmax(-1)).double()
     with pytest.raises(UnsupportedLossError, match="GGN are zero.*CrossEntropyLoss"):
         curvkit.create("estimator", "ggn", model=model, loss_fn=nn.NLLLoss())
@@ -208,6 +217,12 @@ def seq_problem(kind: str, seed: int = 0):
         y = torch.randint(0, 4, (N, L))
         y[1, 2] = -100
         return SeqModel(d, 4, L, "ncl").double(), nn.CrossEntropyLoss(label_smoothing=0.1), X, y
+    if kind == "ce-weights":
+        y = torch.randint(0, 4, (N, L))
+        y[1, 2] = -100
+        w = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT)
+        return (SeqModel(d, 4, L, "ncl").double(),
+                nn.CrossEntropyLoss(weight=w, label_smoothing=0.1), X, y)
     if kind == "mse":
         return SeqModel(d, 2, L, "nlc").double(), nn.MSELoss(), X, torch.randn(N, L, 2,
                                                                             dtype=DT)
@@ -241,7 +256,7 @@ def forward_of(model):
     return f
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse", "bce", "gauss"])
+@pytest.mark.parametrize("kind", ["ce", "ce-weights", "mse", "bce", "gauss"])
 def test_ggn_is_jt_h_j(kind):
     model, loss_fn, X, y = seq_problem(kind)
     f, theta = forward_of(model), flat(model)
@@ -256,7 +271,7 @@ def test_ggn_is_jt_h_j(kind):
                                ref_diag)
 
 
-@pytest.mark.parametrize("kind", ["ce", "mse", "bce", "gauss"])
+@pytest.mark.parametrize("kind", ["ce", "ce-weights", "mse", "bce", "gauss"])
 def test_ef_is_one_outer_product_per_loss_term(kind):
     """EF = c Σ_{n,t} ∇θ ℓ_{n,t} ∇θ ℓ_{n,t}ᵀ (per-term default) and c Σ_n ∇ℓ_n ∇ℓ_nᵀ
     (``outer_products = "per_sample"``), from the per-term gradients by jacrev."""
@@ -301,7 +316,7 @@ def test_ef_matches_curvlinops_on_sequence_outputs(kind):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kind", ["ce", "bce", "gauss"])
+@pytest.mark.parametrize("kind", ["ce", "ce-weights", "bce", "gauss"])
 def test_mc_fisher_approaches_the_ggn(kind):
     model, loss_fn, X, y = seq_problem(kind)
     ggn = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn).dense((X, y))
@@ -309,3 +324,27 @@ def test_mc_fisher_approaches_the_ggn(kind):
                             mc_samples=20000, seed=3).dense((X, y))
     err = float((fisher - ggn).norm() / ggn.norm())
     assert err < 0.05, err
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_class_weighted_cross_entropy_kfac_is_the_exact_ggn_for_one_sample(reduction):
+    """K-FAC carries class weights: for one Linear and one sample KFLR is the exact GGN
+    block; the weighted mean divides by the target's weight (so it cancels), the sum keeps
+    it (w_y = 3)."""
+    from curvkit.estimators.kfac import factors_to_dense, kronecker_factors
+    torch.manual_seed(9)
+    lin = nn.Linear(3, 4).double()
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=DT),
+                                  reduction=reduction)
+    X, y = torch.randn(1, 3, dtype=DT), torch.tensor([3])
+    ggn = curvkit.create("estimator", "ggn", model=lin, loss_fn=loss_fn)
+    f = kronecker_factors(ggn, (X, y), "exact", "expand")[""]
+    dense = factors_to_dense(f, {n: p.shape for n, p in lin.named_parameters()})
+    torch.testing.assert_close(dense, ggn.dense((X, y)))
+    if reduction == "mean":  # the weight cancels: the unweighted GGN
+        plain = curvkit.create("estimator", "ggn", model=lin, loss_fn=nn.CrossEntropyLoss())
+        torch.testing.assert_close(dense, plain.dense((X, y)))
+    else:
+        plain = curvkit.create("estimator", "ggn", model=lin,
+                               loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+        torch.testing.assert_close(dense, 3.0 * plain.dense((X, y)))

@@ -18,18 +18,22 @@ class CrossEntropyLossPart(ClassDimTerms, LossPart):
 
     Label smoothing and ``ignore_index`` are supported.
 
-    Per term (a position d… of a sample) with p = softmax(f) and the effective target q —
-    q = (1 − ε) e_y + ε/C for a class index y and label smoothing ε, q = 0 for an ignored
-    target, q = (1 − ε) y + ε/C for probability targets — and m = Σ_k q_k (1, or 0 where
-    ignored):
+    Label smoothing, ``ignore_index`` and class weights (``weight=``) are supported.
+
+    Per term (a position d… of a sample) with p = softmax(f), class weights w (all 1
+    without ``weight=``) and the effective target q — q = w ⊙ ((1 − ε) e_y + ε/C) for a class
+    index y and label smoothing ε, q = 0 for an ignored target, q = w ⊙ ((1 − ε) y + ε/C) for
+    probability targets (torch's definition of the weighted loss) — and m = Σ_k q_k (1
+    without weights, 0 where ignored; (1 − ε) w_y + ε/C Σ_k w_k with weights):
 
         ℓ = −Σ_k q_k log p_k,   ∇_f ℓ = m p − q,   ∂²ℓ/∂f² = m (diag p − p pᵀ).
 
-    Reduction factor: 1 for ``sum``; for ``mean`` 1/(number of terms that count): the
-    targets ≠ ``ignore_index`` (class indices), N·∏d (probabilities). Sampling: ŷ ~
-    Categorical(p) per term, s = √m (p − e_ŷ), so E[s sᵀ] = m (diag p − p pᵀ).
-    Class weights (``weight=``) are refused: the sampled Fisher of a weighted likelihood is
-    not its Hessian.
+    Reduction factor: 1 for ``sum``; for ``mean`` 1/(what torch divides by): the number of
+    targets ≠ ``ignore_index`` — with class weights Σ_t w_{y_t} over them — for class
+    indices, N·∏d for probabilities. Sampling: ŷ ~ Categorical(p) per term,
+    s = √m (p − e_ŷ), so E[s sᵀ] = m (diag p − p pᵀ) = ∂²ℓ/∂f²: with class weights the
+    sampled statistic estimates the GGN of the weighted loss (the weight m comes from the
+    true target; it is not the Fisher of a likelihood whose weight follows the drawn label).
     """
 
     name = "cross_entropy"
@@ -37,10 +41,11 @@ class CrossEntropyLossPart(ClassDimTerms, LossPart):
 
     @classmethod
     def refusal(cls, loss_fn: Any) -> str:
-        if loss_fn.weight is not None:
-            return ("class weights (weight=...) are not supported: the weighted loss is not "
-                    "a likelihood whose Fisher is its Hessian; drop the weights or weight the "
-                    "samples in the data")
+        w = loss_fn.weight
+        if w is not None and (w.ndim != 1 or not bool(torch.isfinite(w).all())
+                              or bool((w < 0).any())):
+            return ("class weights (weight=...) must be a finite, non-negative (C,) vector "
+                    "(a negative weight makes the output Hessian indefinite)")
         return ""
 
     def check(self, out: Tensor, y: Tensor, where: str) -> None:
@@ -50,16 +55,40 @@ class CrossEntropyLossPart(ClassDimTerms, LossPart):
     def _eps(self) -> float:
         return float(self.loss_fn.label_smoothing)
 
+    def _class_weights(self, out: Tensor) -> Tensor | None:
+        """w (1, C, 1…) broadcastable against ``out``, or None without ``weight=``."""
+        w = self.loss_fn.weight
+        if w is None:
+            return None
+        return w.to(dtype=out.dtype, device=out.device).reshape(1, -1, *([1] * (out.ndim - 2)))
+
     def _soft_targets(self, out: Tensor, y: Tensor) -> Tensor:
         """q (N, C, d…) for probability targets."""
         q = y.to(out.dtype)
         eps = self._eps()
-        return q * (1.0 - eps) + eps / out.shape[1] if eps else q
+        q = q * (1.0 - eps) + eps / out.shape[1] if eps else q
+        w = self._class_weights(out)
+        return q if w is None else q * w
+
+    def _index_targets(self, out: Tensor, y: Tensor) -> Tensor:
+        """q (N, C, d…) for class-index targets with class weights (dense; the unweighted
+        path never forms it)."""
+        mask = self.counted(y)
+        C, eps = out.shape[1], self._eps()
+        w = self._class_weights(out)
+        idx = torch.where(mask, y, torch.zeros_like(y)).unsqueeze(1)
+        q = torch.zeros_like(out).scatter_(1, idx, 1.0 - eps)
+        if eps:
+            q = q + eps / C
+        q = q * w
+        return q * mask.unsqueeze(1).to(q.dtype)
 
     def _mass(self, out: Tensor, y: Tensor) -> Tensor | None:
         """m (N, d…) = Σ_k q_k, or None when every m is 1."""
         if y.is_floating_point():
             return self._soft_targets(out, y).sum(1)
+        if self.loss_fn.weight is not None:
+            return self._index_targets(out, y).sum(1)
         mask = self.counted(y)
         return None if bool(mask.all()) else mask.to(out.dtype)
 
@@ -70,12 +99,19 @@ class CrossEntropyLossPart(ClassDimTerms, LossPart):
     def normalizer(self, out: Tensor, y: Tensor) -> float:
         if y.is_floating_point():
             return float(out.numel() // out.shape[1])
-        return float(self.counted(y).sum())
+        mask = self.counted(y)
+        w = self.loss_fn.weight
+        if w is None:
+            return float(mask.sum())
+        # torch divides by the weights of the counted targets (label smoothing aside)
+        w = w.to(device=y.device)
+        return float(w[torch.where(mask, y, torch.zeros_like(y))][mask].sum())
 
     # ------------------------------------------------------------------ math
     def per_sample(self, out: Tensor, y: Tensor) -> Tensor:
         lf = self.loss_fn
-        kw: dict[str, Any] = {"label_smoothing": lf.label_smoothing, "reduction": "none"}
+        kw: dict[str, Any] = {"label_smoothing": lf.label_smoothing, "reduction": "none",
+                              "weight": lf.weight}
         if not y.is_floating_point():
             kw["ignore_index"] = lf.ignore_index
         return F.cross_entropy(out, y, **kw).reshape(out.shape[0], -1).sum(1)
@@ -83,8 +119,9 @@ class CrossEntropyLossPart(ClassDimTerms, LossPart):
     def gradient(self, out: Tensor, y: Tensor) -> Tensor:
         out = out.detach()
         p = torch.softmax(out, dim=1)
-        if y.is_floating_point():
-            q = self._soft_targets(out, y)
+        if y.is_floating_point() or self.loss_fn.weight is not None:
+            q = self._soft_targets(out, y) if y.is_floating_point() else \
+                self._index_targets(out, y)
             return q.sum(1, keepdim=True) * p - q
         mask = self.counted(y)
         all_counted = bool(mask.all())
