@@ -258,3 +258,33 @@ def test_tied_embedding_head_falls_back_with_one_warning_at_build(pre):
     assert not [w for w in caught if "shared by" in str(w.message)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert opt.preconditioner.structures() == label
+
+
+@pytest.mark.parametrize("reduction,approx", [("mean", "expand"), ("sum", "reduce")])
+def test_one_accumulator_roots_square_to_the_factors_over_batches(reduction, approx):
+    """kronecker_roots and kronecker_factors are one accumulator (roots as a flag): over
+    two batches of different sizes, on a model with a shared layer and an Embedding."""
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3)
+            self.shared = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, tokens):
+            z = self.shared(torch.tanh(self.shared(self.emb(tokens))))
+            return self.head(z).transpose(1, 2)
+
+    torch.manual_seed(11)
+    model = Seq().double()
+    batches = [(torch.randint(0, 6, (n, 5)), torch.randint(0, 4, (n, 5))) for n in (3, 5)]
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    for name in ("ef", "fisher"):  # the estimators with the kronecker_roots capability
+        e = est(name, model, loss_fn, kfac_approx=approx)
+        f = e.kronecker(batches)
+        r = e.kronecker_roots(batches)
+        assert set(f) == set(r) == {"emb", "shared", "head"}
+        for n in f:
+            torch.testing.assert_close(r[n].A_root.T @ r[n].A_root, f[n].A)
+            torch.testing.assert_close(r[n].G_root.T @ r[n].G_root, f[n].G)

@@ -69,8 +69,9 @@ Layout of this subpackage: ``layers`` (the handlers, one per module family: Line
 Conv1d/2d/3d, Embedding; what a layer sees as inputs and output gradients), ``capture``
 (the own pass: hooks, backpropagated columns, the gradient check), ``observe`` (an
 observed pass, and ``captured_columns``: observed, else own), ``factors`` (columns from the
-loss part, the factor accumulator, layer diagonals), ``roots`` (the same statistics as
-square roots, for ``kronecker_roots``).
+loss part, the one accumulator :func:`kronecker_statistics` — factors, or their square roots
+with ``roots=True`` — layer diagonals), ``roots`` (``kronecker_roots``: that accumulator
+with ``roots=True``, for the ``kronecker_roots`` capability).
 """
 
 from curvkit.estimators.kfac.factors import (
@@ -79,6 +80,7 @@ from curvkit.estimators.kfac.factors import (
     Statistic,
     factors_to_dense,
     kronecker_factors,
+    kronecker_statistics,
     layer_diagonals,
     output_columns,
 )
@@ -86,7 +88,7 @@ from curvkit.estimators.kfac.layers import CONV, KFACLayer, kfac_exclusions, kfa
 from curvkit.estimators.kfac.observe import Observation, captured_columns, observe_pass
 from curvkit.estimators.kfac.roots import kronecker_roots
 
-__all__ = ["kronecker_factors", "kronecker_roots", "kfac_layers", "kfac_exclusions",
-           "captured_columns",
-           "factors_to_dense", "output_columns", "layer_diagonals", "Observation",
-           "observe_pass", "STATISTIC_NEEDS", "KFACLayer", "CONV", "Statistic", "Approx"]
+__all__ = ["kronecker_factors", "kronecker_statistics", "kronecker_roots", "kfac_layers",
+           "kfac_exclusions", "captured_columns", "factors_to_dense", "output_columns",
+           "layer_diagonals", "Observation", "observe_pass", "STATISTIC_NEEDS", "KFACLayer",
+           "CONV", "Statistic", "Approx"]

@@ -1,6 +1,8 @@
-"""The factor accumulator: output columns from the loss part, K-FAC factors over batches
-and ranks, exact layer diagonals, and factors as a dense block (see
-:mod:`curvkit.estimators.kfac`; the roots of the same statistics are in ``roots``).
+"""The factor accumulator: output columns from the loss part, K-FAC statistics over
+batches and ranks — the factors A, G or, with ``roots=True``, their square roots
+(:func:`kronecker_statistics`, the one accumulator behind ``kronecker_factors`` and
+``roots.kronecker_roots``) — exact layer diagonals, and factors as a dense block (see
+:mod:`curvkit.estimators.kfac`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
-from curvkit.losses import LOSS_GRADIENT, LOSS_HESSIAN, LOSS_SAMPLING, LossPart, loss_part
+from curvkit import distributed, passes
+from curvkit.estimators.base import Batch, KroneckerFactors, KroneckerRoots, as_batches
+from curvkit.losses import (
+    LOSS_GRADIENT,
+    LOSS_HESSIAN,
+    LOSS_SAMPLING,
+    LossPart,
+    batch_size,
+    loss_part,
+)
 from curvkit.losses.base import Terms
 
 if TYPE_CHECKING:
@@ -63,17 +73,24 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
                    generator: torch.Generator | None, sum_inputs: bool,
                    columns: Callable[[Tensor, Tensor], Tensor] | None = None,
                    observation: Observation | None = None,
-                   counts: dict[str, int] | None = None
+                   counts: dict[str, int] | None = None, roots: bool = False
                    ) -> dict[str, tuple[Tensor, Tensor]]:
     """{module: (A, G)} for one batch (A a mean, or a sum over samples if ``sum_inputs``);
-    the empirical statistics are taken from ``observation`` when it can provide them."""
-    G: dict[str, Tensor] = {}
+    with ``roots`` {module: (A rows, G rows)} instead, A rows not yet divided by the √count
+    (see ``roots``). The empirical statistics are taken from ``observation`` when it can
+    provide them."""
+    G: dict[str, list[Tensor]] = {}
 
     def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
         if approx == "reduce":
             g = g.sum(2)
         g = g.reshape(-1, g.shape[-1])
-        G[layer.name] = g.T @ g + G[layer.name] if layer.name in G else g.T @ g
+        if roots:
+            G.setdefault(layer.name, []).append(g)
+        elif layer.name in G:
+            G[layer.name][0] = g.T @ g + G[layer.name][0]
+        else:
+            G[layer.name] = [g.T @ g]
 
     def cols(out: Tensor) -> Tensor:
         if columns is not None:
@@ -86,14 +103,35 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
     for layer in kept:
         a = A_in[layer.name]
         N, T = a.shape[0], a.shape[1]
+        if counts is not None:
+            counts[layer.name] = N
+        if roots:
+            g_rows = G[layer.name]
+            res[layer.name] = (_root_rows(a, layer.bias, approx),
+                               g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows))
+            continue
         if approx == "expand":
             A = _augmented_outer(a.flatten(0, 1), layer.bias, T)
         else:
             A = _augmented_outer(a.mean(1), layer.bias, 1.0)
-        res[layer.name] = (A if sum_inputs else A / N, G[layer.name])
-        if counts is not None:
-            counts[layer.name] = N
+        res[layer.name] = (A if sum_inputs else A / N, G[layer.name][0])
     return res
+
+
+def _root_rows(a: Tensor, bias: bool, approx: Approx) -> Tensor:
+    """Rows R with RᵀR = N·A for the inputs a (N, T, D): [ã_{n,t}/√T] (expand) or
+    [mean_t ã_{n,t}] (reduce), ã = [a, 1] if ``bias``."""
+    if approx == "expand":
+        r, scale = a.flatten(0, 1), 1.0 / math.sqrt(a.shape[1])
+    else:
+        r, scale = a.mean(1), 1.0
+    if not bias:
+        return r * scale
+    # [r, 1]·scale written once (not a concatenated copy, then a scaled copy)
+    root = r.new_empty(r.shape[0], r.shape[1] + 1)
+    torch.mul(r, scale, out=root[:, :-1])
+    root[:, -1].fill_(scale)
+    return root
 
 
 def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor], Tensor]
@@ -149,7 +187,8 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
                       columns: Callable[[Tensor, Tensor, int], Tensor] | None = None,
                       observed: Callable[[Any, Tensor], Observation | None] | None = None
                       ) -> dict[str, KroneckerFactors]:
-    """K-FAC factors {module name: KroneckerFactors} of every trainable Linear/Conv2d layer.
+    """K-FAC factors {module name: KroneckerFactors} of every covered layer
+    (:func:`kronecker_statistics` without roots).
 
     ``statistic``: ``"exact"`` (KFLR, G from the loss-Hessian square root), ``"mc"`` (KFAC,
     ``mc_samples`` labels drawn per input from ``generator``), ``"empirical"`` (true labels).
@@ -166,6 +205,31 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
     Modules that are not called in the forward pass are left out (their parameters fall
     back to another structure); unsupported configurations raise an error naming the module.
     """
+    res = kronecker_statistics(estimator, batch, statistic, approx, mc_samples, generator,
+                               columns, observed, roots=False)
+    assert res is not None  # only the roots are None (several ranks)
+    return res  # type: ignore[return-value]
+
+
+def kronecker_statistics(estimator: CurvatureEstimator, batch: Batch | Iterable[Batch],
+                         statistic: Statistic, approx: Approx, mc_samples: int = 1,
+                         generator: GeneratorArg = None,
+                         columns: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+                         observed: Callable[[Any, Tensor], Observation | None] | None = None,
+                         roots: bool = False
+                         ) -> dict[str, KroneckerFactors] | dict[str, KroneckerRoots] | None:
+    """The one K-FAC accumulator: per covered layer the factors (``roots=False``,
+    :class:`KroneckerFactors`, arguments as for :func:`kronecker_factors`) or their square
+    roots (``roots=True``, :class:`KroneckerRoots` with A_rootᵀA_root = A and
+    G_rootᵀG_root = G exactly; None under an active process group, where roots of different
+    ranks cannot be all-reduced). Both come from the same capture, columns and
+    expand/reduce treatment of every batch (:func:`_batch_factors`).
+
+    Several batches: the factors are combined by :meth:`CurvatureEstimator.accumulate`
+    (over ranks too); the roots are stacked with the weights of that combination, √(N_b/N)
+    for G under "mean" and 1 under "sum", and A's rows divided by √(what the layer saw)
+    once all batches are in.
+    """
     if statistic not in ("exact", "mc", "empirical"):
         raise ValueError(f"statistic must be 'exact', 'mc' or 'empirical', got {statistic!r}")
     if approx not in ("expand", "reduce"):
@@ -181,6 +245,8 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
     if columns is None or observed is not None:
         loss_part(estimator.loss or estimator.loss_fn, f"estimator {estimator.name!r}",
                   needs=[STATISTIC_NEEDS[statistic]])
+    if roots and distributed.active():
+        return None
     layers = kfac_layers(estimator.model)
     if not layers:
         return {}
@@ -196,9 +262,9 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
         cols = None if columns is None else (lambda out, y_: columns(out, y_, i))
         counts: dict[str, int] = {}
         fac = _batch_factors(estimator, layers, X, y, statistic, approx, int(mc_samples),
-                             gen, sum_inputs=sum_red, columns=cols,
+                             gen, sum_inputs=sum_red or roots, columns=cols,
                              observation=None if observed is None else observed(X, y),
-                             counts=counts)
+                             counts=counts, roots=roots)
         names = tuple(fac)
         if state["names"] is None:
             state["names"] = names
@@ -207,7 +273,7 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
                              f"batches ({state['names']} vs {names})")
         out: dict[str, Any] = {"A": {n: a for n, (a, _) in fac.items()},
                                "G": {n: g for n, (_, g) in fac.items()}}
-        if sum_red:
+        if sum_red or roots:
             # A is a mean over what each layer saw (its samples, or the positions a model
             # folds into the batch), not over the targets: summed here, divided below
             out["count"] = {n: torch.tensor(float(c), dtype=fac[n][0].dtype,
@@ -215,17 +281,46 @@ def kronecker_factors(estimator: CurvatureEstimator, batch: Batch | Iterable[Bat
                             for n, c in counts.items()}
         return out
 
-    acc = estimator.accumulate(batches, one, reduction=estimator.reduction, first_order=True)
-    if sum_red:
-        acc["A"] = {n: a / acc["count"][n] for n, a in acc["A"].items()}
     by_name = {layer.name: layer for layer in layers}
-    res = {}
+    if roots:
+        acc = _stack_roots(estimator, batches, one)
+    else:
+        acc = estimator.accumulate(batches, one, reduction=estimator.reduction,
+                                   first_order=True)
+    if sum_red or roots:
+        acc["A"] = {n: a / (acc["count"][n].sqrt() if roots else acc["count"][n])
+                    for n, a in acc["A"].items()}
+    res: dict[str, Any] = {}
     for n in acc["A"]:
         A, G = acc["A"][n], acc["G"][n]
         if by_name[n].transposed:  # rows of the stored weight are the inputs (Embedding)
             A, G = G, A
-        res[n] = KroneckerFactors(module=n, params=by_name[n].params, A=A, G=G)
+        res[n] = KroneckerRoots(module=n, params=by_name[n].params, A_root=A, G_root=G) \
+            if roots else KroneckerFactors(module=n, params=by_name[n].params, A=A, G=G)
     return res
+
+
+def _stack_roots(estimator: CurvatureEstimator, batches: list[Batch],
+                 one: Callable[[Any, Tensor], dict[str, Any]]) -> dict[str, Any]:
+    """The roots of several batches, stacked (one process; see :func:`kronecker_statistics`):
+    A rows as they are, G rows times √(N_b/N) under "mean", counts summed."""
+    total = sum(batch_size(b) for b in batches)
+    mean = estimator.reduction == "mean"
+    parts: list[tuple[float, dict[str, Any]]] = []
+    with passes.evaluation(estimator.model, higher_order=False):
+        for X, y in batches:
+            w = math.sqrt(batch_size((X, y)) / total) if mean else 1.0
+            parts.append((w, one(X, y)))
+    if len(parts) == 1:
+        w, only = parts[0]
+        return {"A": only["A"], "G": {n: g * w if w != 1.0 else g
+                                      for n, g in only["G"].items()},
+                "count": only["count"]}
+    names = list(parts[0][1]["A"])
+    return {"A": {n: torch.cat([p["A"][n] for _, p in parts]) for n in names},
+            "G": {n: torch.cat([p["G"][n] * w if w != 1.0 else p["G"][n] for w, p in parts])
+                  for n in names},
+            "count": {n: sum(p["count"][n] for _, p in parts) for n in names}}
 
 
 def factors_to_dense(factors: KroneckerFactors, shapes: dict[str, torch.Size]) -> Tensor:
