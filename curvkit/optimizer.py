@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -159,6 +160,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         # every other pass of this step (curvature, trial points) replays the random state
         # of the step's own forward: one dropout mask per step, and the generators advance
         # as for one forward
+        if not self._needs_batch and not (update and self._observes):
+            # no other pass in this step (identity + direct): nothing to replay
+            loss, grads = self._loss_and_grads(batch)
+            return self._take_step(batch, loss, grads, start)
         rng = passes.RandomState(self.model)
         with (self.estimator.observe(batch) if update and self._observes
               else contextlib.nullcontext()):
@@ -275,13 +280,16 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
-        if result.accepted and not finite(result.direction):
-            return self._skip(loss, info, "step")
-        if result.accepted and not _update_finite(result.direction, result.alpha,
-                                                  group["params"]):
-            # a finite direction times a NaN or huge lr (set through param_groups, which no
-            # config check sees) must not reach the parameters either
-            return self._skip(loss, info, "update lr·direction")
+        if result.accepted:
+            dmax = finite.max_abs(result.direction)
+            if dmax is None:
+                return self._skip(loss, info, "step")
+            alphas = (result.alphas if result.alphas is not None
+                      else [result.alpha] * len(dmax))
+            if not _update_finite(dmax, alphas, self._params):
+                # a finite direction times a NaN or huge lr (set through param_groups,
+                # which no config check sees) must not reach the parameters either
+                return self._skip(loss, info, "update lr·direction")
         info["accepted"] = bool(result.accepted)
         if result.accepted:
             with torch.no_grad():
@@ -399,20 +407,39 @@ def _param_signature(names: list[str], params: list[Tensor]) -> list[tuple[str, 
             zip(names, params)]
 
 
-def _update_finite(direction: list[Tensor], alpha: float, params: list[Tensor]) -> bool:
-    """True if θ + α·d stays finite in each parameter's dtype: max|θ| + |α|·max|d| ≤ the
-    dtype's largest value (a bound, in float64; one host transfer)."""
-    alpha = abs(float(alpha))
-    if not math.isfinite(alpha):
-        return False
-    pairs = [(d, p) for d, p in zip(direction, params) if d.numel()]
-    if not pairs or alpha == 0.0:
+def _update_finite(dmax: list[float], alphas: list[float], params: list[Tensor]) -> bool:
+    """True if θ + α·d stays finite in each parameter's dtype, given ``dmax = max|d|`` of a
+    finite direction (from the step's ledger: the direction's own finite check).
+
+    Round to nearest cannot carry a finite θ past the dtype's largest value F when
+    |α|·max|d| is below half the spacing of the floats at F (≈ F·eps/4): then the bound
+    needs no read of θ (identity + direct reads the gradient once per step, as SGD does
+    for its update). Larger steps take the exact bound max|θ| + |α|·max|d| ≤ F (one more
+    read of those parameters). θ itself is not rechecked on the fast path: a parameter
+    that is already NaN or inf was made so by someone else, and its loss is non-finite.
+    """
+    slow = []
+    for a, p, m in zip(alphas, params, dmax):
+        size = abs(float(a)) * m
+        if not math.isfinite(size):
+            return False
+        if size == 0.0 or not p.is_floating_point():
+            continue
+        top, headroom = _limits(p.dtype)
+        if size > headroom:
+            slow.append((p, size, top))
+    if not slow:
         return True
-    amax = torch.stack([t.detach().abs().amax().double() for d, p in pairs
-                        for t in (d, p)]).cpu().tolist()
-    return all(math.isfinite(amax[2 * i] * alpha) and
-               amax[2 * i + 1] + amax[2 * i] * alpha <= torch.finfo(p.dtype).max
-               for i, (_, p) in enumerate(pairs))
+    pmax = torch.stack([p.detach().abs().amax().double() for p, _, _ in slow]).tolist()
+    return all(math.isfinite(m) and m + size <= top for m, (_, size, top) in zip(pmax, slow))
+
+
+@functools.cache
+def _limits(dtype: torch.dtype) -> tuple[float, float]:
+    """The largest finite value F of ``dtype`` and a step size that cannot carry a finite
+    value past it (F·eps/16: an eighth of half the spacing of the floats at F)."""
+    info = torch.finfo(dtype)
+    return info.max, info.max * info.eps / 16
 
 
 def _state_finite(state: Any) -> bool:

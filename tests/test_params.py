@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvkit.params import FiniteLedger, all_finite
+from curvkit.params import FiniteLedger, all_finite, max_abs
 
 
 @pytest.mark.parametrize("tensors,expected", [
@@ -28,16 +28,35 @@ def test_finite_ledger_rescans_only_what_changed(monkeypatch):
     import curvkit.params as P
 
     scanned = []
-    real = P.all_finite
-    monkeypatch.setattr(P, "all_finite", lambda ts: scanned.append(len(ts)) or real(ts))
+    real = P.max_abs
+    monkeypatch.setattr(P, "max_abs", lambda ts: scanned.append(len(ts)) or real(ts))
     a, b = torch.ones(3), torch.ones(2)
     ledger = FiniteLedger()
     assert ledger([a, b]) and scanned == [2]
-    assert ledger([a, b]) and scanned == [2, 0]      # same objects, unchanged: no scan
+    assert ledger([a, b]) and scanned == [2]         # same objects, unchanged: no scan
     assert ledger([a.clone(), b]) and scanned[-1] == 1  # a new tensor is scanned
     b.mul_(float("inf"))                               # in place: the version moves
     assert not ledger([a, b])
     assert not FiniteLedger()([torch.tensor([float("nan")])])
+    assert ledger.max_abs([a, torch.tensor([-4.0, 2.0])]) == [1.0, 4.0]
+
+
+@pytest.mark.parametrize("tensors,expected", [
+    ([torch.tensor([1.0, -3.0]), torch.tensor([2.0])], [3.0, 2.0]),
+    ([torch.full((3,), 3e38), torch.zeros(0)], [3e38, 0.0]),    # exact: no sum to overflow
+    ([torch.tensor([-6e4, 1.0], dtype=torch.float16), torch.ones(2)], [6e4, 1.0]),
+    ([torch.tensor([1, -7])], [0.0]),                           # integers are finite
+    ([torch.randn(70000).index_fill_(0, torch.tensor([5]), -float("inf"))], None),
+    ([torch.randn(70000).index_fill_(0, torch.tensor([5]), float("nan"))], None),
+    ([torch.tensor([float("inf")])], None),
+    ([torch.tensor([float("nan"), 1.0])], None),
+])
+def test_max_abs(tensors, expected):
+    got = max_abs(tensors)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected, rel=1e-3)
 
 
 def test_momentum_overflow_of_finite_gradients_never_reaches_the_parameters():

@@ -88,6 +88,44 @@ def test_nonfinite_applied_update_never_reaches_the_parameters(solver, lr):
     assert opt.counters["nonfinite"] >= 1
 
 
+def _half_model(weight: float, group_lrs: tuple[float, float] | None = None):
+    """y = w·x + b in float16, w at ``weight``; MSE with a target far below."""
+    model = nn.Linear(1, 1).half()
+    with torch.no_grad():
+        model.weight.fill_(weight)
+        model.bias.zero_()
+    groups = None
+    if group_lrs is not None:
+        groups = [{"params": [model.weight], "lr": group_lrs[0]},
+                  {"params": [model.bias], "lr": group_lrs[1]}]
+    opt = curvkit.build_optimizer(model, lambda out, y: (out.float() * y).sum(),
+                                  {"solver": "direct", "preconditioner": "identity",
+                                   "lr": 1.0}, param_groups=groups)
+    return model, opt
+
+
+@pytest.mark.parametrize("group_lrs", [None, (1.0, 0.0), (0.0, 1.0)])
+def test_update_bound_is_exact_near_the_largest_half(group_lrs):
+    """θ = 6.4e4 in float16 (largest 65504): a step of 2000 overflows and is refused (the
+    bound reads θ once |lr·d| exceeds the headroom); a step of 1 cannot overflow and is
+    taken without reading θ (θ + 1 rounds back to 6.4e4). With parameter groups each
+    group's lr counts: the group with lr 0 cannot overflow, whatever its direction."""
+    x = torch.ones(4, 1, dtype=torch.float16)
+    for grad, refused in ((-500.0, True), (-0.25, False)):
+        model, opt = _half_model(6.4e4, group_lrs)
+        before = [p.detach().clone() for p in model.parameters()]
+        # loss = Σ y·out: d loss/dw = Σ y·x = 4·grad, so the step on w is −lr·4·grad
+        opt.step((x, torch.full((4, 1), grad)))
+        moves_w = group_lrs is None or group_lrs[0] > 0
+        if refused and moves_w:
+            assert opt.last_info["accepted"] is False, opt.last_info
+            assert "lr·direction" in opt.last_info["skipped"]
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        else:
+            assert opt.last_info["accepted"] is True, opt.last_info
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- item 8
 def saved(opt) -> dict:
     buf = io.BytesIO()
