@@ -203,6 +203,17 @@ def broadcast_(tensors: Sequence[Tensor], src: int) -> None:
         _count(t.numel() * t.element_size())
 
 
+def equal_mean(values: Sequence[Tensor]) -> list[Tensor]:
+    """The mean over ranks with equal weights, Σ_r value_r / R (what DDP does to gradients):
+    one all-reduce per dtype. Returns new tensors; the inputs are not modified."""
+    out = [v.detach().clone() for v in values]
+    if not active():
+        return out
+    all_reduce_sum_(out)
+    world = dist.get_world_size()
+    return [v.div_(world) for v in out]
+
+
 def weighted_mean(values: Sequence[Tensor], count: float, reduction: str = "mean"
                   ) -> list[Tensor]:
     """Combine per-rank statistics into the statistic of the union of all ranks' samples.

@@ -51,6 +51,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, loss_fn: Any, config: OptimizerConfig,
                  param_groups: list[dict[str, Any]] | None = None) -> None:
         called = model  # what the caller calls (a torch.compile or DDP wrapper): captured
+        # DDP averages p.grad over ranks in the caller's backward (see _rank_average)
+        ddp = nn.parallel.DistributedDataParallel
+        self._ddp = isinstance(model, ddp) or isinstance(getattr(model, "_orig_mod", None),
+                                                           ddp)
         model = distributed.unwrap(model)
         named = trainable(model)
         if not named:
@@ -223,6 +227,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = self._loss_and_grads(batch)
         else:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
+            if distributed.active():
+                loss, grads = self._rank_average(loss, grads)
         known = loss is not None
         if loss is None:  # a loss that is not a module, with a composition needing no batch
             loss = torch.tensor(float("nan"), device=self._params[0].device)
@@ -233,6 +239,23 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         if isinstance(returned, Tensor):
             return returned
         return result if known else None
+
+    def _rank_average(self, loss: Tensor | None, grads: list[Tensor]
+                      ) -> tuple[Tensor | None, list[Tensor]]:
+        """Under torch.distributed without the batch (it could not be captured): the mean
+        over ranks with equal weights, as DDP averages — p.grad is this rank's gradient
+        unless the model is DDP-wrapped, whose backward averaged it already. Equal weights
+        equal the count-weighted mean of ``step((X, y))`` for equal shards. The loss is
+        averaged alike (reported, not used by a step without the batch)."""
+        values = [] if self._ddp else list(grads)
+        if loss is not None:
+            values.append(loss.reshape(()))
+        if not values:
+            return loss, grads
+        mean = distributed.equal_mean(values)
+        if loss is not None:
+            loss = mean.pop()
+        return loss, grads if self._ddp else mean
 
     def _composition(self) -> str:
         c = self.config

@@ -33,6 +33,10 @@ def make_problem(case: dict):
     else:
         loss_fn = nn.CrossEntropyLoss(reduction=case.get("reduction", "mean"))
         ys = [torch.randint(0, 3, (X.shape[0],)) for X in Xs]
+    if case.get("functional_loss"):
+        # a loss that is not a module: step() after backward cannot capture the batch
+        module = loss_fn
+        loss_fn = lambda out, y: module(out, y)  # noqa: E731
     return model, loss_fn, list(zip(Xs, ys))
 
 
@@ -42,7 +46,14 @@ def run_steps(model, loss_fn, batches, case, on_step=None):
     for step, batch in enumerate(batches):
         if on_step is not None:
             on_step(step)
-        losses.append(float(opt.step(batch)))
+        if case.get("style") == "backward":  # torch.optim style: the caller's own pass
+            opt.zero_grad()
+            loss = loss_fn(model(batch[0]), batch[1])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))  # this rank's loss
+        else:
+            losses.append(float(opt.step(batch)))
         infos.append({k: v for k, v in opt.last_info.items()
                       if isinstance(v, (int, float, bool, str))})
     return losses, [p.detach().clone() for p in model.parameters()], infos

@@ -115,6 +115,29 @@ def test_two_ranks_equal_one_process(name, loss, model, tmp_path):
     assert sum(i.get("comm_bytes", 0) for i in got["infos"]) > 0
 
 
+@pytest.mark.parametrize("ddp", [False, True])
+def test_step_after_backward_without_a_batch_averages_over_ranks(ddp, tmp_path):
+    """``loss.backward(); opt.step()`` with a loss curvkit cannot see (a plain function):
+    identity + direct steps on p.grad. Without DDP, curvkit averages it over the ranks
+    (equal weights, as DDP would); under DDP, p.grad is already averaged and curvkit
+    sends nothing. Equal shards: equal to one process on the whole batch."""
+    optimizer = {"lr": 0.1, "preconditioner": "identity",
+                 "solver": {"name": "direct", "momentum": 0.9}}
+    case = {"optimizer": optimizer, "steps": 4, "loss": "ce", "model": "mlp", "split": 0.5,
+            "style": "backward", "functional_loss": True, "ddp": ddp}
+    ref_losses, ref_params, _ = single_process(case)
+    results, out = launch(case, tmp_path)
+    for rank, (rc, _, stderr) in enumerate(results):
+        assert rc == 0, f"rank {rank} failed:\n{stderr[-3000:]}"
+    got = torch.load(out, weights_only=True)
+    for p, q in zip(got["params"], ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9)
+    sent = [i["comm_bytes"] for i in got["infos"]]
+    params = sum(p.numel() for p in ref_params)
+    # the float64 gradients per step; under DDP nothing (the loss is not seen either)
+    assert sent == [0 if ddp else 8 * params] * 4
+
+
 def test_ddp_wrapped_model_equals_one_plain_process(tmp_path):
     """A DistributedDataParallel-wrapped model is unwrapped: curvkit's count-weighted
     reductions apply (DDP's equal-weight average would be wrong for these unequal shards)."""
