@@ -495,19 +495,30 @@ class TiedLM(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(x))).mean(1))
 
 
-def test_tied_embedding_and_head_is_refused_with_the_way_out():
+class BranchyTiedLM(TiedLM):
+    """TiedLM with control flow on values: torch.fx cannot read the forward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.emb(x))).mean(1)
+        return self.out(h if float(h.detach().sum()) > -1e9 else -h)
+
+
+def test_tied_embedding_and_head_is_refused_at_build_with_the_way_out():
+    """Where the forward's code shows the final layer (torch.fx), the tie is refused at
+    build; where only a forward pass shows it, at the first step, before anything moves."""
     torch.manual_seed(0)
-    model = TiedLM().to(DT)
+    match = (r"optimizer\.solver: the final layer 'out' shares its parameters with module "
+             r"'emb' \(tied weights.*Untie them.*trust_region")
+    for layer in ("", "out"):
+        with pytest.raises(ConfigError, match=match):
+            build(TiedLM().to(DT), nn.CrossEntropyLoss(), alpha=1e-2, layer=layer)
+    model = BranchyTiedLM().to(DT)
     X, y = torch.randint(0, 6, (8, 3)), torch.randint(0, 6, (8,))
     before = [p.detach().clone() for p in model.parameters()]
     opt = build(model, nn.CrossEntropyLoss(), alpha=1e-2)
-    with pytest.raises(StepError, match=r"layer 'out' shares its parameters with module 'emb' "
-                                        r"\(tied weights.*Untie them.*trust_region"):
+    with pytest.raises(StepError, match=match):
         opt.step((X, y))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    with pytest.raises(ConfigError, match=r"optimizer\.solver: .*shares its parameters with "
-                                          r"module 'emb'"):
-        build(model, nn.CrossEntropyLoss(), alpha=1e-2, layer="out")
 
 
 class UnusedLast(nn.Module):
@@ -568,7 +579,8 @@ def test_dict_output_gets_its_own_message_not_a_separability_hint():
             return super().forward(out["y"], y)
 
     opt = build(DictOut().to(DT), DictMSE())
-    with pytest.raises(StepError, match=r"returns dict, not a tensor") as err:
+    with pytest.raises(StepError,
+                       match=r"returns a dict with keys 'y', not a tensor.*SelectOutput") as err:
         opt.step(data("mlp", "mse"))
     assert "separable" not in str(err.value)
 
@@ -593,3 +605,69 @@ def test_batchnorm_and_dropout_train_with_one_mask_and_one_statistics_update_per
         assert torch.equal(after, torch.get_rng_state()), "varpro drew random numbers"
     assert int(model[1].num_batches_tracked) == 3
     assert all(np.isfinite(losses)) and opt.last_info["reused_gradient"] is False
+
+
+# ----------------------------------------------------------------------------- zoo models
+def _zoo(name):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo import BY_NAME
+    return BY_NAME[name].build()
+
+
+@pytest.mark.parametrize("case", [
+    "transformer_lm",  # sequence head: (N, L, V) logits returned as (N, V, L); attention
+    pytest.param("sdpa", marks=pytest.mark.slow),  # forward mode through the flash kernel
+    pytest.param("batchnorm_train", marks=pytest.mark.slow),  # batch statistics
+    pytest.param("dropout", marks=pytest.mark.slow),  # one mask per evaluation
+    pytest.param("resnet_block", marks=pytest.mark.slow),
+])
+def test_reduced_gradient_and_implicit_jacobian_on_zoo_models(case):
+    """On the zoo's models (float64), independently of varpro's head code: ∇_θF is the
+    real model's gradient in θ at the inner solution W̃(θ) and the derivative of F by
+    central differences; (dW̃/dθ)v (forward mode through the features) matches central
+    differences of the inner solve. Buffers and the caller's random state are untouched."""
+    model, batch, loss_fn = _zoo(case)
+    alpha = 0.05
+    solver = build(model, loss_fn, alpha=alpha).solver
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    buffers = [b.clone() for b in model.buffers()]
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    W = solver.inner_solve(batch)
+    g = solver.reduced_gradient(batch, W0=W)  # (W: one cold inner solve, the head is random)
+    sp = solver._split
+    head = sp.layer_name
+    theta = [p.detach() for n, p in named if not n.startswith(f"{head}.")]
+    names = [n for n, p in named if not n.startswith(f"{head}.")]
+    assert names == sp.theta_names and torch.equal(torch.get_rng_state(), state)
+
+    def full(*th):
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        params.update(zip(names, th))
+        params[f"{head}.weight"], params[f"{head}.bias"] = W[:, :-1], W[:, -1]
+        bufs = {n: b.clone() for n, b in model.named_buffers()}
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)  # the mask the evaluation saw
+            return loss_fn(functional_call(model, {**params, **bufs}, (batch[0],)), batch[1])
+
+    g_full = torch.autograd.grad(full(*[t.clone().requires_grad_() for t in theta]),
+                                 [], allow_unused=True) if not theta else \
+        torch.autograd.grad(full(*(ts := [t.clone().requires_grad_() for t in theta])), ts)
+    for a, b in zip(g, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    gen = torch.Generator().manual_seed(6)
+    v = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in theta]
+    eps = 1e-5
+    Fp = solver.reduced_loss(batch, [t + eps * u for t, u in zip(theta, v)], W)
+    Fm = solver.reduced_loss(batch, [t - eps * u for t, u in zip(theta, v)], W)
+    dd = sum((a * u).sum() for a, u in zip(g, v)).item()
+    assert (Fp - Fm) / (2 * eps) == pytest.approx(dd, rel=1e-6, abs=1e-9)
+    jv = solver.jacobian_vp(batch, v, W0=W)
+    eps = 1e-6
+    Wp = solver.inner_solve(batch, [t + eps * u for t, u in zip(theta, v)], W)
+    Wm = solver.inner_solve(batch, [t - eps * u for t, u in zip(theta, v)], W)
+    assert float(((Wp - Wm) / (2 * eps) - jv).norm() / jv.norm()) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -269,8 +269,6 @@ def _check_summary(pb: Problem, est, name: str, ref: Tensor, u: Tensor) -> Cell:
 # reason). They are reported as "known" (an expected failure in the tests); anything else
 # must run or be refused at build with advice.
 KNOWN = [
-    ("GNvpro", "", "open: varpro's feature extraction and head choice (BatchNorm, dropout, "
-                   "sequence heads, tied head; issue 12's varpro items)"),
 ]
 
 

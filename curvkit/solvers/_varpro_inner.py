@@ -32,9 +32,12 @@ class Head:
 
     Z = [φ | 1] (R × k: R = rows = samples × any extra leading dims, k = in_features + 1 if
     the bias is trainable, else in_features), W̃ = [W | b] (d × k), outputs o = Z W̃ᵀ (+ a
-    frozen bias) reshaped like the model output. The objective of the inner problem is
+    frozen bias) in the final layer's output shape (*feats.shape[:-1], d). The model output
+    is o, or P(o) = o.reshape(-1)[perm] when the model returns a rearranged view of the
+    layer's output (e.g. (N, L, V) logits returned as (N, V, L)). The objective of the
+    inner problem is
 
-        F(W̃) = L(o(W̃), y) + (alpha/2) ‖mask ⊙ W̃‖²
+        F(W̃) = L(P(o(W̃)), y) + (alpha/2) ‖mask ⊙ W̃‖²
 
     with L the loss under its reduction over all ranks (per-rank values are combined with
     the count-weighted mean) and mask the regularized columns.
@@ -42,7 +45,7 @@ class Head:
 
     def __init__(self, feats: Tensor, y: Tensor, loss64: Callable, reduction: str,
                  count: int, d: int, bias_col: bool, offset: Tensor | None, mask: Tensor,
-                 alpha: float) -> None:
+                 alpha: float, perm: Tensor | None = None) -> None:
         self.feat_shape = feats.shape
         self.feat_dtype = feats.dtype
         k_in = feats.shape[-1]
@@ -53,6 +56,8 @@ class Head:
         self.k_in = k_in
         self.d = d
         self.out_shape = (*feats.shape[:-1], d)
+        self.perm = perm
+        self.model_shape = self.out_shape if perm is None else tuple(perm.shape)
         self.y = y.to(F64) if y.is_floating_point() else y
         self.loss64 = loss64
         self.reduction = reduction
@@ -78,8 +83,21 @@ class Head:
             o = o + self.offset
         return o.reshape(self.out_shape)
 
+    def to_model(self, o: Tensor) -> Tensor:
+        """P(o): the final layer's output as the model returns it."""
+        return o if self.perm is None else o.reshape(-1)[self.perm]
+
+    def targets(self) -> Tensor:
+        """The targets in the final layer's output layout (y = P(y_layer)), for losses that
+        pair outputs and targets elementwise."""
+        if self.perm is None:
+            return self.y
+        inverse = torch.empty_like(self.perm.reshape(-1))
+        inverse[self.perm.reshape(-1)] = torch.arange(inverse.numel(), device=inverse.device)
+        return self.y.reshape(-1)[inverse].reshape(self.out_shape)
+
     def local_loss(self, o: Tensor) -> Tensor:
-        return self.loss64(o, self.y)
+        return self.loss64(self.to_model(o), self.y)
 
     def reg(self, W: Tensor) -> float:
         return 0.5 * self.alpha * float(((self.mask * W) ** 2).sum()) if self.alpha else 0.0
@@ -137,10 +155,10 @@ def least_squares(head: Head, alpha: float, inner_solver: str, counts: dict[str,
     ∇_W̃F = 2c(W̃ZᵀZ − YᵀZ) + alpha·W̃D = 0 ⇔ (ZᵀZ + μD)W̃ᵀ = ZᵀY, μ = alpha/(2c), and
     ∇²_W̃F[V] = 2c·V(ZᵀZ + μD). Returns (W̃, U ↦ (∇²_W̃F)⁻¹U)."""
     Z = head.Z
-    if head.y.shape != torch.Size(head.out_shape):
+    if head.y.shape != torch.Size(head.model_shape):
         raise StepError(f"{where}: MSELoss targets have shape "
-                        f"{tuple(head.y.shape)}, the model output {tuple(head.out_shape)}")
-    Y = head.rows(head.y)
+                        f"{tuple(head.y.shape)}, the model output {tuple(head.model_shape)}")
+    Y = head.rows(head.targets())
     if head.offset is not None:
         Y = Y - head.offset
     rows = distributed.count_tensor(float(Z.shape[0]), Z)

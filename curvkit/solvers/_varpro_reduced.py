@@ -2,35 +2,70 @@
 
 :class:`Split` says how a model separates: which trainable parameters are the final layer
 W̃ = [W | b] (by identity, so tied or shared weights are seen) and which are θ, and maps
-θ to the layer's input features φ_θ(X) through a copy of the model whose final layer is
-the identity. Feature passes never touch the model's buffers (BatchNorm running statistics
-advance once per optimizer step, in the optimizer's own pass) and, within one step, all
-draw the same random numbers (one dropout mask per step), without disturbing the caller's
-RNG. :class:`Point` is everything known at one θ after the inner solve;
+θ to the layer's input features φ_θ(X) through a copy of the model in which the final
+layer stops the forward pass and hands back its input. The model output may be a
+rearrangement of that layer's output (a sequence head's (N, L, V) logits returned as
+(N, V, L)): :func:`output_permutation` recognizes it, and the head applies it. Feature
+passes run through :func:`curvkit.passes.forward` (buffers copied, so BatchNorm running
+statistics advance once per optimizer step, in the optimizer's own pass; the random state
+of the enclosing :func:`curvkit.passes.rng_scope` replayed, so the step's dropout mask).
+:class:`Point` is everything known at one θ after the inner solve;
 :class:`ReducedGaussNewton` is GNvpro's reduced Gauss-Newton matrix at a point as an
 operator on θ-directions, the curvature the outer trust-region loop drives.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import jvp, vjp
 
+from curvkit import passes
 from curvkit.solvers._varpro_inner import F64, Head
 
 
-class Identity(nn.Module):
-    """Stands in for the final layer in the feature model: returns its input φ."""
+class _Features(Exception):
+    """Carries the final layer's input out of the feature model's forward pass."""
+
+    def __init__(self, phi: Tensor) -> None:
+        super().__init__("features")
+        self.phi = phi
+
+
+class Stop(nn.Module):
+    """Stands in for the final layer in the feature model: ends the forward pass with its
+    input φ (what the model does after the final layer is not part of the features, and
+    would not even run on φ's shape)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x
+        raise _Features(x)
+
+
+def output_permutation(out: Tensor, head_out: Tensor) -> Tensor | None | bool:
+    """How the model output ``out`` rearranges the final layer's output ``head_out``: None
+    when it is that tensor, an index tensor ``idx`` with ``out = head_out.reshape(-1)[idx]``
+    when ``out`` is a view of it holding every element once (transpose, permute, view,
+    flatten, …), False otherwise."""
+    if out is head_out:
+        return None
+    if not (isinstance(out, Tensor) and out.numel() == head_out.numel()
+            and head_out.is_contiguous()
+            and out.untyped_storage().data_ptr() == head_out.untyped_storage().data_ptr()):
+        return False
+    n = head_out.numel()
+    offset = out.storage_offset() - head_out.storage_offset()
+    try:
+        idx = torch.arange(n, device=out.device).as_strided(out.shape, out.stride(), offset)
+    except RuntimeError:
+        return False
+    if not torch.equal(idx.reshape(-1).sort().values, torch.arange(n, device=out.device)):
+        return False
+    return idx.clone()
 
 
 @dataclass
@@ -47,12 +82,11 @@ class Split:
     k_in: int                       # in_features
     offset: Tensor | None           # a frozen bias, added to the outputs
     fmodel: nn.Module | None = None
-    rng_state: Tensor | None = None  # the step's random state (one dropout mask per step)
-    stochastic: bool = False         # whether a feature pass draws random numbers
+    perm: Tensor | None = None       # model output = head output.reshape(-1)[perm]
 
     @classmethod
     def build(cls, model: nn.Module, layer_name: str, params: Sequence[nn.Parameter],
-              names: Sequence[str]) -> Split:
+              names: Sequence[str], perm: Tensor | None = None) -> Split:
         layer = model.get_submodule(layer_name) if layer_name else model
         index = {id(p): i for i, p in enumerate(params)}
         w_idx = index[id(layer.weight)]
@@ -61,7 +95,7 @@ class Split:
         offset = layer.bias.detach() if layer.bias is not None and b_idx is None else None
         return cls(model, layer_name, w_idx, b_idx, theta_idx, [names[i] for i in theta_idx],
                    layer.out_features, layer.in_features, offset,
-                   _feature_model(model, layer_name))
+                   _feature_model(model, layer_name), perm)
 
     # ------------------------------------------------------------------ parameters
     def W_of(self, params: Sequence[Tensor]) -> Tensor:
@@ -91,34 +125,29 @@ class Split:
         return True
 
     # ------------------------------------------------------------------ features
-    @contextlib.contextmanager
-    def step_random_state(self) -> Iterator[None]:
-        """Run with the step's random state (drawn once per step), leaving the caller's RNG
-        where it was."""
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and \
-            any(p.is_cuda for p in self.model.parameters()) else []
-        with torch.random.fork_rng(devices=devices):
-            if self.rng_state is not None:
-                torch.set_rng_state(self.rng_state)
-            yield
-
     def features(self, theta: Sequence[Tensor], X: Any) -> Tensor:
-        """φ_θ(X): the input of the final layer (buffers untouched, the step's RNG)."""
+        """φ_θ(X): the input of the final layer, through :func:`curvkit.passes.forward`
+        (buffer copies, the enclosing scope's random state) under
+        :func:`curvkit.passes.differentiable`."""
         if self.fmodel is None:
             return X
         for mine, theirs in zip(self.fmodel.modules(), self.model.modules()):
             mine.training = theirs.training  # follow model.train() / model.eval()
-        state = dict(zip(self.theta_names, theta))
-        # scratch copies: train-mode BatchNorm updates its running statistics in place
-        state.update({n: b.clone() for n, b in self.model.named_buffers()})
-        with self.step_random_state():
-            return functional_call(self.fmodel, state, (X,))
+        try:
+            # differentiable: the features' JVP (forward mode) and VJP are taken through
+            # this pass (attention on the math kernel, normalizations decomposed)
+            with passes.differentiable():
+                passes.forward(self.fmodel, X, dict(zip(self.theta_names, theta)))
+        except _Features as stop:
+            return stop.phi
+        raise RuntimeError(f"varpro: the final layer {self.layer_name!r} did not run in the "
+                           f"forward pass")
 
 
 def _feature_model(model: nn.Module, layer_name: str) -> nn.Module | None:
-    """A copy of the model sharing its parameters, with the final layer replaced by the
-    identity (so its output is the features φ). The user's model is untouched; hooks are not
-    copied (they would see a different module)."""
+    """A copy of the model sharing its parameters and buffers, with the final layer replaced
+    by :class:`Stop` (so a forward pass ends with the features φ). The user's model is
+    untouched; hooks are not copied (they would see a different module)."""
     if not layer_name:
         return None
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -130,7 +159,7 @@ def _feature_model(model: nn.Module, layer_name: str) -> nn.Module | None:
             if d is not None:
                 d.clear()
     parent_name, _, attr = layer_name.rpartition(".")
-    setattr(fmodel.get_submodule(parent_name) if parent_name else fmodel, attr, Identity())
+    setattr(fmodel.get_submodule(parent_name) if parent_name else fmodel, attr, Stop())
     return fmodel
 
 

@@ -16,14 +16,20 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp
+from torch.func import vjp
 
+from curvkit import passes
 from curvkit.errors import StepError
 from curvkit.losses import batch_size, reduction_of
 from curvkit.options import option
 from curvkit.solvers import _krylov as K
 from curvkit.solvers._varpro_inner import F64, Head, cg_solver, least_squares, newton
-from curvkit.solvers._varpro_reduced import Point, ReducedGaussNewton, Split
+from curvkit.solvers._varpro_reduced import (
+    Point,
+    ReducedGaussNewton,
+    Split,
+    output_permutation,
+)
 from curvkit.solvers.base import Solver, StepContext, StepResult
 from curvkit.solvers.trust_region import trust_region_step
 
@@ -31,8 +37,10 @@ from curvkit.solvers.trust_region import trust_region_step
 class VarProSolver(Solver):
     """Variable projection: the final linear layer solved exactly, the rest by an outer step.
 
-    For a separable model f(x) = W̃ [φ_θ(x); 1] (the ``nn.Linear`` holding W and b whose
-    output is the model's output, or the module named by ``layer``), with
+    For a separable model f(x) = P(W̃ [φ_θ(x); 1]) (the ``nn.Linear`` holding W and b whose
+    output is the model's output, or the module named by ``layer``; P is the identity or a
+    rearranging view of that output, e.g. a sequence head's (N, L, V) logits returned as
+    (N, V, L), with the features then per position), with
     F(θ, W̃) = L + (alpha/2)‖W̃‖²:
 
     * inner: W̃(θ) = argmin_W̃ F(θ, W̃) for the features of the current θ, in float64 —
@@ -50,10 +58,16 @@ class VarProSolver(Solver):
       dW̃/dθ = −(∇²_W̃F)⁻¹ ∂_θ∇_W̃F applied matrix-free.
 
     The model and loss come from the estimator (``ctx.estimator``), the preconditioner from
-    the step context. The final layer is found at the first step, as the ``nn.Linear``
-    whose output the model returns; a model that is not separable there (the layer used
-    twice, its weight tied to another module, a non-tensor output, a different output) is
-    refused with what to do, before any parameter moves.
+    the step context. The final layer is found at build where the model's code shows it
+    (an ``nn.Sequential``'s last module, or a ``torch.fx`` trace of the forward pass with
+    the submodules as leaves), else at the first step, as the ``nn.Linear`` whose output the
+    model returns. A final layer whose weight is tied to another module, or frozen, is
+    refused at build when found there; what only a forward pass shows (the layer used twice,
+    a non-tensor output, a different output) is refused at the first step with what to do,
+    before any parameter moves. All of varpro's passes through the model run through
+    :mod:`curvkit.passes` (:func:`curvkit.passes.evaluation`): the step's random state,
+    buffer copies, attention on the math kernel and decomposed normalizations for the
+    forward-mode products.
 
     After an accepted step the model sits at (θ⁺, W̃(θ⁺)): the returned direction moves θ
     by the outer step and W̃ from its current value to the inner solution at the new θ on
@@ -91,6 +105,7 @@ class VarProSolver(Solver):
         self.state.update(inner_radius=1.0, inner_iters=0, inner_matvecs=0, checked=False)
         self._estimator: Any = None
         self._split: Split | None = None
+        self._stochastic = True  # until a pass shows that the forward draws no randomness
 
     # ------------------------------------------------------------------ binding
     def bind(self, estimator: Any, preconditioner: Any) -> None:
@@ -118,7 +133,9 @@ class VarProSolver(Solver):
             self._check_layer(o.layer)
         else:
             tail = _sequential_tail(model)
-            if tail is not None:  # nn.Sequential: the output module is known without data
+            if tail is None:
+                tail = _static_output_layer(model)
+            if tail is not None:  # the output module is known without data
                 self._check_layer(tail)
             elif not any(isinstance(m, nn.Linear) for m in modules.values()):
                 raise ValueError(f"varpro needs a separable model whose output is an "
@@ -164,11 +181,14 @@ class VarProSolver(Solver):
         name = self.options.layer
         out, calls = _trace(model, batch[0], name)
         if not isinstance(out, Tensor):
-            raise StepError(f"{where}: the model returns {type(out).__name__}, not a tensor; "
-                            f"varpro solves for the final linear layer of a model with one "
-                            f"tensor output (wrap the model to return that tensor)")
+            raise StepError(f"{where}: the model returns {passes.describe_output(out)}, not "
+                            f"a tensor; varpro solves for the final linear layer of a model "
+                            f"with one tensor output: wrap the model, "
+                            f"curvkit.SelectOutput(model, key)")
+        perms = {n: output_permutation(out, o) for n, (_, o) in calls.items()
+                 if isinstance(o, Tensor)}
         if not name:
-            name = next((n for n, (_, o) in calls.items() if o is out), None)
+            name = next((n for n, p in perms.items() if p is not False), None)
             if name is None:
                 last = list(calls)[-1] if calls else None
                 raise StepError(f"{where}: the model is not separable at layer {last!r} (the "
@@ -179,7 +199,7 @@ class VarProSolver(Solver):
                 self._check_layer(name)
             except ValueError as err:
                 raise StepError(f"{where}: {err}") from None
-        elif calls.get(name, (0, None))[1] is not out:
+        elif perms.get(name, False) is False:
             raise StepError(f"{where}: the model is not separable at layer {name!r}: the model "
                             f"output must be that layer's output, and is not (set `layer` to "
                             f"the module whose output the model returns)")
@@ -190,7 +210,8 @@ class VarProSolver(Solver):
                             f"forward pass; the model is separable only in a layer used once "
                             f"(its weights must not also shape the features)")
         named = est.named_params
-        split = Split.build(model, name, [p for _, p in named], [n for n, _ in named])
+        split = Split.build(model, name, [p for _, p in named], [n for n, _ in named],
+                            perms[name])
         k = split.k_in + (1 if split.b_idx is not None else 0)
         mask = torch.ones(k, dtype=F64, device=named[0][1].device)
         if split.b_idx is not None and not self.options.regularize_bias:
@@ -204,7 +225,8 @@ class VarProSolver(Solver):
         sp = self._split
         offset = None if sp.offset is None else sp.offset.to(F64)
         return Head(feats, batch[1], self._loss64, self._reduction, batch_size(batch),
-                    sp.d, sp.b_idx is not None, offset, self._mask, self.options.alpha)
+                    sp.d, sp.b_idx is not None, offset, self._mask, self.options.alpha,
+                    sp.perm)
 
     def _check_separable(self, theta: Sequence[Tensor], batch: tuple[Any, Tensor],
                          params: Sequence[Tensor]) -> None:
@@ -215,10 +237,10 @@ class VarProSolver(Solver):
         sp, where = self._split, self.config_path or "solver"
         shown = sp.layer_name or "(the model)"
         with torch.no_grad():
-            with sp.step_random_state():
-                state = {n: b.clone() for n, b in sp.model.named_buffers()}
-                out = functional_call(sp.model, state, (batch[0],))
-                sp.stochastic = not torch.equal(torch.get_rng_state(), sp.rng_state)
+            passes.replay()
+            start = torch.get_rng_state()
+            out = passes.forward(sp.model, batch[0], dict(self._estimator.named_params))
+            self._stochastic = not torch.equal(torch.get_rng_state(), start)
             try:
                 feats = sp.features(theta, batch[0])
                 head = self._head(feats, batch)
@@ -231,8 +253,8 @@ class VarProSolver(Solver):
                                 f"loss from them failed although the model runs: it is not "
                                 f"separable at that layer ({type(err).__name__}: {err})"
                                 ) from err
-            theirs = float(head.red([head.local_loss(out.to(F64))])[0]) \
-                if out.shape == torch.Size(head.out_shape) else math.nan
+            theirs = float(head.red([self._loss64(out.to(F64), head.y)])[0]) \
+                if out.shape == torch.Size(head.model_shape) else math.nan
         rtol = 1e-8 if head.feat_dtype == F64 else 1e-3
         if not abs(ours - theirs) <= rtol * max(abs(theirs), 1e-6):
             raise StepError(f"{where}: the model is not separable at layer {shown!r}: the loss "
@@ -275,46 +297,65 @@ class VarProSolver(Solver):
                 W0: Tensor | None = None) -> Point:
         """The inner solution at θ (default: the model's current θ) on ``batch``, with the
         feature VJP ready, for :meth:`reduced_gradient`, :meth:`jacobian_vp`,
-        :meth:`gn_matvec` (tests and diagnostics)."""
+        :meth:`gn_matvec` (tests and diagnostics). Call the operators of the point inside
+        the same :func:`curvkit.passes.evaluation` (the helpers below do)."""
         sp = self._resolve(batch)
         params = self._estimator.params
         theta = sp.theta_of(params) if theta is None else [t.detach() for t in theta]
         W0 = sp.W_of(params) if W0 is None else W0
         return self._point(params, theta, batch, W0, True, {})
 
-    def inner_solve(self, batch: tuple[Any, Tensor], theta: Sequence[Tensor] | None = None
-                    ) -> Tensor:
-        """W̃(θ) = [W | b] (float64, d × k) on ``batch``."""
-        return self.prepare(batch, theta).W
+    def inner_solve(self, batch: tuple[Any, Tensor], theta: Sequence[Tensor] | None = None,
+                    W0: Tensor | None = None) -> Tensor:
+        """W̃(θ) = [W | b] (float64, d × k) on ``batch`` (Newton-Krylov losses: warm started
+        from ``W0``, default the model's current W̃)."""
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            return self.prepare(batch, theta, W0).W
 
-    def reduced_loss(self, batch: tuple[Any, Tensor], theta: Sequence[Tensor] | None = None
-                     ) -> float:
-        """F(θ) = L(θ, W̃(θ)) + (alpha/2)‖W̃(θ)‖² on ``batch``."""
-        return self.prepare(batch, theta).loss
+    def reduced_loss(self, batch: tuple[Any, Tensor], theta: Sequence[Tensor] | None = None,
+                     W0: Tensor | None = None) -> float:
+        """F(θ) = L(θ, W̃(θ)) + (alpha/2)‖W̃(θ)‖² on ``batch`` (``W0`` as for
+        :meth:`inner_solve`)."""
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            return self.prepare(batch, theta, W0).loss
 
     def reduced_gradient(self, batch: tuple[Any, Tensor],
-                         theta: Sequence[Tensor] | None = None) -> list[Tensor]:
+                         theta: Sequence[Tensor] | None = None,
+                         W0: Tensor | None = None) -> list[Tensor]:
         """∇_θF at θ (θ-parameters only, model order)."""
-        pt = self.prepare(batch, theta)
-        return ReducedGaussNewton(self._split, pt).gradient()
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            pt = self.prepare(batch, theta, W0)
+            return ReducedGaussNewton(self._split, pt).gradient()
 
     def jacobian_vp(self, batch: tuple[Any, Tensor], v: Sequence[Tensor],
-                    theta: Sequence[Tensor] | None = None) -> Tensor:
+                    theta: Sequence[Tensor] | None = None,
+                    W0: Tensor | None = None) -> Tensor:
         """(dW̃/dθ) v (float64, d × k), by the implicit function theorem."""
-        pt = self.prepare(batch, theta)  # resolves the split on first use
-        return ReducedGaussNewton(self._split, pt).jacobian(v)[1]
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            pt = self.prepare(batch, theta, W0)  # resolves the split on first use
+            return ReducedGaussNewton(self._split, pt).jacobian(v)[1]
 
     def gn_matvec(self, batch: tuple[Any, Tensor], v: Sequence[Tensor],
-                  theta: Sequence[Tensor] | None = None) -> list[Tensor]:
+                  theta: Sequence[Tensor] | None = None,
+                  W0: Tensor | None = None) -> list[Tensor]:
         """Ĝv, the reduced Gauss-Newton matrix of GNvpro times v."""
-        pt = self.prepare(batch, theta)
-        return ReducedGaussNewton(self._split, pt).matvec(v)
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            pt = self.prepare(batch, theta, W0)
+            return ReducedGaussNewton(self._split, pt).matvec(v)
 
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext) -> StepResult:
+        """One outer step. Every pass through the model runs in one
+        :func:`curvkit.passes.evaluation`: the random state of the step's own forward
+        (the optimizer's scope; one dropout mask) and buffers untouched; the feature passes
+        themselves run under :func:`curvkit.passes.differentiable` (forward-mode products
+        on kernels that support them), the float64 head math outside it."""
+        with passes.evaluation(self._estimator.model, higher_order=False):
+            return self._step(ctx)
+
+    def _step(self, ctx: StepContext) -> StepResult:
         o = self.options
         sp = self._resolve(ctx.batch)
-        sp.rng_state = torch.get_rng_state()  # every pass of this step: one random state
         params = list(ctx.params)
         lr = float(ctx.lr)
         counts: dict[str, int] = {}
@@ -329,7 +370,7 @@ class VarProSolver(Solver):
                                 "cg_iters": 0, "matvecs": 0}
         # ∇_θF: the optimizer's gradient is it when W̃ already is the inner solution (and
         # the model draws no random numbers: that gradient saw another dropout mask)
-        same = sp.is_current(pt.W, params) and not sp.stochastic
+        same = sp.is_current(pt.W, params) and not self._stochastic
         g_theta = [ctx.grads[i] for i in sp.theta_idx] if same or not theta else \
             op.gradient()
         info["reused_gradient"] = bool(same)
@@ -416,10 +457,49 @@ def _sequential_tail(model: nn.Module) -> str | None:
     return name if name else None
 
 
+def _static_output_layer(model: nn.Module, prefix: str = "") -> str | None:
+    """The name of the ``nn.Linear`` whose output the model returns, read from a
+    ``torch.fx`` trace of the forward pass with every submodule a leaf (no data needed):
+    the output node, through rearranging views, must be a submodule call — an
+    ``nn.Linear`` (found), an ``nn.Sequential`` (its tail) or another module (looked into
+    the same way). None where the code does not show it (control flow on values, a
+    functional final layer, …); the first step then finds the layer by a forward pass."""
+    from torch import fx
+
+    class Leaves(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return True
+
+    try:
+        graph = Leaves().trace(model)
+    except Exception:  # noqa: BLE001 - fx cannot trace every forward; then data decides
+        return None
+    node = next((n.args[0] for n in graph.nodes if n.op == "output"), None)
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") \
+            and getattr(node.target, "__name__", node.target) in _VIEWS and node.args:
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    name = f"{prefix}{node.target}"
+    mod = model.get_submodule(str(node.target))
+    if isinstance(mod, nn.Linear):
+        return name
+    tail = _sequential_tail(mod)
+    if tail:
+        return f"{name}.{tail}"
+    return _static_output_layer(mod, f"{name}.")
+
+
+# rearranging views of the final layer's output the model may return (see
+# :func:`curvkit.solvers._varpro_reduced.output_permutation`)
+_VIEWS = frozenset({"transpose", "permute", "view", "reshape", "flatten", "unflatten",
+                    "squeeze", "unsqueeze", "t", "movedim", "swapaxes", "contiguous"})
+
+
 def _trace(model: nn.Module, X: Any, layer: str) -> tuple[Any, dict[str, tuple[int, Any]]]:
-    """One forward pass (no gradients, buffers and the caller's RNG untouched) recording how
-    often every ``nn.Linear`` (and ``layer``) runs and its last output. The hooks are removed
-    before returning."""
+    """One forward pass through :func:`curvkit.passes.forward` (no gradients, buffer
+    copies, the enclosing scope's random state) recording how often every ``nn.Linear``
+    (and ``layer``) runs and its last output. The hooks are removed before returning."""
     calls: dict[str, list[Any]] = {}
     handles = []
     for name, mod in model.named_modules():
@@ -430,9 +510,8 @@ def _trace(model: nn.Module, X: Any, layer: str) -> tuple[Any, dict[str, tuple[i
                 entry[1] = out
             handles.append(mod.register_forward_hook(hook))
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            state = {n: b.clone() for n, b in model.named_buffers()}
-            out = functional_call(model, state, (X,))
+        with torch.no_grad(), passes.rng_scope(model):
+            out = passes.forward(model, X, dict(model.named_parameters()))
     finally:
         for h in handles:
             h.remove()
