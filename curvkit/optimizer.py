@@ -72,6 +72,13 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         where = {id(p): g for g, group in enumerate(self.param_groups) for p in group["params"]}
         self._group_of = [where[id(p)] for p in self._params]
         est, pre, sol = config.estimator, config.preconditioner, config.solver
+        if type(loss_fn).__module__.startswith("torch."):
+            # a torch loss takes one tensor: a dict/tuple output the code shows is refused
+            # now, with the way out (else at the first step, before anything moves)
+            try:
+                passes.refuse_structured_output(model, "optimizer")
+            except TypeError as err:
+                raise ConfigError(str(err)) from err
         self.estimator = _construct(est, model=model, loss_fn=loss_fn)
         self.preconditioner = _construct(pre, model=model)
         self.solver = _construct(sol)

@@ -28,7 +28,9 @@ model, and they are arranged here once instead of in each part:
 
 :func:`evaluation` combines the three for one estimator call; :func:`vmap_or_loop` is the
 single fallback for ``torch.func.vmap`` over models whose kernels do not batch (recurrent
-layers, GroupNorm).
+layers, GroupNorm). What can be known about a model before any data is read from its code
+by :func:`code_graph` (a ``torch.fx`` trace with the submodules as leaves): a dict or tuple
+output (:func:`refuse_structured_output`, at build) and varpro's final layer.
 """
 
 from __future__ import annotations
@@ -346,6 +348,13 @@ def describe_output(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
+def _no_tensor_output(model: nn.Module, where: str, described: str, key: Any) -> TypeError:
+    return TypeError(f"{where}: model {type(model).__name__} returns {described}; "
+                     f"curvature is defined on one output tensor, the one the loss takes. "
+                     f"Wrap the model: curvkit.SelectOutput(model, {key!r}) (the key or index "
+                     f"of that tensor) and pass the wrapper to build_optimizer / the estimator")
+
+
 def require_tensor_output(out: Any, model: nn.Module, where: str) -> Tensor:
     """``out`` if it is a tensor; otherwise a ``TypeError`` naming the way out
     (:class:`SelectOutput`)."""
@@ -355,7 +364,35 @@ def require_tensor_output(out: Any, model: nn.Module, where: str) -> Tensor:
         key = next((k for k in out if isinstance(out[k], Tensor)), "logits")
     else:
         key = 0
-    raise TypeError(f"{where}: model {type(model).__name__} returns {describe_output(out)}; "
-                    f"curvature is defined on one output tensor, the one the loss takes. "
-                    f"Wrap the model: curvkit.SelectOutput(model, {key!r}) (the key or index "
-                    f"of that tensor) and pass the wrapper to build_optimizer / the estimator")
+    raise _no_tensor_output(model, where, describe_output(out), key)
+
+
+# ----------------------------------------------------------------------------- the code
+def code_graph(model: nn.Module) -> Any:
+    """The model's forward pass as a ``torch.fx`` graph with every submodule a leaf (read
+    from the code, no data, the model untouched), or None where fx cannot trace it (control
+    flow on values, unsupported calls, …). For decisions that can be made before training."""
+    from torch import fx
+
+    class Leaves(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return True
+
+    try:
+        return Leaves().trace(model)
+    except Exception:  # noqa: BLE001 - fx cannot trace every forward; data decides then
+        return None
+
+
+def refuse_structured_output(model: nn.Module, where: str) -> None:
+    """At build: where the model's code returns a dict, tuple or list literal, the
+    ``TypeError`` :func:`require_tensor_output` would raise at the first step."""
+    graph = code_graph(model)
+    out = next((n.args[0] for n in graph.nodes if n.op == "output"), None) \
+        if graph is not None else None
+    if isinstance(out, Mapping) and out:
+        keys = list(out)
+        raise _no_tensor_output(model, where, f"a dict with keys {', '.join(map(repr, keys))}",
+                                "logits" if "logits" in keys else keys[0])
+    if isinstance(out, (tuple, list)) and out:
+        raise _no_tensor_output(model, where, f"a {type(out).__name__} of {len(out)}", 0)

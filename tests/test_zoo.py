@@ -17,6 +17,7 @@ from zoo_refs import ESTIMATORS, Problem, check_estimator, composition
 
 import curvkit
 from curvkit import passes
+from curvkit.errors import ConfigError
 
 FAST = [c.name for c in CASES if c.fast]
 SLOW = [c.name for c in CASES if not c.fast]
@@ -149,12 +150,51 @@ def test_dict_output_is_refused_with_the_way_out_and_select_output_works():
     v = [torch.zeros_like(p) for p in model.parameters()]
     with pytest.raises(TypeError, match=r"SelectOutput\(model, 'logits'\)"):
         est.matvec(batch, v)
-    opt = curvkit.build_optimizer(model, loss_fn, {"estimator": "ggn", "solver": "direct",
-                                                   "preconditioner": "identity"})
-    with pytest.raises(TypeError, match="SelectOutput"):
-        opt.step(batch)
+    # the code shows the dict: every composition refuses it at build, with the same advice
+    for _method, config in SNIPPETS:
+        with pytest.raises(ConfigError, match=r"optimizer: model DictOut returns a dict with "
+                                              r"keys 'logits', 'features'.*curvkit\.SelectOutput"
+                                              r"\(model, 'logits'\)"):
+            curvkit.build_optimizer(model, loss_fn, config)
     wrapped = curvkit.SelectOutput(model, "logits")
     opt = curvkit.build_optimizer(wrapped, loss_fn, {"estimator": "ggn", "solver": "direct",
+                                                     "preconditioner": "identity"})
+    assert torch.isfinite(opt.step(batch))
+
+
+def test_structured_output_only_a_forward_pass_shows_is_refused_before_anything_moves():
+    """A dict output behind control flow on values (fx cannot read the code): refused at
+    the first step with the same advice, before any parameter moves; a tuple output the
+    code shows is refused at build; a user's loss that takes the dict itself is accepted."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            z = self.head(x)
+            return {"logits": z} if float(z.detach().sum()) > -1e9 else {"logits": -z}
+
+    torch.manual_seed(0)
+    model = Branchy().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), SNIPPETS[0][1])
+    with pytest.raises(TypeError, match=r"optimizer: model Branchy returns a dict with keys "
+                                        r"'logits'.*SelectOutput\(model, 'logits'\)"):
+        opt.step((X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    tmodel, _, loss_fn = BY_NAME["tuple_output"].build()
+    with pytest.raises(ConfigError, match=r"returns a tuple of 2.*SelectOutput\(model, 0\)"):
+        curvkit.build_optimizer(tmodel, loss_fn, SNIPPETS[0][1])
+
+    class DictCE(nn.CrossEntropyLoss):
+        def forward(self, out, target):
+            return super().forward(out["logits"], target)
+
+    dmodel, batch, _ = BY_NAME["dict_output"].build()
+    opt = curvkit.build_optimizer(dmodel, DictCE(), {"estimator": "hessian", "solver": "direct",
                                                      "preconditioner": "identity"})
     assert torch.isfinite(opt.step(batch))
 

@@ -182,6 +182,57 @@ class TupleOut(DictOut):
         return self.head(h), h
 
 
+class PreNormLM(nn.Module):
+    """A pre-norm decoder block as in today's LMs: RMSNorm, causal multi-head attention on
+    F.scaled_dot_product_attention, a GELU MLP, residuals, a final RMSNorm and a per-position
+    head; logits (N, V, L)."""
+
+    def __init__(self, vocab: int = 5, d: int = 4, heads: int = 2, ff: int = 6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.norm1 = nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.RMSNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.GELU(), nn.Linear(ff, d))
+        self.norm_f = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.emb(tokens)
+        N, L, d = x.shape
+        q, k, v = (t.reshape(N, L, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(z.transpose(1, 2).reshape(N, L, d))
+        x = x + self.ff(self.norm2(x))
+        return self.head(self.norm_f(x)).transpose(1, 2)
+
+
+class BiLSTM(nn.Module):
+    """A two-layer bidirectional batch-first LSTM over zero-padded sequences of different
+    lengths: the outputs at padded positions are masked out of a mean over time (packed
+    sequences are not used: torch.func cannot transform the packed recurrent kernels)."""
+
+    def __init__(self, d: int = 3, hidden: int = 2, out: int = 3) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(d, hidden, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = (x.abs().sum(-1, keepdim=True) > 0).to(x.dtype)
+        z, _ = self.rnn(x)
+        return self.head((z * mask).sum(1) / mask.sum(1))
+
+
+def _padded(length: int = 4, d: int = 3) -> Tensor:
+    x = _x(length, d)
+    for i, n in enumerate((4, 2, 3, 1, 4, 2)[:N]):
+        x[i, n:] = 0.0
+    return x
+
+
 # ----------------------------------------------------------------------------- cases
 def _classify(model: nn.Module, X: Tensor, classes: int = 3, seed: int = 1
               ) -> tuple[nn.Module, tuple, nn.Module]:
@@ -229,6 +280,11 @@ def _lm() -> tuple:
     return model, (tokens, targets), nn.CrossEntropyLoss()
 
 
+def _prenorm_lm() -> tuple:
+    model = PreNormLM().to(DTYPE)
+    return model, (_tokens(5, 3), _tokens(5, 3, seed=2)), nn.CrossEntropyLoss()
+
+
 def _tied() -> tuple:
     return _classify(Tied(), _tokens(5, 3), classes=5)
 
@@ -262,7 +318,13 @@ CASES: list[Case] = [
         nn.Conv1d(2, 4, 2), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)),
         _x(2, 3)))),
     Case("dropout", "dropout", _seeded(_dropout), fast=True, random=True),
+    Case("conv_groupnorm_dropout", "dropout", _seeded(lambda: _classify(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.Dropout2d(0.25),
+        nn.Conv2d(4, 2, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)),
+        _x(1, 5, 5))), random=True, note="GroupNorm, channel dropout (Dropout2d)"),
     Case("transformer_lm", "attention", _seeded(_lm), fast=True),
+    Case("prenorm_rmsnorm_lm", "attention", _seeded(_prenorm_lm),
+         note="pre-norm RMSNorm block, causal SDPA, per-position head"),
     Case("mha_need_weights", "attention", _seeded(lambda: _classify(MHA(True), _x(3, 4)))),
     Case("mha_no_weights", "attention", _seeded(lambda: _classify(MHA(False), _x(3, 4)))),
     Case("sdpa", "attention", _seeded(lambda: _classify(SDPAModel(), _x(3, 4)))),
@@ -271,6 +333,8 @@ CASES: list[Case] = [
     Case("lstm", "recurrent", _seeded(lambda: _classify(Recurrent(nn.LSTM), _x(3, 3)))),
     Case("gru", "recurrent", _seeded(lambda: _classify(Recurrent(nn.GRU), _x(3, 3))),
          fast=True),
+    Case("bilstm_padded", "recurrent", _seeded(lambda: _classify(BiLSTM(), _padded())),
+         note="2-layer bidirectional LSTM, masked padding"),
     Case("linear_twice", "sharing", _seeded(lambda: _classify(LinearTwice(), _x(4))),
          fast=True),
     Case("tied_embedding", "sharing", _seeded(_tied)),

@@ -466,13 +466,8 @@ def _static_output_layer(model: nn.Module, prefix: str = "") -> str | None:
     functional final layer, …); the first step then finds the layer by a forward pass."""
     from torch import fx
 
-    class Leaves(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return True
-
-    try:
-        graph = Leaves().trace(model)
-    except Exception:  # noqa: BLE001 - fx cannot trace every forward; then data decides
+    graph = passes.code_graph(model)
+    if graph is None:
         return None
     node = next((n.args[0] for n in graph.nodes if n.op == "output"), None)
     while isinstance(node, fx.Node) and node.op in ("call_method", "call_function") \
