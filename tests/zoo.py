@@ -360,10 +360,10 @@ a documented stochastic estimator within its statistical tolerance (Hutchinson);
 **runs** — Monte Carlo quantities whose products agree with each other, or a composition
 that took 5 steps with finite losses and BatchNorm statistics advanced exactly once per
 step; **refused** — refused before the first step with a message naming the module and the
-way out (quoted below); **n/a** — the estimator does not offer the capability; **known** —
-a failure owned by an open item (reason below). Dict and tuple outputs run through
-`curvkit.SelectOutput(model, key)`; without it every estimator and the optimizer refuse
-them with that advice.
+way out (quoted below); **n/a** — the estimator does not offer the capability. Dict and
+tuple outputs run through `curvkit.SelectOutput(model, key)`; without it the optimizer
+refuses them with that advice at build (where the model's code shows them; else at the
+first step, before any parameter moves), and every estimator at its first call.
 
 How curvkit's own passes run on these models (attention on the math kernel and
 normalizations decomposed for higher-order passes, one dropout mask per evaluation,
@@ -381,7 +381,7 @@ def write_matrix(path: str | None) -> str:
     notes: list[str] = []
 
     def cell(c, where: str) -> str:
-        if c.status in ("refused", "FAIL", "known"):
+        if c.status in ("refused", "FAIL"):
             notes.append(f"- {where}: {' '.join(c.detail.split())}")
             return f"{c.status} [{len(notes)}]"
         return c.status

@@ -265,27 +265,16 @@ def _check_summary(pb: Problem, est, name: str, ref: Tensor, u: Tensor) -> Cell:
 
 
 # ----------------------------------------------------------------------------- compositions
-# Cells that fail for reasons owned by open items: (method prefix, text of the failure,
-# reason). They are reported as "known" (an expected failure in the tests); anything else
-# must run or be refused at build with advice.
-KNOWN = [
-]
-
-
 def _advice(detail: str) -> bool:
     return "module" in detail or "model" in detail
 
 
 def composition(case: Case, method: str, config: dict, steps: int = 5) -> Cell:
-    """:func:`check_composition`, with failures owned by open items marked ``known``."""
+    """:func:`check_composition`; a refusal that names neither the module nor the model is
+    a failure (every refusal must say where and what to do). ``method`` names the cell."""
     cell = check_composition(case, config, steps)
-    if cell.status == "FAIL" or (cell.status == "refused" and not _advice(cell.detail)):
-        why = next((w for key, text, w in KNOWN
-                    if method.startswith(key) and text in cell.detail), None)
-        if why:
-            return Cell("known", f"{why} — {cell.detail}")
-        if cell.status == "refused":
-            return Cell("FAIL", f"refused without naming the module: {cell.detail}")
+    if cell.status == "refused" and not _advice(cell.detail):
+        return Cell("FAIL", f"{method}: refused without naming the module: {cell.detail}")
     return cell
 
 
