@@ -262,3 +262,30 @@ def test_state_memory_is_recorded_and_reported(tmp_path):
     assert "optimizer state" in report
     (row,) = table_rows(report).values()
     assert "B" in row[-1]
+
+
+def test_work_to_target_column(tmp_path):
+    """Runs that log `work` get the passes spent until the first evaluation at or below the
+    target; without logged work the column is left out."""
+    synthetic(tmp_path / "plain")
+    header_plain = summary_header(tmp_path / "plain")
+    assert not any(h.startswith("work to") for h in header_plain)
+    out = tmp_path / "work"
+    synthetic(out)
+    text = (out / RESULTS).read_text().replace('"info":{}', '"info":{"work":[2,3,2,3]}')
+    (out / RESULTS).write_text(text)
+    report = build_report(out, log=lambda _: None).read_text()
+    header = _header(report)
+    j = header.index("work to train loss ≤ 0.5 (passes)")
+    # both seeds of 'a' reach 0.5 at the evaluation of step 2: 2 + 3 passes
+    assert table_rows(report)["a"][j].startswith("5") and "(2/2)" in table_rows(report)["a"][j]
+    assert table_rows(report)["b"][j] == "—"
+
+
+def summary_header(directory: Path) -> list[str]:
+    return _header(build_report(directory, log=lambda _: None).read_text())
+
+
+def _header(report: str) -> list[str]:
+    line = next(ln for ln in report.splitlines() if ln.startswith("| configuration"))
+    return [c.strip() for c in line.strip("|").split("|")]

@@ -116,6 +116,19 @@ def _time_to_target(run: Run, target: float) -> float | None:
     return None
 
 
+def _work_to_target(run: Run, target: float) -> float | None:
+    """Network passes (the logged ``work``) up to the first evaluation at or below
+    ``target``; None if never reached or no work is logged."""
+    work = cumulative_work(run)
+    if work is None:
+        return None
+    for ev in run.evals:
+        loss = ev.get("train_loss")
+        if loss is not None and loss <= target:
+            return work.get(int(ev["step"]))
+    return None
+
+
 def _train_time(run: Run) -> tuple[int, float]:
     """(steps done, training seconds) from the records written so far."""
     steps, seconds = 0, 0.0
@@ -159,8 +172,10 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
     header = ["configuration", "seeds", "final train loss", "final test loss"]
     if classification:
         header.append("test accuracy")
+    work_col = f"work to train loss ≤ {target:g} (passes)" if target is not None else \
+        "work to target (passes)"
     header += [f"time to train loss ≤ {target:g} (s)" if target is not None
-               else "time to target (s)", "steps/s", "curvature time", "rejected",
+               else "time to target (s)", work_col, "steps/s", "curvature time", "rejected",
                "non-finite", "diverged", "failed"]
     rows = []
     for g in groups:
@@ -179,6 +194,10 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
             reached = [t for t in times if t is not None]
             row.append(f"{_mean_std(reached, 3)} ({len(reached)}/{len(g.runs)})"
                        if reached else f"not reached (0/{len(g.runs)})")
+        works = [_work_to_target(r, target) for r in ok] if target is not None else []
+        reached_work = [w for w in works if w is not None]
+        row.append(f"{_mean_std(reached_work, 3)} ({len(reached_work)}/{len(g.runs)})"
+                   if reached_work else "—")
         rates = []
         for r in g.runs:
             steps, seconds = _train_time(r)
@@ -197,6 +216,11 @@ def summary_rows(groups: list[Group], target: float | None) -> tuple[list[str], 
         row.append(str(g.count("failed")))
         rows.append(row)
     _memory_columns(groups, header, rows)
+    j = header.index(work_col)
+    if all(row[j] == "—" for row in rows):  # no run logs work, or no target
+        header.pop(j)
+        for row in rows:
+            row.pop(j)
     # counts that are 0 in every row say nothing: the columns go, the text says why
     for name in ("rejected", "non-finite", "diverged", "failed"):
         j = header.index(name)
