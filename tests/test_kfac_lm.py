@@ -5,9 +5,8 @@
   stored weight (V, d) is that Linear's transpose); the padding row gets no curvature.
 * A small language model (Embedding + TransformerEncoderLayer + head, (N, V, L) logits,
   targets padded with ignore_index) trains under kronecker (fisher) and lie_group (ef):
-  Embedding, the feed-forward Linears and the head are Kronecker-covered; what no handler
-  covers (LayerNorm, MultiheadAttention's in_proj and out_proj, whose weights are used
-  outside a Linear's forward) falls back and says so.
+  Embedding, the attention's in_proj and out_proj, the feed-forward Linears and the head
+  are Kronecker-covered; what no handler covers (LayerNorm) falls back and says so.
 """
 
 from __future__ import annotations
@@ -91,6 +90,9 @@ def test_padded_language_model_trains_with_kronecker_coverage(estimator, pre):
     assert losses[-1] < losses[0], losses
     s = opt.preconditioner.structures()
     covered = {n for n, v in s.items() if v != options["fallback"]}
-    assert covered == {"emb.weight", "block.linear1.weight", "block.linear1.bias",
-                       "block.linear2.weight", "block.linear2.bias", "head.weight",
-                       "head.bias"}, s
+    assert covered == {"emb.weight", "block.self_attn.in_proj_weight",
+                       "block.self_attn.in_proj_bias", "block.self_attn.out_proj.weight",
+                       "block.self_attn.out_proj.bias", "block.linear1.weight",
+                       "block.linear1.bias", "block.linear2.weight", "block.linear2.bias",
+                       "head.weight", "head.bias"}, s
+    assert {n for n in s if n not in covered} == {n for n in s if ".norm" in n}

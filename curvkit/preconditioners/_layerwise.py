@@ -9,7 +9,7 @@ What is common lives here, once:
   modules as one layer, a weight shared in another way left out); after an update they
   are exactly the layers the estimator returned statistics for. ``structures()`` reports
   that truth: a layer whose statistics never arrive (a Linear whose weight is used outside
-  its forward, as MultiheadAttention's ``out_proj``; an unused Linear) is reported as,
+  its forward; an unused Linear; the in_proj of a cross-attention) is reported as,
   and treated as, the fallback — never as Kronecker-preconditioned.
 * **warnings**, once per preconditioner: for a predicted layer the estimator returned no
   statistics for, and for the parameters of modules no Kronecker handler covers
@@ -73,8 +73,9 @@ class LayerwiseKronecker(Preconditioner):
         full = {id(p): n for n, p in self.named_params}
         out: dict[str, list[str]] = {}
         for mod, why in kfac_exclusions(self.model).items():
-            held = [full[id(p)] for p in self.model.get_submodule(mod).parameters(
-                recurse=False) if id(p) in full and full[id(p)] not in predicted]
+            # recurse: an attention's out_proj is left out with it
+            held = [full[id(p)] for p in self.model.get_submodule(mod).parameters()
+                    if id(p) in full and full[id(p)] not in predicted]
             reported = {n for names in out.values() for n in names}
             if held and not set(held) <= reported:  # one warning per shared parameter
                 out[why] = held
@@ -143,8 +144,10 @@ class LayerwiseKronecker(Preconditioner):
                 kind = type(self.model.get_submodule(mod)).__name__
                 warnings.warn(f"preconditioner {self.name!r}: the estimator returned no "
                               f"Kronecker factors for {kind} module {mod!r} (its weight is "
-                              f"used outside its forward, or "
-                              f"it is not used); its parameters {names} use the {fallback!r} "
+                              f"used outside its forward, or it is not used"
+                              + ("; an attention's in_proj is covered for self-attention "
+                                 "only" if kind == "MultiheadAttention" else "")
+                              + f"); its parameters {names} use the {fallback!r} "
                               f"fallback", stacklevel=4)
         if "<other modules>" in self._warned:
             return

@@ -1,4 +1,5 @@
-"""K-FAC (Kronecker factors) of Linear, Conv1d/2d/3d and Embedding layers, for ggn, fisher, ef.
+"""K-FAC (Kronecker factors) of Linear, Conv1d/2d/3d and Embedding layers and of
+MultiheadAttention's projections, for ggn, fisher, ef.
 
 Convention (see :class:`curvkit.estimators.base.KroneckerFactors`): for a layer with weight
 W (d_out, d_in) — a Conv2d weight viewed as (C_out, C_in·kh·kw) — and a trainable bias b,
@@ -66,7 +67,8 @@ The same capture gives exact diagonals (:func:`layer_diagonals`, BackPACK's algo
 ``DiagGGN*``/``SumGradSquared``), where such layers are left to the caller instead.
 
 Layout of this subpackage: ``layers`` (the handlers, one per module family: Linear,
-Conv1d/2d/3d, Embedding; what a layer sees as inputs and output gradients), ``capture``
+Conv1d/2d/3d, Embedding; what a layer sees as inputs and output gradients), ``attention``
+(MultiheadAttention's in_proj and out_proj as Linear uses), ``capture``
 (the own pass: hooks, backpropagated columns, the gradient check), ``observe`` (an
 observed pass, and ``captured_columns``: observed, else own), ``factors`` (columns from the
 loss part, the one accumulator :func:`kronecker_statistics` — factors, or their square roots

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     pass
 from curvkit import passes
+from curvkit.estimators.kfac.attention import recompute
 from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
     KFACLayer,
@@ -29,6 +30,7 @@ from curvkit.estimators.kfac.layers import (
     _layer_inputs,
     _layer_output_grads,
     _layer_params,
+    _weight,
 )
 
 
@@ -71,7 +73,7 @@ def _uses_grads(layer: KFACLayer, grads: list[Tensor]) -> Tensor:
 def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
                           ) -> str:
     """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message."""
-    W = layer.module.weight
+    W = _weight(layer)
     wg = torch.einsum("ntd,nte->de", g, a)
     parts = [(wg.T if layer.transposed else wg.reshape(W.shape))] if layer.weight else []
     if layer.bias:
@@ -113,11 +115,34 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
 
         return hook
 
+    def make_attention_hook(roles: dict[str, str]) -> Callable:
+        def record(role: str, x: Tensor, out: Tensor) -> None:
+            if role in roles:
+                rec = records[roles[role]]
+                rec.calls += 1
+                rec.inputs.append(x.detach())
+                rec.outputs.append(out)
+                rec.differentiable |= out.requires_grad
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            res = recompute(module, args, kwargs, record)
+            return output if res is None else res
+
+        return hook
+
+    attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
     handles = []
     try:
         for layer in layers:
+            if layer.attention is not None:  # captured by the attention handler
+                attention.setdefault(id(layer.attention), (layer.attention, {}))[1][
+                    layer.role] = layer.name
+                continue
             for mod in layer.modules:
                 handles.append(mod.register_forward_hook(make_hook(layer.name)))
+        for mha, roles in attention.values():
+            handles.append(mha.register_forward_hook(make_attention_hook(roles),
+                                                     with_kwargs=True))
         with torch.enable_grad():
             out = passes.forward(model, X)
     finally:

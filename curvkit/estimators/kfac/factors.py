@@ -33,6 +33,7 @@ from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
     KFACLayer,
     _augmented_outer,
+    _weight,
     kfac_layers,
 )
 from curvkit.estimators.kfac.observe import Observation, captured_columns
@@ -175,7 +176,7 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
         d = D[layer.name]
         if layer.weight:
             w = d[0].T if layer.transposed else d[0]
-            res[layer.params[0]] = w.reshape(layer.module.weight.shape)
+            res[layer.params[0]] = w.reshape(_weight(layer).shape)
         if layer.bias:
             res[layer.params[-1]] = d[-1]
     return res, out.detach(), cols

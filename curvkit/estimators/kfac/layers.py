@@ -6,6 +6,10 @@ positions), ``nn.Conv1d``/``Conv2d``/``Conv3d`` (input patches at the output pos
 (N, T, d_in) and output gradients (K, N, T, d_out) in one layout; a frozen weight with a
 trainable bias is the bias alone. See :mod:`curvkit.estimators.kfac` for the convention.
 
+MultiheadAttention: the packed in_proj (self-attention) and the out_proj are Linear uses
+captured by the handler in ``attention``; an attention it cannot capture is left out with
+the reason (:func:`kfac_exclusions`).
+
 Weight sharing across calls: a module called several times in one forward, and modules of
 one type and configuration that hold the same parameters (tied weight *and* bias), are one
 layer whose *uses* are those calls; the positions of all uses are concatenated (see
@@ -47,6 +51,11 @@ class KFACLayer:
     # further modules holding exactly the same parameters (same type and configuration):
     # their calls are further uses of this layer
     tied: tuple[nn.Module, ...] = ()
+    # a projection of this MultiheadAttention ("in_proj": the module is the attention and
+    # the parameters are in_proj_weight/bias; "out_proj": the module is its out_proj),
+    # captured by re-expressing the attention's forward (see ``attention``)
+    attention: nn.MultiheadAttention | None = None
+    role: str = ""
 
     @property
     def modules(self) -> tuple[nn.Module, ...]:
@@ -105,7 +114,12 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
     full_name = {id(p): n for n, p in model.named_parameters()}
     layers: list[KFACLayer] = []
     seen: set[int] = set()
+    attention_of: dict[int, nn.MultiheadAttention] = {}
     for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            found = _attention_layer(mod_name, mod, full_name, attention_of, seen, excluded)
+            layers += [found] if found is not None else []
+            continue
         if not isinstance(mod, (nn.Linear, nn.Embedding, *CONV)) or id(mod) in seen:
             continue
         seen.add(id(mod))
@@ -158,9 +172,44 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
             continue
         params = ((full_name[id(weight)],) if use_weight else ()) + \
             ((full_name[id(bias)],) if use_bias else ())
+        mha = attention_of.get(id(mod))
         layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight,
-                                transposed=isinstance(mod, nn.Embedding), tied=tuple(tied)))
+                                transposed=isinstance(mod, nn.Embedding), tied=tuple(tied),
+                                attention=mha, role="out_proj" if mha is not None else ""))
     return layers
+
+
+def _attention_layer(name: str, mha: nn.MultiheadAttention, full_name: dict[int, str],
+                     attention_of: dict[int, nn.MultiheadAttention], seen: set[int],
+                     excluded: dict[str, str]) -> KFACLayer | None:
+    """The in_proj layer of ``mha`` (None if not trainable or not capturable); marks its
+    out_proj for the attention handler, or, if the attention cannot be captured, leaves
+    both projections out with the reason in ``excluded``."""
+    from curvkit.estimators.kfac.attention import unsupported
+    why = unsupported(mha)
+    if why:
+        seen.add(id(mha.out_proj))
+        excluded[name] = (f"module {name or '<model>'} (MultiheadAttention) {why}; K-FAC "
+                          f"covers its projections only without these, so they use the "
+                          f"fallback")
+        return None
+    attention_of[id(mha.out_proj)] = mha
+    W, b = mha.in_proj_weight, mha.in_proj_bias
+    use_w = isinstance(W, nn.Parameter) and W.requires_grad
+    use_b = isinstance(b, nn.Parameter) and b.requires_grad
+    if not use_w and not use_b:
+        return None
+    params = ((full_name[id(W)],) if use_w else ()) + ((full_name[id(b)],) if use_b else ())
+    return KFACLayer(name, mha, params, use_b, use_w, attention=mha, role="in_proj")
+
+
+def _weight(layer: KFACLayer) -> Tensor:
+    """The layer's weight tensor (in_proj_weight for an attention's input projection)."""
+    return layer.module.in_proj_weight if layer.role == "in_proj" else layer.module.weight
+
+
+def _bias(layer: KFACLayer) -> Tensor:
+    return layer.module.in_proj_bias if layer.role == "in_proj" else layer.module.bias
 
 
 def _same_use(mod: nn.Module, other: nn.Module) -> bool:
@@ -179,7 +228,9 @@ def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
     """(N, T, d_in): the layer's inputs per sample and weight-sharing position (the bias'
     constant 1 is not appended: it is accounted for in closed form, saving a copy)."""
     mod = layer.module
-    if isinstance(mod, CONV):
+    if layer.attention is not None:  # recorded batch-first (N, L, E) by the handler
+        a = x
+    elif isinstance(mod, CONV):
         a = _conv_patches(layer, x)
     elif isinstance(mod, nn.Embedding):
         # the lookup is a Linear on one-hot inputs; the padding row gets no gradient
@@ -245,5 +296,4 @@ def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
 
 
 def _layer_params(layer: KFACLayer) -> list[Tensor]:
-    mod = layer.module
-    return ([mod.weight] if layer.weight else []) + ([mod.bias] if layer.bias else [])
+    return ([_weight(layer)] if layer.weight else []) + ([_bias(layer)] if layer.bias else [])

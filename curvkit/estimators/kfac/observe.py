@@ -103,6 +103,8 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
     handles = obs.handles
     try:
         for layer in layers:
+            if layer.attention is not None:  # not observable: see `_observed_columns`
+                continue
             for mod in layer.modules:
                 handles.append(mod.register_forward_hook(make_hook(layer.name)))
             for j, p in enumerate(_layer_params(layer)):
@@ -188,6 +190,10 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     statistics, with the usual errors for a model they are not defined for.
     """
     if obs.calls != 1 or set(obs.records) != {layer.name for layer in layers}:
+        return None
+    if any(layer.attention is not None for layer in layers):
+        # the projections of an attention are captured only by re-expressing its forward,
+        # which the optimizer's own pass must not be subjected to: a pass of our own
         return None
     _check_output(obs.out)
     out: Tensor = obs.out

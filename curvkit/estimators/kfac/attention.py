@@ -1,0 +1,99 @@
+"""K-FAC handler for ``nn.MultiheadAttention``'s projections.
+
+MultiheadAttention calls ``F.multi_head_attention_forward`` with its parameters; inside it
+the packed input projection (``in_proj_weight`` (3E, E), ``in_proj_bias``) and the output
+projection (``out_proj.weight``, ``out_proj.bias``, the weights of a Linear module whose own
+forward never runs) are applied with ``F.linear``, where no module hook sees them. Both are
+plain Linear maps, so their K-FAC factors are the standard ones once their inputs and output
+gradients are captured:
+
+* in_proj, for self-attention (query, key and value the same tensor): one Linear use,
+  P = x W_inᵀ + b_in (N, L, 3E) on the layer input x (N, L, E), positions = the L tokens;
+* out_proj: one Linear use on the concatenated heads z (N, L, E), positions = the L tokens.
+
+The capture pass (our own forward only, never the optimizer's observed pass) replaces the
+module's output by the same function written with these two uses explicit
+(:func:`recompute`): P = F.linear(x, W_in, b_in) and its chunks q, k, v are passed to
+``F.multi_head_attention_forward`` with identity projections (exact: x·1 + 0), whose
+output z is then mapped by F.linear(z, W_o, b_o). The attention itself (masks, causal
+flag, need_weights, the SDPA or explicit kernel) is torch's own code with the caller's
+arguments. The module's original forward still runs first and its output is discarded
+(a forward hook cannot skip it): in capture passes an attention layer costs two forwards.
+
+Not covered, left to the fallback (one warning when the optimizer is built, from
+:func:`unsupported`): separate q/k/v weights (``kdim``/``vdim`` ≠ ``embed_dim``),
+``bias_k``/``bias_v``, ``add_zero_attn``, attention dropout > 0 (a second forward would draw
+a second mask). At run time: in_proj for cross-attention (query, key, value not the same
+tensor: the three row blocks of one weight see three inputs, not one Kronecker product; the
+out_proj is still covered) and unbatched inputs (both left out, the generic warning).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def unsupported(mha: nn.MultiheadAttention) -> str:
+    """'' if the projections of ``mha`` can be captured, else why not."""
+    if not mha._qkv_same_embed_dim:
+        return "has separate q/k/v projection weights (kdim or vdim differs from embed_dim)"
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "has bias_k/bias_v or add_zero_attn"
+    if mha.dropout > 0.0:
+        return (f"has attention dropout {mha.dropout} (the capture would draw a second "
+                f"dropout mask)")
+    return ""
+
+
+def recompute(mha: nn.MultiheadAttention, args: tuple, kwargs: dict,
+              record: Callable[[str, Tensor, Tensor], None]) -> Any:
+    """The module's output, computed with its two projections as explicit Linear uses;
+    ``record(which, inputs, output)`` is called with ``which`` = "in_proj" (self-attention
+    only) and "out_proj", inputs (N, L, E) and outputs batch-first. Returns None (the
+    original output stands, nothing recorded) where the projections cannot be captured."""
+    bound = _SIGNATURE.bind(mha, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    if unsupported(mha) or query.dim() != 3 or getattr(query, "is_nested", False):
+        return None
+    E = mha.embed_dim
+    W, b = mha.in_proj_weight, mha.in_proj_bias
+    eye = torch.eye(E, dtype=W.dtype, device=W.device)
+    self_attention = query is key and key is value
+
+    def batch_first(t: Tensor) -> Tensor:
+        return t if mha.batch_first else t.transpose(0, 1)
+
+    if self_attention:
+        x = batch_first(query)
+        P = F.linear(x, W, b)                                   # (N, L, 3E)
+        record("in_proj", x, P)
+        q, k, v = (t.transpose(0, 1) for t in P.chunk(3, dim=-1))  # (L, N, E) each
+    else:
+        bq, bk, bv = (None,) * 3 if b is None else b.chunk(3)
+        Wq, Wk, Wv = W.chunk(3)
+        q, k, v = (F.linear(batch_first(t), w, bb).transpose(0, 1)
+                   for t, w, bb in ((query, Wq, bq), (key, Wk, bk), (value, Wv, bv)))
+    zeros = eye.new_zeros(3 * E)
+    z, weights = F.multi_head_attention_forward(
+        q, k, v, E, mha.num_heads, torch.cat([eye, eye, eye]), zeros, None, None, False,
+        0.0, eye, zeros[:E], training=mha.training, key_padding_mask=a["key_padding_mask"],
+        need_weights=a["need_weights"], attn_mask=a["attn_mask"],
+        average_attn_weights=a["average_attn_weights"], is_causal=a["is_causal"])
+    zb = z.transpose(0, 1)                                      # (N, L, E)
+    out = F.linear(zb, mha.out_proj.weight, mha.out_proj.bias)
+    record("out_proj", zb, out)
+    # downstream gets a copy: an in-place op on it leaves the recorded output intact
+    return (out if mha.batch_first else out.transpose(0, 1)).clone(), weights
+
+
+__all__ = ["recompute", "unsupported"]
