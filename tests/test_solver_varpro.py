@@ -671,3 +671,33 @@ def test_reduced_gradient_and_implicit_jacobian_on_zoo_models(case):
     assert float(((Wp - Wm) / (2 * eps) - jv).norm() / jv.norm()) < 1e-6
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sequence_head_returned_transposed_with_mse_solves_in_the_heads_layout():
+    """A per-position head whose (N, L, d) output the model returns as (N, d, L): the
+    inner least-squares solution is lstsq of the per-position features against the targets
+    read back in the head's layout (an independent formula), and GNvpro trains."""
+
+    class SeqRegressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # x (N, L, 3) → (N, 2, L)
+            return self.head(torch.tanh(self.body(x))).transpose(1, 2)
+
+    torch.manual_seed(0)
+    model = SeqRegressor().to(DT)
+    X = torch.randn(5, 7, 3, dtype=DT)
+    Y = torch.randn(5, 2, 7, dtype=DT)
+    opt = build(model, nn.MSELoss())
+    W = opt.solver.inner_solve((X, Y))
+    assert opt.solver._split.layer_name == "head"
+    with torch.no_grad():
+        phi = torch.tanh(model.body(X)).reshape(-1, 4)
+    Z = torch.cat([phi, torch.ones(len(phi), 1, dtype=DT)], 1)
+    ref = torch.linalg.lstsq(Z, Y.transpose(1, 2).reshape(-1, 2)).solution.T
+    torch.testing.assert_close(W, ref, rtol=1e-9, atol=1e-11)
+    losses = [float(opt.step((X, Y))) for _ in range(4)]
+    assert losses[-1] < losses[0] and all(np.isfinite(losses))

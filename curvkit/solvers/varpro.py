@@ -193,16 +193,19 @@ class VarProSolver(Solver):
                 last = list(calls)[-1] if calls else None
                 raise StepError(f"{where}: the model is not separable at layer {last!r} (the "
                                 f"last nn.Linear to run): the model output must be that "
-                                f"layer's output, and is not the output of any nn.Linear; "
-                                f"return the final layer's output, or set `layer`")
+                                f"layer's output or a view of it holding each element once "
+                                f"(transpose, permute, view; not a copy such as "
+                                f".contiguous()), and is neither for any nn.Linear; return "
+                                f"the final layer's output, or set `layer`")
             try:
                 self._check_layer(name)
             except ValueError as err:
                 raise StepError(f"{where}: {err}") from None
         elif perms.get(name, False) is False:
             raise StepError(f"{where}: the model is not separable at layer {name!r}: the model "
-                            f"output must be that layer's output, and is not (set `layer` to "
-                            f"the module whose output the model returns)")
+                            f"output must be that layer's output or a view of it holding "
+                            f"each element once, and is neither (set `layer` to the module "
+                            f"whose output the model returns)")
         count = calls.get(name, (0, None))[0]
         if count != 1:
             shown = repr(name) if name else "(the model itself)"
