@@ -265,11 +265,35 @@ def forward(model: nn.Module, X: Any, params: Mapping[str, Tensor] | None = None
     enclosing :func:`rng_scope` is replayed first; with ``params`` (name → tensor) the
     model runs through ``functional_call`` on them and on copies of its buffers."""
     replay()
-    if params is None:
-        return model(X)
-    state = dict(params)
-    state.update(buffer_copies(model))
-    return functional_call(model, state, (X,))
+    try:
+        if params is None:
+            return model(X)
+        state = dict(params)
+        state.update(buffer_copies(model))
+        return functional_call(model, state, (X,))
+    except RuntimeError as err:
+        advice = _packed_sequence_error(model, err)
+        if advice is None:
+            raise
+        raise advice from err
+
+
+def _packed_sequence_error(model: nn.Module, err: RuntimeError) -> TypeError | None:
+    """What to do when a recurrent module ran on a ``PackedSequence`` inside a torch.func
+    transform: its packed kernels read their inputs through data pointers that
+    torch.func's wrapped tensors do not have (torch's message: "Cannot access data pointer
+    of Tensor that doesn't have storage"). None for any other error."""
+    if "doesn't have storage" not in str(err):
+        return None
+    rnn = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)), None)
+    if rnn is None:
+        return None
+    return TypeError(
+        f"module {rnn[0] or '<model>'} ({type(rnn[1]).__name__}) runs on a PackedSequence, "
+        f"which torch.func (this pass' vmap/jvp/vjp) cannot differentiate. Give the module "
+        f"the padded batch (batch_first) and mask the padded steps instead of packing, or "
+        f"use passes that need plain autograd only (estimator 'hessian'; 'ggn'/'ef' "
+        f"matvec, e.g. Hessian-free)")
 
 
 @contextlib.contextmanager

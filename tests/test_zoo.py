@@ -199,6 +199,45 @@ def test_structured_output_only_a_forward_pass_shows_is_refused_before_anything_
     assert torch.isfinite(opt.step(batch))
 
 
+class _PackedGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) > 0).sum(-1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][0])
+
+
+def test_packed_sequences_run_on_autograd_passes_and_torch_func_passes_say_what_to_do():
+    """torch.func cannot transform the packed recurrent kernels (inside torch: "Cannot
+    access data pointer ..."): passes that need it raise a TypeError naming the module and
+    the way out, before any parameter moves; plain-autograd compositions train."""
+    torch.manual_seed(0)
+    X = torch.randn(6, 4, 3, dtype=torch.float64)
+    for i, n in enumerate((4, 2, 3, 1, 4, 2)):
+        X[i, n:] = 0.0
+    batch = (X, torch.randint(0, 3, (6,)))
+    model = _PackedGRU().double()
+    est = curvkit.create("estimator", "ggn", model=model, loss_fn=nn.CrossEntropyLoss())
+    advice = r"module rnn \(GRU\) runs on a PackedSequence.*mask the padded steps"
+    with pytest.raises(TypeError, match=advice):
+        est.dense(batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), dict(SNIPPETS)["GNvpro"])
+    with pytest.raises(TypeError, match=advice):
+        opt.step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(),
+                                  {"lr": 0.5, "estimator": "ggn", "preconditioner": "identity",
+                                   "solver": "trust_region"})
+    losses = [float(opt.step(batch)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+
+
 def test_vmap_or_loop_falls_back_where_vmap_cannot_batch():
     def fn(x):
         return x * float(x.sum().item())  # .item() cannot be batched by vmap

@@ -364,6 +364,11 @@ way out (quoted below); **n/a** — the estimator does not offer the capability.
 tuple outputs run through `curvkit.SelectOutput(model, key)`; without it the optimizer
 refuses them with that advice at build (where the model's code shows them; else at the
 first step, before any parameter moves), and every estimator at its first call.
+Recurrent modules run on a `PackedSequence` (not in the zoo) train under passes that use
+plain autograd (hessian; ggn/ef matvec, e.g. Hessian-free; SINGD; diagonal Fisher); passes
+that need torch.func (ggn/ef/fisher dense, diagonal and summary, K-FAC, varpro) cannot
+differentiate the packed kernels and say so at their first call, naming the module and
+advising padded, masked sequences (as `bilstm_padded` does).
 
 How curvkit's own passes run on these models (attention on the math kernel and
 normalizations decomposed for higher-order passes, one dropout mask per evaluation,
