@@ -622,6 +622,7 @@ def _zoo(name):
     pytest.param("batchnorm_train", marks=pytest.mark.slow),  # batch statistics
     pytest.param("dropout", marks=pytest.mark.slow),  # one mask per evaluation
     pytest.param("resnet_block", marks=pytest.mark.slow),
+    pytest.param("prenorm_rmsnorm_lm", marks=pytest.mark.slow),  # causal SDPA, RMSNorm
 ])
 def test_reduced_gradient_and_implicit_jacobian_on_zoo_models(case):
     """On the zoo's models (float64), independently of varpro's head code: ∇_θF is the
