@@ -4,9 +4,9 @@
   the exact GGN block; Conv1d equals the same convolution written as a height-1 Conv2d.
 * Attention with a key bias (whose gradient is round-off: softmax is shift invariant) does
   not trip the factors' consistency check.
-* ``structures()`` is the truth: SINGD and K-FAC report the fallback, and warn once, for a
-  Linear whose factors never arrive (MultiheadAttention's ``out_proj``, an unused Linear)
-  and for modules no handler covers (LayerNorm).
+* ``structures()`` is the truth: SINGD and K-FAC report the fallback, and warn once, for
+  a layer whose factors never arrive (a cross-attention's in_proj, an unused Linear) and
+  for modules no handler covers (LayerNorm); the attention's out_proj is covered.
 * BatchNorm in training mode with ``ef`` and the diagonal fallback is refused when the
   optimizer is built, and the advice (``fallback = "identity"``) trains.
 """
@@ -122,7 +122,8 @@ class WithMHA(nn.Module):
 
     def forward(self, x):
         h = self.emb(x)
-        h = self.norm(h + self.mha(h, h, h, need_weights=False)[0])
+        kv = torch.tanh(h)  # cross-attention: the in_proj has no factors, the out_proj has
+        h = self.norm(h + self.mha(h, kv, kv, need_weights=False)[0])
         return self.head(h.mean(1))
 
 
@@ -141,14 +142,14 @@ def test_structures_report_the_fallback_for_layers_without_factors(pre):
     msgs = [str(w.message) for w in caught]
     s = opt.preconditioner.structures()
     kron = "kronecker" if pre == "kronecker" else "lie_group[dense, dense]"
-    assert s["emb.weight"] == s["head.weight"] == kron
-    for n in ("mha.out_proj.weight", "unused.weight", "norm.weight", "mha.in_proj_weight"):
+    assert s["emb.weight"] == s["head.weight"] == s["mha.out_proj.weight"] == kron
+    for n in ("unused.weight", "norm.weight", "mha.in_proj_weight", "mha.in_proj_bias"):
         assert s[n] == "identity", (n, s[n])
-    assert sum("'mha.out_proj'" in m for m in msgs) == 1, msgs
+    assert sum("'mha'" in m and "self-attention only" in m for m in msgs) == 1, msgs
     assert sum("'unused'" in m for m in msgs) == 1, msgs
     assert sum("no Kronecker handler covers" in m and "LayerNorm" in m for m in msgs) == 1
     if pre == "lie_group":
-        assert "mha.out_proj" not in opt.preconditioner.state["layers"]
+        assert "mha" not in opt.preconditioner.state["layers"]
 
 
 def test_batchnorm_in_training_mode_is_decided_at_build_time():

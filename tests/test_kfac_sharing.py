@@ -1,5 +1,6 @@
 """K-FAC with weight shared across calls (curvkit.estimators.kfac, module doc): a module
-called several times, tied modules, and sharing K-FAC does not cover (tied embedding/head).
+called several times, tied modules, an Embedding tied to the head (one Kronecker upper
+bound of its two uses), and sharing K-FAC does not cover (a weight tied, biases not).
 
 References, float64:
 * curvlinops' KFACLinearOperator on the equivalent model that makes one call on the stack
@@ -234,8 +235,80 @@ class TiedHead(nn.Module):
         return self.out(torch.tanh(self.mix(self.emb(tokens).mean(1))))
 
 
+def _untied(model: TiedHead) -> TiedHead:
+    """The same function with the head's weight a separate copy: its Embedding and head
+    factors are the two uses' terms of the tied model."""
+    other = TiedHead().double()
+    other.load_state_dict(model.state_dict())
+    other.out.weight = nn.Parameter(model.emb.weight.detach().clone())
+    return other
+
+
+def _term_sum(untied, batch, approx):
+    """Σ_i X_i ⊗ Y_i over vec_r([W | b]) (V, d+1) from the untied model's factors."""
+    f = kronecker_factors(est("ggn", untied, nn.CrossEntropyLoss()), batch, "exact", approx)
+    head = torch.kron(f["out"].G, f["out"].A)                  # over (V, d+1)
+    Ge, Ae = f["emb"].G, f["emb"].A                             # slots swapped: G (V×V)
+    d = Ae.shape[0]
+    Y = torch.zeros(d + 1, d + 1, dtype=DT)
+    Y[:d, :d] = Ae
+    return head + torch.kron(Ge, Y)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_tied_embedding_head_is_one_kronecker_upper_bound_of_its_two_uses(approx):
+    torch.manual_seed(8)
+    model = TiedHead().double()
+    X = torch.randint(0, 5, (6, 3))
+    y = torch.randint(0, 5, (6,))
+    f = kronecker_factors(est("ggn", model, nn.CrossEntropyLoss()), (X, y), "exact", approx)
+    assert list(f) == ["emb", "mix"] and f["emb"].params == ("emb.weight", "out.bias")
+    K = torch.kron(f["emb"].G, f["emb"].A)
+    S = _term_sum(_untied(model), (X, y), approx)
+    gap = torch.linalg.eigvalsh(K - S)
+    assert float(gap.min()) > -1e-10 * float(S.norm()), float(gap.min())
+    # the bound is not loose by more than the cross terms' minimal trace
+    assert float((K - S).trace()) <= float(S.trace())
+    # roots of the same group square to these factors
+    r = kronecker_roots(est("ef", model, nn.CrossEntropyLoss()), (X, y), approx,
+                        lambda out, y_, i: _exact_columns_ce(out, y_))["emb"]
+    fe = kronecker_factors(est("ef", model, nn.CrossEntropyLoss()), (X, y), "exact",
+                           approx)["emb"]
+    torch.testing.assert_close(r.A_root.T @ r.A_root, fe.A)
+    torch.testing.assert_close(r.G_root.T @ r.G_root, fe.G)
+
+
+def _exact_columns_ce(out, y):
+    from curvkit.estimators.kfac import output_columns
+    from curvkit.losses import loss_part
+    return output_columns(loss_part(nn.CrossEntropyLoss(), "t"), out, y, "exact")
+
+
+def test_tied_head_alone_when_the_embedding_use_has_no_curvature():
+    """With the embedding's output scaled by 0 its term vanishes: the group's factors are
+    the head's own."""
+
+    class Muted(TiedHead):
+        def forward(self, tokens):
+            h = self.emb(tokens).mean(1) * 0.0 + 1.0
+            return self.out(torch.tanh(self.mix(h)))
+
+    torch.manual_seed(9)
+    model = Muted().double()
+    X = torch.randint(0, 5, (6, 3))
+    y = torch.randint(0, 5, (6,))
+    f = kronecker_factors(est("ggn", model, nn.CrossEntropyLoss()), (X, y), "exact",
+                          "expand")["emb"]
+    other = Muted().double()
+    other.load_state_dict(model.state_dict())
+    other.out.weight = nn.Parameter(model.emb.weight.detach().clone())
+    g = kronecker_factors(est("ggn", other, nn.CrossEntropyLoss()), (X, y), "exact",
+                          "expand")["out"]
+    torch.testing.assert_close(torch.kron(f.G, f.A), torch.kron(g.G, g.A))
+
+
 @pytest.mark.parametrize("pre", ["kronecker", "lie_group"])
-def test_tied_embedding_head_falls_back_with_one_warning_at_build(pre):
+def test_tied_embedding_head_is_kronecker_covered_and_trains(pre):
     torch.manual_seed(8)
     model = TiedHead().double()
     X = torch.randint(0, 5, (6, 3))
@@ -245,13 +318,43 @@ def test_tied_embedding_head_falls_back_with_one_warning_at_build(pre):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), cfg)
-    msgs = [str(w.message) for w in caught if "shared by emb.weight, out.weight" in
+        losses = [float(opt.step((X, y))) for _ in range(3)]
+    assert not [w for w in caught if "shared by" in str(w.message)]
+    fallback = opt.preconditioner.options.fallback
+    assert all(v != fallback for v in opt.preconditioner.structures().values())
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+class TiedWeightOwnBiases(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 3)
+        self.dec = nn.Linear(3, 3)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+@pytest.mark.parametrize("pre", ["kronecker", "lie_group"])
+def test_other_sharing_falls_back_with_one_warning_at_build(pre):
+    """A weight tied while the biases are not: the weight falls back (one warning, at
+    build, naming the modules and the way out), the biases stay Kronecker-covered."""
+    torch.manual_seed(10)
+    model = TiedWeightOwnBiases().double()
+    X, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 3, dtype=DT)
+    cfg = {"optimizer": {"lr": 0.05, "estimator": "ef", "preconditioner": {"name": pre},
+                         "solver": "direct"}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = curvkit.build_optimizer(model, nn.MSELoss(), cfg)
+    msgs = [str(w.message) for w in caught if "shared by dec.weight, enc.weight" in
             str(w.message)]
     assert len(msgs) == 1 and "untie" in msgs[0], [str(w.message) for w in caught]
     label = opt.preconditioner.structures()
     fallback = opt.preconditioner.options.fallback
-    assert label["emb.weight"] == fallback
-    assert label["mix.weight"] != fallback and label["out.bias"] != fallback
+    assert label["enc.weight"] == fallback
+    assert label["enc.bias"] != fallback and label["dec.bias"] != fallback
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = [float(opt.step((X, y))) for _ in range(3)]

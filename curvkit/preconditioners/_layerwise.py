@@ -61,10 +61,10 @@ class LayerwiseKronecker(Preconditioner):
         trainable_names = {n for n, _ in self.named_params}
         layers: dict[str, list[str]] = {}
         for layer in kfac_layers(self.model, strict=False):
-            names = [n for n in layer.params if n in trainable_names]
-            if names:
-                layers[layer.name] = names
-        return layers
+            names = layers.setdefault(layer.group or layer.name, [])  # a tied group is one
+            names += [n for n in layer.params if n in trainable_names and n not in names]
+        # weight before bias (a group's Embedding brings the weight alone)
+        return {k: sorted(v, key=lambda n: n.endswith("bias")) for k, v in layers.items() if v}
 
     def _excluded_params(self) -> dict[str, list[str]]:
         """{why: parameters} of the modules whose weight is shared in a way K-FAC does not

@@ -41,9 +41,14 @@ T, and ``reduce`` reduces within each call only; the convention here does not de
 how a model batches its calls.) ``reduce`` is exact for one sample when every use sees
 the same input (e.g. one projection applied twice to x): Σ_u g_u ãᵀ = ĝ āᵀ.
 
-Sharing in another form — an Embedding tied to a Linear head (the same matrix in the two
-orientations), a weight tied while the biases are not — is not a Kronecker product per
-layer: that weight is left to the preconditioner's fallback, with one warning when the
+**An Embedding tied to a Linear head** (the same matrix in its two orientations) is a
+group of two layers; the sum of their Kronecker products (G_h ⊗ A_h for the head, A_e ⊗ G_e
+for the Embedding, over the stored weight and the head's bias) is not a Kronecker product,
+and is replaced by the upper bound (Σ c_i X_i) ⊗ (Σ Y_i / c_i) with the c_i that minimise
+the cross terms' trace — Martens & Grosse's bound for factored damping (``factors.
+_combine_group``); it never underestimates either use's curvature. Sharing in another
+form — a weight tied while the biases are not, an Embedding tied to several heads — is not
+covered: that weight is left to the preconditioner's fallback, with one warning when the
 optimizer is built (:func:`~curvkit.estimators.kfac.layers.kfac_exclusions` names the
 modules and the way out: untie), and ``structures()`` reports it as the fallback.
 

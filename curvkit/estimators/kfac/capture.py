@@ -94,6 +94,16 @@ def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: li
     return ""
 
 
+def _implied_weight_grad(layer: KFACLayer, a: Tensor, g: Tensor) -> Tensor:
+    """Σ_{n,t} g ãᵀ for the weight, in the stored weight's shape (g (N, T, d_out))."""
+    wg = torch.einsum("ntd,nte->de", g, a)
+    return wg.T if layer.transposed else wg.reshape(_weight(layer).shape)
+
+
+def _group_of(layers: list[KFACLayer], name: str) -> str:
+    return next(layer.group for layer in layers if layer.name == name)
+
+
 def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: bool
                      ) -> tuple[Tensor, list[KFACLayer], dict[str, _Record], dict[str, str]]:
     """Forward pass with temporary hooks: (output, layers captured, records, skipped layers
@@ -210,6 +220,7 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
                                 retain_graph=True, allow_unused=True)
     kept: list[KFACLayer] = []
     pos, at = len(outputs), 0
+    first: list[tuple[KFACLayer, Tensor, list[Tensor]]] = []
     for layer in active:
         outs = records[layer.name].outputs
         ps = _layer_params(layer)
@@ -220,6 +231,15 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
                                 .detach().unsqueeze(0)
                                 for g, o in zip(grads[at:at + len(outs)], outs)])
         at += len(outs)
+        first.append((layer, g, true))
+    # a tied group's weight gradient is the sum over its layers: each layer must explain
+    # the true gradient less what the other layers of its group explain
+    implied = {layer.name: _implied_weight_grad(layer, A_in[layer.name], g[0])
+               for layer, g, _ in first if layer.group}
+    for layer, g, true in first:
+        if layer.group:
+            true = [true[0] - sum(w for n, w in implied.items() if n != layer.name and
+                                  _group_of(active, n) == layer.group), *true[1:]]
         msg = _weight_grad_mismatch(layer, A_in[layer.name], g[0], true)
         if msg:
             if strict:

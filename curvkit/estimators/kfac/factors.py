@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from curvkit import distributed, passes
@@ -147,7 +148,8 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
     captured exactly (called twice, tied, grouped, …) are left out: the caller computes their
     parameters' diagonal another way.
     """
-    layers = kfac_layers(est.model, strict=False)
+    # a tied group's per-sample gradient sums over its layers: left to the caller
+    layers = [layer for layer in kfac_layers(est.model, strict=False) if not layer.group]
     out, active, records, _ = _forward_capture(est.model, layers, X, strict=False)
     cols = columns(out.detach())
     if not active:
@@ -293,14 +295,69 @@ def kronecker_statistics(estimator: CurvatureEstimator, batch: Batch | Iterable[
                     for n, a in acc["A"].items()}
     res: dict[str, Any] = {}
     for n in acc["A"]:
+        layer = by_name[n]
+        if layer.group:
+            if layer.group not in res:  # at its first layer's place in module order
+                members = [by_name[m] for m in acc["A"] if by_name[m].group == layer.group]
+                res[layer.group] = _combine_group(
+                    layer.group, members, {m.name: (acc["A"][m.name], acc["G"][m.name])
+                                           for m in members}, roots)
+            continue
         A, G = acc["A"][n], acc["G"][n]
-        if by_name[n].transposed:  # rows of the stored weight are the inputs (Embedding)
+        if layer.transposed:  # rows of the stored weight are the inputs (Embedding)
             A, G = G, A
-        res[n] = KroneckerRoots(module=n, params=by_name[n].params, A_root=A, G_root=G) \
-            if roots else KroneckerFactors(module=n, params=by_name[n].params, A=A, G=G)
+        res[n] = KroneckerRoots(module=n, params=layer.params, A_root=A, G_root=G) \
+            if roots else KroneckerFactors(module=n, params=layer.params, A=A, G=G)
     return res
 
 
+def _combine_group(name: str, members: list[KFACLayer], stats: dict[str, tuple[Tensor, Tensor]],
+                   roots: bool) -> KroneckerFactors | KroneckerRoots:
+    """One Kronecker product for a tied Embedding/Linear-head group, bounding the sum of its
+    layers' Kronecker products from above.
+
+    In the stored weight's layout (V, d), W̃ = [W | b] with the head's bias: the head
+    contributes X_h ⊗ Y_h = G_h ⊗ A_h (V×V, (d+1)²), the Embedding X_e ⊗ Y_e = A_e ⊗ G_e
+    (its one-hot statistic, V×V, and its output-gradient statistic, d×d, padded with a zero
+    bias row/column). The sum Σ_i X_i ⊗ Y_i is not a Kronecker product; for any c_i > 0
+
+        Σ_i X_i ⊗ Y_i  ⪯  (Σ_i c_i X_i) ⊗ (Σ_i Y_i / c_i)
+
+    (the cross terms (c_i/c_j) X_i ⊗ Y_j are PSD), the bound Martens & Grosse (2015, §6.3)
+    use for the damping term of factored Tikhonov damping. c_i = √(tr Y_i / tr X_i) makes
+    the trace of the cross terms smallest (for two terms exactly; the common scale of the
+    c_i is free and is set so that tr Y = tr A_h, the head's A). Being an upper bound, the
+    product never underestimates the curvature of either use (the Frobenius-nearest
+    Kronecker product can, and then oversteps). A term with a zero factor is zero and is
+    left out. With roots: X_root, Y_root are the members' roots stacked with weights
+    √c_i and 1/√c_i.
+    """
+    head = next((m for m in members if not m.transposed), None)
+    cols = (stats[head.name][0].shape[1] if roots else stats[head.name][0].shape[0]) \
+        if head is not None else None
+    trace = (lambda t: float(t.square().sum())) if roots else (lambda t: float(t.trace()))
+    terms = []
+    for m in members:
+        A, G = stats[m.name]
+        x, y = (A, G) if m.transposed else (G, A)
+        if cols is not None and y.shape[-1] < cols:  # the Embedding has no bias column
+            y = F.pad(y, (0, cols - y.shape[-1]) if roots else
+                      (0, cols - y.shape[-1], 0, cols - y.shape[-1]))
+        terms.append((m, x, y, trace(x), trace(y)))
+    live = [t for t in terms if t[3] > 0 and t[4] > 0] or terms[:1]
+    c = [math.sqrt(ty / tx) if tx > 0 and ty > 0 else 1.0 for _, _, _, tx, ty in live]
+    ty_sum = sum(t[4] / ci for t, ci in zip(live, c))
+    t_head = next((t[4] for t in terms if t[0] is head), 0.0)
+    s = t_head / ty_sum if ty_sum > 0 and t_head > 0 else 1.0
+    c = [ci / s for ci in c]                     # X = Σ c_i X_i, Y = Σ Y_i / c_i
+    params = head.params if head is not None else members[0].params
+    if roots:
+        G_root = torch.cat([x * math.sqrt(ci) for (_, x, _, _, _), ci in zip(live, c)])
+        A_root = torch.cat([y / math.sqrt(ci) for (_, _, y, _, _), ci in zip(live, c)])
+        return KroneckerRoots(module=name, params=params, A_root=A_root, G_root=G_root)
+    G = sum(ci * x for (_, x, _, _, _), ci in zip(live, c))
+    A = sum(y / ci for (_, _, y, _, _), ci in zip(live, c))
+    return KroneckerFactors(module=name, params=params, A=A, G=G)
 def _stack_roots(estimator: CurvatureEstimator, batches: list[Batch],
                  one: Callable[[Any, Tensor], dict[str, Any]]) -> dict[str, Any]:
     """The roots of several batches, stacked (one process; see :func:`kronecker_statistics`):

@@ -13,9 +13,10 @@ the reason (:func:`kfac_exclusions`).
 Weight sharing across calls: a module called several times in one forward, and modules of
 one type and configuration that hold the same parameters (tied weight *and* bias), are one
 layer whose *uses* are those calls; the positions of all uses are concatenated (see
-``_find_layers``). Any other sharing of a covered parameter (an Embedding tied to a Linear
-head: the same matrix in the two orientations; a weight tied but biases not) is refused
-here, when the optimizer is built, naming the modules and the way out.
+``_find_layers``). An Embedding tied to a Linear head (the same matrix in its two
+orientations) is a *group* of two layers whose factors are combined (``_tied_head``). Any
+other sharing of a covered parameter (a weight tied but biases not, …) is left out with the
+reason (:func:`kfac_exclusions`), reported when the optimizer is built.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class KFACLayer:
     # captured by re-expressing the attention's forward (see ``attention``)
     attention: nn.MultiheadAttention | None = None
     role: str = ""
+    # an Embedding and a Linear head tied to one weight are two layers of one *group*
+    # (the Embedding's name): their factors are combined into one Kronecker product
+    # (``factors._combine_group``), and the weight-gradient check sums over the group
+    group: str = ""
 
     @property
     def modules(self) -> tuple[nn.Module, ...]:
@@ -121,6 +126,11 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
             layers += [found] if found is not None else []
             continue
         if not isinstance(mod, (nn.Linear, nn.Embedding, *CONV)) or id(mod) in seen:
+            continue
+        pair = _tied_head(mod_name, mod, owners, holders, full_name)
+        if pair:
+            layers += pair
+            seen.update(id(layer.module) for layer in pair)
             continue
         seen.add(id(mod))
         weight = mod.weight
@@ -210,6 +220,36 @@ def _weight(layer: KFACLayer) -> Tensor:
 
 def _bias(layer: KFACLayer) -> Tensor:
     return layer.module.in_proj_bias if layer.role == "in_proj" else layer.module.bias
+
+
+def _tied_head(name: str, mod: nn.Module, owners: dict[int, list[tuple[str, nn.Module]]],
+               holders: dict[int, set[str]], full_name: dict[int, str]) -> list[KFACLayer]:
+    """The two layers of an Embedding tied to a Linear head (the same trainable weight, held
+    by these two modules only; a plain lookup; the Linear's bias its own), in module order,
+    of one group named after the Embedding; [] for anything else."""
+    W = mod.weight
+    if not (isinstance(W, nn.Parameter) and W.requires_grad):
+        return []
+    users = owners.get(id(W), [])
+    if len(users) != 2 or len(holders[id(W)]) != 2:
+        return []
+    emb = next(((n, m) for n, m in users if type(m) is nn.Embedding), None)
+    lin = next(((n, m) for n, m in users if type(m) is nn.Linear), None)
+    if emb is None or lin is None or lin[1].weight is not W:
+        return []
+    e = emb[1]
+    if e.max_norm is not None or e.sparse or e.scale_grad_by_freq:
+        return []
+    b = lin[1].bias
+    use_b = isinstance(b, nn.Parameter) and b.requires_grad
+    if use_b and len(holders.get(id(b), ())) > 1:
+        return []
+    w = full_name[id(W)]
+    out = {emb[0]: KFACLayer(emb[0], e, (w,), False, True, transposed=True, group=emb[0]),
+           lin[0]: KFACLayer(lin[0], lin[1], (w, full_name[id(b)]) if use_b else (w,), use_b,
+                             True, group=emb[0])}
+    first = name if name in out else emb[0]
+    return [out[first], *(v for k, v in out.items() if k != first)]
 
 
 def _same_use(mod: nn.Module, other: nn.Module) -> bool:

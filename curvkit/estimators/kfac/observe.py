@@ -191,9 +191,10 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     """
     if obs.calls != 1 or set(obs.records) != {layer.name for layer in layers}:
         return None
-    if any(layer.attention is not None for layer in layers):
+    if any(layer.attention is not None or layer.group for layer in layers):
         # the projections of an attention are captured only by re-expressing its forward,
-        # which the optimizer's own pass must not be subjected to: a pass of our own
+        # which the optimizer's own pass must not be subjected to, and a tied group's
+        # check sums over its layers: a pass of our own
         return None
     _check_output(obs.out)
     out: Tensor = obs.out
