@@ -1,0 +1,225 @@
+"""A whole K-FAC step against the same step built on curvlinops, and K-FAC factor extraction
+against curvlinops' and BackPACK's KFAC.
+
+Run:  python benchmarks/bench_kfac.py [--repeats 11] [--threads 1] [--out FILE]
+      python benchmarks/bench_kfac.py --only step      # or: --only extraction
+
+In one process, float32, CPU, one thread, contenders interleaved in every round, ratios
+taken within a round and reported as the median with the min–max over the rounds:
+
+- **step**: curvkit's ``fisher`` + ``kronecker`` + ``direct`` (MC Fisher with one sample,
+  factored damping δ with π = 1, Cholesky inverses, ``ema = 0`` so that each update uses
+  the new factors as curvlinops does) against the same step on curvlinops: the gradient
+  (forward + backward), every T-th step ``KFACLinearOperator.compute_kronecker_factors``
+  (MC, one sample) and a fresh ``KFACInverseLinearOperator`` (damping (√δ, √δ), the same
+  factored damping), then ``inverse @ gradient`` and ``p -= lr·d``. One round = T steps of
+  each contender (T = 1: factors every step; T = 10: once per round, so a round holds one
+  update and nine steps on the stored inverses).
+- **extraction**: ``fisher.kronecker`` (KFAC, one MC sample) and ``ggn.kronecker`` (KFLR)
+  against curvlinops' ``compute_kronecker_factors`` (mc / type-2) and BackPACK's
+  ``KFAC(mc_samples=1)`` / ``KFLR`` (forward + backward of an extended deepcopy, extended
+  once outside the timing), on the test zoo's language model (``tests/zoo.py``'s TinyLM at
+  a larger size: Embedding, a TransformerEncoderLayer, a Linear head; logits (N, V, L),
+  sequence cross-entropy, K-FAC "expand") and the small CNN. curvlinops gets the Linear
+  layers' parameters (it has no Embedding handler; curvkit also computes the Embedding's
+  factors); BackPACK has no KFAC for the transformer layer: that cell says so.
+
+Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _common import fmt, header, interleaved, ms, out_arg, publish, ratio
+from torch import Tensor, nn
+
+import curvkit
+
+DAMPING = 1e-3
+LR = 1e-3
+
+
+def step_models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                        nn.Linear(1024, 10))
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
+                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
+    return {
+        "MLP 784-1024-1024-10, N=128": (mlp, torch.randn(128, 784),
+                                        torch.randint(0, 10, (128,))),
+        "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
+                                                 torch.randint(0, 10, (64,))),
+    }
+
+
+def extraction_models() -> dict[str, tuple[nn.Module, Tensor, Tensor, bool]]:
+    """(model, X, y, whether BackPACK's KFAC supports it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from zoo import TinyLM
+
+    torch.manual_seed(0)
+    lm = TinyLM(vocab=256, d=64, heads=4, ff=256)
+    tokens = torch.randint(0, 256, (32, 32))
+    cnn = step_models()["CNN 2×conv3(8)+linear, 3×16×16, N=64"]
+    return {
+        "TinyLM (zoo) vocab 256, d 64, 4 heads, ff 256, 32×32 tokens": (
+            lm, tokens, torch.randint(0, 256, (32, 32)), False),
+        "CNN 2×conv3(8)+linear, 3×16×16, N=64": (*cnn, True),
+    }
+
+
+# ----------------------------------------------------------------------------- step
+def curvkit_step(model: nn.Module, X: Tensor, y: Tensor, T: int) -> Callable[[], None]:
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), {
+        "lr": LR, "estimator": {"name": "fisher", "mc_samples": 1},
+        "preconditioner": {"name": "kronecker", "damping": DAMPING, "ema": 0.0,
+                           "update_every": T},
+        "solver": "direct"})
+
+    def steps() -> None:
+        for _ in range(T):
+            opt.step((X, y))
+
+    return steps
+
+
+def curvlinops_step(model: nn.Module, X: Tensor, y: Tensor, T: int) -> Callable[[], None]:
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    loss_fn = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    kfac = KFACLinearOperator(model, loss_fn, params, [(X, y)], fisher_type="mc",
+                              mc_samples=1, check_deterministic=False,
+                              separate_weight_and_bias=False, num_data=X.shape[0],
+                              num_per_example_loss_terms=1)
+    root = math.sqrt(DAMPING)
+    state: dict[str, object] = {}
+
+    def step(update: bool) -> None:
+        grads = torch.autograd.grad(loss_fn(model(X), y), params)
+        if update or "inv" not in state:
+            kfac.compute_kronecker_factors()
+            state["inv"] = KFACInverseLinearOperator(kfac, damping=(root, root))
+        d = state["inv"] @ list(grads)
+        with torch.no_grad():
+            torch._foreach_add_(params, d, alpha=-LR)
+
+    def steps() -> None:
+        for i in range(T):
+            step(i == 0)
+
+    return steps
+
+
+def step_rows(repeats: int) -> list[str]:
+    rows = []
+    for label, (model, X, y) in step_models().items():
+        for T in (1, 10):
+            ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+            t = interleaved({"curvkit": curvkit_step(ours, X, y, T),
+                             "curvlinops": curvlinops_step(theirs, X, y, T)}, repeats)
+            rows.append(f"| {label} | fisher + kronecker + direct, update every {T} | "
+                        f"{ms([x / T for x in t['curvkit']])} | "
+                        f"{ms([x / T for x in t['curvlinops']])} | "
+                        f"{fmt(ratio(t, 'curvkit', 'curvlinops'))} | ≤ 1.0× |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- extraction
+def backpack_run(model: nn.Module, X: Tensor, y: Tensor, extension: object
+                 ) -> Callable[[], object]:
+    import backpack
+
+    ext_model = backpack.extend(copy.deepcopy(model))
+    ext_loss = backpack.extend(nn.CrossEntropyLoss())
+
+    def run() -> object:
+        ext_model.zero_grad(set_to_none=True)
+        with backpack.backpack(extension):
+            ext_loss(ext_model(X), y).backward()
+        return None
+
+    return run
+
+
+def curvlinops_run(model: nn.Module, X: Tensor, y: Tensor, fisher_type: str
+                   ) -> Callable[[], object]:
+    from curvlinops import KFACLinearOperator
+
+    # the parameters of the modules curvlinops' KFAC supports
+    params = [p for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+              for p in m.parameters(recurse=False) if p.requires_grad]
+    op = KFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(X, y)],
+                            fisher_type=fisher_type, mc_samples=1, check_deterministic=False,
+                            separate_weight_and_bias=False, num_data=X.shape[0])
+    return op.compute_kronecker_factors
+
+
+def extraction_rows(repeats: int) -> list[str]:
+    from backpack.extensions import KFAC, KFLR
+
+    rows = []
+    for label, (model, X, y, bp_ok) in extraction_models().items():
+        loss_fn = nn.CrossEntropyLoss()
+        fisher = curvkit.create("estimator", "fisher", model=model, loss_fn=loss_fn)
+        ggn = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
+        cases = [("fisher.kronecker (KFAC, 1 sample)", lambda: fisher.kronecker((X, y)),
+                  "mc", KFAC(mc_samples=1), "KFAC"),
+                 ("ggn.kronecker (KFLR)", lambda: ggn.kronecker((X, y)), "type-2", KFLR(),
+                  "KFLR")]
+        for what, ours, ftype, ext, ext_name in cases:
+            fns = {"curvkit": ours, "curvlinops": curvlinops_run(model, X, y, ftype)}
+            if bp_ok:
+                fns["backpack"] = backpack_run(model, X, y, ext)
+            t = interleaved(fns, repeats)
+            bp = (f"{fmt(ratio(t, 'curvkit', 'backpack'))}" if bp_ok
+                  else f"— (BackPACK {ext_name}: no TransformerEncoderLayer)")
+            rows.append(f"| {label} | {what} | {ms(t['curvkit'])} | "
+                        f"{fmt(ratio(t, 'curvkit', 'curvlinops'))} | {bp} | ≤ 1.0× |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["step", "extraction"], default=None)
+    ap.add_argument("--out", **out_arg("kfac.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook")
+    lines = header("Benchmark: K-FAC step and factor extraction vs curvlinops and BackPACK",
+                   "bench_kfac.py",
+                   f"{args.repeats} interleaved rounds after warm-up, float32, "
+                   "CrossEntropyLoss (mean); the ratio is taken within each round: median "
+                   "(min–max over the rounds). Times in ms per step or call, median "
+                   "(min–max).")
+    if args.only in (None, "step"):
+        lines += ["## Whole step", "",
+                  "| model | step | curvkit (ms) | curvlinops (ms) | ratio | target |",
+                  "|---|---|---:|---:|---:|---|"]
+        lines += step_rows(args.repeats)
+        lines += [""]
+    if args.only in (None, "extraction"):
+        lines += ["## Factor extraction", "",
+                  "| model | curvkit | curvkit (ms) | / curvlinops | / BackPACK | target |",
+                  "|---|---|---:|---:|---:|---|"]
+        lines += extraction_rows(args.repeats)
+        lines += [""]
+    publish("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
