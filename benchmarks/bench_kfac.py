@@ -172,10 +172,11 @@ def extraction_rows(repeats: int) -> list[str]:
         loss_fn = nn.CrossEntropyLoss()
         fisher = curvkit.create("estimator", "fisher", model=model, loss_fn=loss_fn)
         ggn = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
-        cases = [("fisher.kronecker (KFAC, 1 sample)", lambda: fisher.kronecker((X, y)),
-                  "mc", KFAC(mc_samples=1), "KFAC"),
-                 ("ggn.kronecker (KFLR)", lambda: ggn.kronecker((X, y)), "type-2", KFLR(),
-                  "KFLR")]
+        batch = (X, y)
+        cases = [("fisher.kronecker (KFAC, 1 sample)",
+                  lambda e=fisher, b=batch: e.kronecker(b), "mc", KFAC(mc_samples=1), "KFAC"),
+                 ("ggn.kronecker (KFLR)", lambda e=ggn, b=batch: e.kronecker(b), "type-2",
+                  KFLR(), "KFLR")]
         for what, ours, ftype, ext, ext_name in cases:
             fns = {"curvkit": ours, "curvlinops": curvlinops_run(model, X, y, ftype)}
             if bp_ok:

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_map
 
 from curvkit import passes
 from curvkit.estimators._autograd import grad_with_zeros, leaves, require_trainable
+from curvkit.estimators._backpack import BackpackBackend, Statistic
 from curvkit.estimators.base import Batch, CurvatureEstimator, KroneckerFactors, as_batches
 from curvkit.estimators.kfac import Observation, layer_diagonals
 from curvkit.losses import LOSS_GRADIENT, loss_part
@@ -50,11 +51,17 @@ class LowRankOutputEstimator(CurvatureEstimator):
 
     #: what the columns need from the loss part (curvkit.losses)
     loss_needs: ClassVar[str] = LOSS_GRADIENT
+    #: the K-FAC statistic of the columns (the BackPACK backend picks its extension by it)
+    statistic: ClassVar[Statistic] = "empirical"
 
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
         require_trainable(self)
         self.loss = loss_part(loss_fn, f"estimator {self.name!r}", needs=[self.loss_needs])
+        # the BackPACK backend (curvkit.estimators._backpack) when the option asks for it
+        self._backpack = (BackpackBackend(self, self.statistic)
+                          if getattr(self.options, "backend", "autograd") == "backpack"
+                          else None)
 
     def _separate_terms(self) -> bool:
         """Whether B_n = Σ_k Σ_t (s_{n,k} on term t)(…)ᵀ, one outer product per loss term
@@ -89,6 +96,8 @@ class LowRankOutputEstimator(CurvatureEstimator):
         (:class:`~curvkit.estimators.base.KroneckerRoots`; None under several ranks). Same
         columns as ``kronecker``; see :mod:`curvkit.estimators.kfac`."""
         from curvkit.estimators.kfac import kronecker_roots
+        if self._backpack is not None:
+            return None  # BackPACK gives the factors, not their roots: use `kronecker`
         with passes.evaluation(self.model, higher_order=False):
             return kronecker_roots(self, batch, approx or self.options.kfac_approx,
                                    self._columns, observed=self._observation)
@@ -113,7 +122,14 @@ class LowRankOutputEstimator(CurvatureEstimator):
 
     def diagonal(self, batch: Batch | Iterable[Batch]) -> list[Tensor]:
         """diag(C), shaped like the parameters."""
+        if self._backpack is not None:
+            return self._backpack_diagonal(batch)
         return self._per_batch(batch, self._diagonal_at)
+
+    def _backpack_diagonal(self, batch: Batch | Iterable[Batch]) -> list[Tensor]:
+        """diag(C) from BackPACK (``backend = "backpack"``); subclasses add their seeds."""
+        assert self._backpack is not None
+        return self._backpack.diagonal(batch, per_term=self._separate_terms())
 
     def _matvec(self, X: Any, y: Tensor, v: list[Tensor]) -> list[Tensor]:
         return self._matvec_at(X, y, v, 0)
@@ -162,6 +178,10 @@ class LowRankOutputEstimator(CurvatureEstimator):
         return W.T @ W
 
     def refusal(self, capability: str) -> str:
+        if self._backpack is not None:
+            why = self._backpack.refusal(capability)
+            if why:
+                return why
         if capability == DIAGONAL:
             for mod_name, mod in self.model.named_modules():
                 if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:

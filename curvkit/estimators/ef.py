@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from curvkit.estimators._backpack import Backend, backend_option
 from curvkit.estimators._lowrank import LowRankOutputEstimator
 from curvkit.estimators.base import Batch, KroneckerFactors, as_batches
 from curvkit.estimators.kfac import (
@@ -43,6 +44,10 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
     ``observe(batch)`` they are recorded with hooks; ``kronecker`` and ``kronecker_roots`` on
     that same batch (same ``X`` and ``y`` objects), in the same draw and with unchanged
     parameters, then use the recording instead of a second forward and backward pass.
+
+    ``backend = "backpack"``: ``diagonal`` from BackPACK's SumGradSquared divided by c (the
+    per-sample EF; per-term with several loss terms per sample is refused), ``kronecker``
+    refused (no empirical K-FAC in BackPACK); see :mod:`curvkit.estimators._backpack`.
     """
 
     name = "ef"
@@ -56,6 +61,7 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
             "per_term", "one gradient outer product per loss term (a sequence position, …; "
                         "curvlinops' convention) or per sample (its terms' gradients summed "
                         "first)")
+        backend: Backend = backend_option()
 
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
@@ -73,6 +79,8 @@ class EmpiricalFisherEstimator(LowRankOutputEstimator):
                   ) -> dict[str, KroneckerFactors]:
         """Empirical K-FAC factors (see ``curvkit.estimators.kfac``); ``approx`` overrides
         the ``kfac_approx`` option for this call."""
+        if self._backpack is not None:
+            return self._backpack.kronecker(batch)  # refused: BackPACK has no empirical K-FAC
         return kronecker_factors(self, batch, statistic="empirical",
                                  approx=approx or self.options.kfac_approx,
                                  observed=self._observation)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from curvkit import distributed
+from curvkit.estimators._backpack import Backend, backend_option, mc_seeds
 from curvkit.estimators._lowrank import LowRankOutputEstimator
 from curvkit.estimators.base import Batch, KroneckerFactors
 from curvkit.estimators.kfac import kronecker_factors, output_columns
@@ -33,10 +34,15 @@ class FisherEstimator(LowRankOutputEstimator):
 
     matvec: one forward pass with duals and one backward. diagonal: as for ``ef`` with M
     columns per sample. kronecker: K-FAC with MC-sampled G (BackPACK's KFAC semantics).
+
+    ``backend = "backpack"``: ``diagonal`` and ``kronecker`` from BackPACK's DiagGGNMC and
+    KFAC (``mc_samples``), with BackPACK's own labels drawn from a seed of this estimator's
+    (seed, draw, batch) inside a forked RNG (see :mod:`curvkit.estimators._backpack`).
     """
 
     name = "fisher"
     loss_needs = LOSS_SAMPLING
+    statistic = "mc"
 
     @dataclass
     class Options:
@@ -44,6 +50,7 @@ class FisherEstimator(LowRankOutputEstimator):
         seed: int = option(0, "seed of the private sample generator", min=0)
         kfac_approx: Literal["expand", "reduce"] = option(
             "expand", "K-FAC flavour for weight-sharing layers (used by `kronecker`)")
+        backend: Backend = backend_option()
 
     def batch_generator(self, index: int, device: torch.device | str | None = None
                         ) -> torch.Generator:
@@ -55,6 +62,11 @@ class FisherEstimator(LowRankOutputEstimator):
             # deterministic (Python hashes ints and tuples of ints without a salt)
             g.manual_seed(hash((g.initial_seed(), index)) % (2 ** 63))
         return g
+
+    def _backpack_diagonal(self, batch: Batch | Iterable[Batch]) -> list[Tensor]:
+        assert self._backpack is not None
+        return self._backpack.diagonal(batch, mc_seeds(self.batch_generator),
+                                       self.options.mc_samples)
 
     def _rows(self, index: int, count: int) -> tuple[int, int]:
         """Where this rank's samples of batch ``index`` sit in the global batch (cached per
@@ -80,6 +92,9 @@ class FisherEstimator(LowRankOutputEstimator):
                   ) -> dict[str, KroneckerFactors]:
         """K-FAC factors with G from sampled labels (the same samples as ``matvec``);
         ``approx`` overrides the ``kfac_approx`` option for this call."""
+        if self._backpack is not None:
+            return self._backpack.kronecker(batch, mc_seeds(self.batch_generator),
+                                            self.options.mc_samples)
         return kronecker_factors(self, batch, statistic="mc",
                                  approx=approx or self.options.kfac_approx,
                                  mc_samples=self.options.mc_samples, columns=self._columns)

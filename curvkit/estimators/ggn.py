@@ -19,6 +19,7 @@ from curvkit.estimators._autograd import (
     leaves,
     require_trainable,
 )
+from curvkit.estimators._backpack import Backend, BackpackBackend, backend_option
 from curvkit.estimators.base import Batch, CurvatureEstimator, Summary
 from curvkit.losses import LOSS_HESSIAN, UnsupportedLossError, loss_part, output_hvp
 from curvkit.options import option
@@ -43,6 +44,9 @@ class GGNEstimator(CurvatureEstimator):
     ⟨Jᵀw, v⟩ w.r.t. w (see ``_linearize``): cheaper per product than ``matvec`` after
     an operator that costs about one gradient (measured ratios: docs/benchmarks.md).
 
+    ``backend = "backpack"``: ``diagonal`` and ``kronecker`` from BackPACK's DiagGGNExact
+    and KFLR on a private copy of the model (:mod:`curvkit.estimators._backpack`).
+
     Capabilities: matvec, dense, diagonal (exact: Σ_n Σ_k (J_nᵀ s_{n,k})² with
     Σ_k s_{n,k}s_{n,k}ᵀ the scaled per-sample loss Hessian; see ``diagonal``), kronecker
     (K-FAC/KFLR factors, see ``curvkit.estimators.kfac``), summary (ḡ and H̄ = ŪᵀGŪ; D3 is
@@ -58,6 +62,7 @@ class GGNEstimator(CurvatureEstimator):
             "expand", "K-FAC flavour for weight-sharing layers (used by `kronecker`)")
         chunk_size: int = option(0, "samples (diagonal) or directions (dense/summary) "
                                     "batched at once by vmap (0 = all at once)", min=0)
+        backend: Backend = backend_option()
 
     def __init__(self, model: nn.Module, loss_fn: Any, options: Any | None = None) -> None:
         super().__init__(model, loss_fn, options)
@@ -65,8 +70,15 @@ class GGNEstimator(CurvatureEstimator):
         if self.loss is not None and LOSS_HESSIAN not in self.loss.provides:
             # e.g. NLLLoss: linear in the output, a zero GGN (the message says so)
             loss_part(self.loss, f"estimator {self.name!r}", needs=[LOSS_HESSIAN])
+        # BackPACK's DiagGGNExact / KFLR (curvkit.estimators._backpack); None: autograd
+        self._backpack = (BackpackBackend(self, "exact")
+                          if self.options.backend == "backpack" else None)
 
     def refusal(self, capability: str) -> str:
+        if self._backpack is not None:
+            why = self._backpack.refusal(capability)
+            if why:
+                return why
         if capability == KRONECKER and self.loss is None:
             try:  # the loss part's own refusal: unknown loss, or settings it cannot handle
                 loss_part(self.loss_fn, f"estimator {self.name!r}", needs=[LOSS_HESSIAN])
@@ -169,6 +181,8 @@ class GGNEstimator(CurvatureEstimator):
         see :func:`curvkit.passes.per_sample_obstacle`) use diag(Jᵀ H_loss J) from the full
         Jacobian (exact, costlier).
         """
+        if self._backpack is not None:
+            return self._backpack.diagonal(batch)
         return self.accumulate(batch, self._diagonal)
 
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
@@ -230,6 +244,8 @@ class GGNEstimator(CurvatureEstimator):
         """K-FAC factors of the GGN (exact loss-Hessian factors, KFLR); see curvkit.estimators.kfac.
         ``approx`` overrides the ``kfac_approx`` option for this call."""
         from curvkit.estimators.kfac import kronecker_factors
+        if self._backpack is not None:
+            return self._backpack.kronecker(batch)
         return kronecker_factors(self, batch, statistic="exact",
                                  approx=approx or self.options.kfac_approx)
 
