@@ -11,6 +11,7 @@ position and the weight gradient Σ_u Σ_t g ãᵀ is the true one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,20 +71,43 @@ def _uses_grads(layer: KFACLayer, grads: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
+@functools.lru_cache(maxsize=64)
+def _probes(D: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A Gaussian (D, 4) sketch from a fixed private seed, drawn once per layer width (the
+    global RNG is not touched; a generator per call would cost more than small layers'
+    check)."""
+    gen = torch.Generator(device=device).manual_seed(1_000_003 * D + 7)
+    return torch.randn(D, 4, generator=gen, dtype=dtype, device=device)
+
+
 def _weight_grad_mismatch(layer: KFACLayer, a: Tensor, g: Tensor, true_grads: list[Tensor]
                           ) -> str:
-    """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message."""
+    """'' if Σ_{n,t} g ãᵀ equals the true gradient of W̃ (same cotangent), else a message.
+
+    The weight gradient is compared through a fixed random sketch R (d_in × 4): Σ g (ã R)
+    against ∇W R, which costs products with 4 columns instead of forming Σ g ãᵀ (a second
+    weight gradient, as much as the capture's own backward). A mismatch E survives the
+    sketch with probability 1 (E[‖E R‖²] = 4‖E‖², R from a private seeded generator)."""
     W = _weight(layer)
-    wg = torch.einsum("ntd,nte->de", g, a)
-    parts = [(wg.T if layer.transposed else wg.reshape(W.shape))] if layer.weight else []
+    parts: list[tuple[Tensor, Tensor]] = []
+    if layer.weight:
+        R = _probes(a.shape[-1], a.dtype, a.device)
+        aR = a @ R                                                # (N, T, 4)
+        mine = torch.einsum("ntd,ntr->dr", g, aR)                 # (d_out, 4)
+        ref = true_grads[0]
+        ref = ref.T if layer.transposed else ref.reshape(W.shape[0], -1)
+        parts.append((mine, ref @ R))
+        a_norm = float(aR.norm())
+    else:
+        a_norm = 0.0
     if layer.bias:
-        parts.append(g.sum((0, 1)))
+        parts.append((g.sum((0, 1)), true_grads[-1]))
     tol = min(0.05, 1e4 * torch.finfo(a.dtype).eps)
-    # absolute floor: the round-off of Σ g ãᵀ is bounded by eps·‖g‖·‖ã‖, so a gradient
+    # absolute floor: the round-off of Σ g (ã R) is bounded by eps·‖g‖·‖ã R‖, so a gradient
     # that is round-off itself (a key bias under softmax's shift invariance: ~1e-18) is
     # not compared relative to its own size
-    floor = float(g.norm()) * (float(a.norm()) + math.sqrt(a.shape[0] * a.shape[1]))
-    for name, mine, ref in zip(layer.params, parts, true_grads):
+    floor = float(g.norm()) * (a_norm + math.sqrt(a.shape[0] * a.shape[1]))
+    for name, (mine, ref) in zip(layer.params, parts):
         err = float((mine - ref).norm())
         scale = float(ref.norm()) + float(mine.norm())
         if err > tol * (scale + floor):
