@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvkit import distributed, passes
 from curvkit.estimators.base import Batch, KroneckerFactors, KroneckerRoots, as_batches
@@ -112,7 +112,11 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
             res[layer.name] = (_root_rows(a, layer.bias, approx),
                                g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows))
             continue
-        if approx == "expand":
+        if approx == "expand" and isinstance(layer.module, nn.Embedding) and not layer.bias:
+            # one-hot rows (zero for the padding index): aᵀa is the diagonal of their sums,
+            # O(N·T·V) instead of the O(N·T·V²) product
+            A = torch.diag(a.flatten(0, 1).sum(0)).div_(T)
+        elif approx == "expand":
             A = _augmented_outer(a.flatten(0, 1), layer.bias, T)
         else:
             A = _augmented_outer(a.mean(1), layer.bias, 1.0)
