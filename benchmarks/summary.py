@@ -96,6 +96,15 @@ ROWS = [
         [Cell({"model": m, "optimizer": f"kronecker (fisher), T={t}"}, "ratio", f"{n}, T = {t}")
          for m, n in (("MLP 64-128-128-10*", "MLP"), ("CNN 2×conv3(8)*", "CNN"))
          for t in (1, 10)]),
+    Row("fisher + `kronecker` + `direct` step / the same step on curvlinops "
+        "`KFACLinearOperator`", "≤ 1.0×", "kfac",
+        [Cell({"model": m, "step": f"fisher + kronecker + direct, update every {t}"}, "ratio",
+              f"{n}, T = {t}") for m, n in ((MLP, "MLP"), (CNN, "CNN")) for t in (1, 10)]),
+    *[Row(f"`{est}.kronecker` on the zoo LM and the CNN / {peer} {kind}", "≤ 1.0×", "kfac",
+          [Cell({"model": m, "curvkit": f"{est}.kronecker*"}, col, n)
+           for m, n in (("TinyLM*", "LM"), (CNN, "CNN"))])
+      for est, kind in (("fisher", "KFAC"), ("ggn", "KFLR"))
+      for peer, col in (("curvlinops", "/ curvlinops"), ("BackPACK", "/ BackPACK"))],
     Row("hessian + `partition` + cubic step / SGD step", "—", "partition",
         [Cell({"model": m, "optimizer": f"hessian + partition + cubic, T={t}"}, "ratio",
               f"{n}, T = {t}") for m, n in ((MLP, "MLP"), (CNN, "CNN")) for t in (1, 10)]),
