@@ -224,32 +224,46 @@ def replay() -> None:
         scope.restore()
 
 
-def draws_random(model: nn.Module, X: Any) -> bool:
-    """Whether a forward of ``model`` on ``X`` draws from the global generator (dropout in
-    training mode, in a module or in a functional call): one forward without gradients,
-    the generators left as they were."""
+def _probe(model: nn.Module, X: Any) -> tuple[Any, bool]:
+    """One forward of ``model`` on ``X`` without gradients (the enclosing scope's random
+    state, buffers and the generators left as they were): its output, and whether it drew
+    from the global generator (dropout in training mode, in a module or a functional call)."""
     entry = RandomState(model)
     try:
         replay()
         start = torch.get_rng_state()
-        with torch.no_grad():
-            model(X)
-        return not torch.equal(start, torch.get_rng_state())
+        with torch.no_grad(), kept_buffers(model):
+            out = model(X)
+        return out, not torch.equal(start, torch.get_rng_state())
     finally:
         entry.restore()
+
+
+def draws_random(model: nn.Module, X: Any) -> bool:
+    """Whether a forward of ``model`` on ``X`` draws from the global generator (dropout in
+    training mode, in a module or in a functional call): one forward without gradients,
+    the generators left as they were."""
+    return _probe(model, X)[1]
 
 
 def per_sample_obstacle(model: nn.Module, X: Any) -> str | None:
     """Why the model's outputs on a batch are not its outputs on each sample alone (then
     per-sample passes, e.g. ``vmap`` over samples, would compute another function), or None:
-    a module that couples the samples (BatchNorm in training mode), or a forward that
-    draws random numbers (one dropout mask for the batch, not per sample)."""
+    a module that couples the samples (BatchNorm in training mode), a forward that draws
+    random numbers (one dropout mask for the batch, not per sample), or an output whose
+    rows are not the samples (positions folded into the first dimension, ``(N·L, V)``)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return (f"module {name or '<model>'} ({type(m).__name__}) is in training mode "
                     f"and couples the samples of a batch")
-    if draws_random(model, X):
+    out, random = _probe(model, X)
+    if random:
         return "the forward draws random numbers (dropout in training mode)"
+    leaves = [t for t in torch.utils._pytree.tree_leaves(X) if isinstance(t, Tensor)]
+    if isinstance(out, Tensor) and leaves and leaves[0].ndim and out.ndim \
+            and out.shape[0] != leaves[0].shape[0]:
+        return (f"the model output's first dimension ({out.shape[0]}) is not the batch's "
+                f"({leaves[0].shape[0]}): its rows are not the samples")
     return None
 
 

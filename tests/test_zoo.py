@@ -238,6 +238,31 @@ def test_packed_sequences_run_on_autograd_passes_and_torch_func_passes_say_what_
     assert losses[-1] < losses[0]
 
 
+def test_outputs_whose_rows_are_not_samples_get_exact_diagonals():
+    """A model that folds positions into the first output dimension ((N·L, C) logits):
+    per-sample passes over the batch would pair the wrong rows (vmap raised on the size
+    mismatch); the diagonals come from the full Jacobian, equal to diag(dense)."""
+    torch.manual_seed(0)
+
+    class Folded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):  # (N, L, 3) → (N·L, 2)
+            return self.head(torch.tanh(self.body(x))).reshape(-1, 2)
+
+    model = Folded().double()
+    X = torch.randn(3, 4, 3, dtype=torch.float64)
+    batch = (X, torch.randint(0, 2, (12,)))
+    assert "rows are not the samples" in passes.per_sample_obstacle(model, X)
+    for name in ("ggn", "ef"):
+        est = curvkit.create("estimator", name, model=model, loss_fn=nn.CrossEntropyLoss())
+        diag = torch.cat([t.reshape(-1) for t in est.diagonal(batch)])
+        torch.testing.assert_close(diag, est.dense(batch).diagonal(), rtol=1e-10, atol=1e-12)
+
+
 def test_vmap_or_loop_falls_back_where_vmap_cannot_batch():
     def fn(x):
         return x * float(x.sum().item())  # .item() cannot be batched by vmap

@@ -226,6 +226,24 @@ class BiLSTM(nn.Module):
         return self.head((z * mask).sum(1) / mask.sum(1))
 
 
+class DecoderLM(nn.Module):
+    """A causal nn.TransformerDecoderLayer (self- and cross-attention on the embeddings)
+    with the positions folded into the batch: logits (N·L, V), targets (N·L,)."""
+
+    def __init__(self, vocab: int = 5, d: int = 4, heads: int = 2, ff: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.dec = nn.TransformerDecoderLayer(d, heads, ff, dropout=0.0, batch_first=True,
+                                              activation="gelu")
+        self.lm = nn.Linear(d, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.emb(tokens)
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], dtype=x.dtype)
+        z = self.dec(x, x, tgt_mask=mask, tgt_is_causal=True)
+        return self.lm(z).reshape(-1, self.lm.out_features)
+
+
 def _padded(length: int = 4, d: int = 3) -> Tensor:
     x = _x(length, d)
     for i, n in enumerate((4, 2, 3, 1, 4, 2)[:N]):
@@ -285,6 +303,11 @@ def _prenorm_lm() -> tuple:
     return model, (_tokens(5, 3), _tokens(5, 3, seed=2)), nn.CrossEntropyLoss()
 
 
+def _decoder_lm() -> tuple:
+    model = DecoderLM().to(DTYPE)
+    return model, (_tokens(5, 3), _tokens(5, 3, seed=2).reshape(-1)), nn.CrossEntropyLoss()
+
+
 def _tied() -> tuple:
     return _classify(Tied(), _tokens(5, 3), classes=5)
 
@@ -325,6 +348,8 @@ CASES: list[Case] = [
     Case("transformer_lm", "attention", _seeded(_lm), fast=True),
     Case("prenorm_rmsnorm_lm", "attention", _seeded(_prenorm_lm),
          note="pre-norm RMSNorm block, causal SDPA, per-position head"),
+    Case("decoder_lm_flat", "attention", _seeded(_decoder_lm),
+         note="causal TransformerDecoderLayer, (N·L, V) logits"),
     Case("mha_need_weights", "attention", _seeded(lambda: _classify(MHA(True), _x(3, 4)))),
     Case("mha_no_weights", "attention", _seeded(lambda: _classify(MHA(False), _x(3, 4)))),
     Case("sdpa", "attention", _seeded(lambda: _classify(SDPAModel(), _x(3, 4)))),
