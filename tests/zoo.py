@@ -385,7 +385,9 @@ a documented stochastic estimator within its statistical tolerance (Hutchinson);
 **runs** — Monte Carlo quantities whose products agree with each other, or a composition
 that took 5 steps with finite losses and BatchNorm statistics advanced exactly once per
 step; **refused** — refused before the first step with a message naming the module and the
-way out (quoted below); **n/a** — the estimator does not offer the capability. Dict and
+way out (quoted below); **diverges** — 5 steps with finite losses, but the last is more
+than 10 times the first (the method's documented settings do not train this model; losses
+below); **n/a** — the estimator does not offer the capability. Dict and
 tuple outputs run through `curvkit.SelectOutput(model, key)`; without it the optimizer
 refuses them with that advice at build (where the model's code shows them; else at the
 first step, before any parameter moves), and every estimator at its first call.
@@ -411,7 +413,7 @@ def write_matrix(path: str | None) -> str:
     notes: list[str] = []
 
     def cell(c, where: str) -> str:
-        if c.status in ("refused", "FAIL"):
+        if c.status in ("refused", "FAIL", "diverges"):
             notes.append(f"- {where}: {' '.join(c.detail.split())}")
             return f"{c.status} [{len(notes)}]"
         return c.status

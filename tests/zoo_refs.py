@@ -316,4 +316,7 @@ def check_composition(case: Case, config: dict, steps: int = 5) -> Cell:
         detail += f", {skipped} steps skipped (non-finite)"
     if wrapped:
         detail += " (through curvkit.SelectOutput)"
+    if losses[-1] > 10 * max(losses[0], 1e-12):
+        # finite, but not training: said in the matrix rather than hidden in "runs"
+        return Cell("diverges", detail)
     return Cell("runs", detail)
