@@ -331,3 +331,29 @@ def test_state_dtype_bfloat16_keeps_factors_and_inverses_in_bfloat16(inverse, mo
     for a, b in zip(low, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
+
+
+def test_a_thin_layers_big_factor_is_applied_by_cholesky_solves():
+    """A factor n ≥ 256 and ≥ 4× the other is kept as its Cholesky factor (no n³ inverse):
+    the direction equals (G + √δ I)⁻¹ M (A + √δ I)⁻¹ from the stored factors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Tanh(),
+                                torch.nn.Linear(300, 3)).double()
+    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    pre = curvkit.create("preconditioner", "kronecker", model=model, damping=1e-2, ema=0.0)
+    est = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
+    params = list(model.parameters())
+    pre.update(est, (X, y), [torch.zeros_like(p) for p in params])
+    inv = pre.state["inverses"]
+    assert set(inv["2"]) == {"LA", "G"} and set(inv["0"]) == {"A", "LG"}
+    g = [torch.randn_like(p) for p in params]
+    out = pre.apply(g)
+    root = 0.1
+    for mod, (w, b) in (("0", (0, 1)), ("2", (2, 3))):
+        A, G = pre.state["factors"][mod]["A"], pre.state["factors"][mod]["G"]
+        M = torch.cat([g[w], g[b][:, None]], 1)
+        R = torch.linalg.solve(G + root * torch.eye(len(G), dtype=G.dtype), M) @ \
+            torch.linalg.inv(A + root * torch.eye(len(A), dtype=A.dtype))
+        torch.testing.assert_close(torch.cat([out[w], out[b][:, None]], 1), R, rtol=1e-9,
+                                   atol=1e-12)
