@@ -20,9 +20,10 @@ taken within a round and reported as the median with the min–max over the roun
   ``KFAC(mc_samples=1)`` / ``KFLR`` (forward + backward of an extended deepcopy, extended
   once outside the timing), on the test zoo's language model (``tests/zoo.py``'s TinyLM at
   a larger size: Embedding, a TransformerEncoderLayer, a Linear head; logits (N, V, L),
-  sequence cross-entropy, K-FAC "expand") and the small CNN. curvlinops gets the Linear
-  layers' parameters (it has no Embedding handler; curvkit also computes the Embedding's
-  factors); BackPACK has no KFAC for the transformer layer: that cell says so.
+  sequence cross-entropy, K-FAC "expand") and the small CNN. On the LM only the layers
+  curvlinops' KFAC covers are trainable (feed-forward pair and head; curvkit would also
+  give the Embedding's and the attention projections' factors); BackPACK has no KFAC for
+  the transformer layer: that cell says so.
 
 Not a test.
 """
@@ -67,6 +68,11 @@ def extraction_models() -> dict[str, tuple[nn.Module, Tensor, Tensor, bool]]:
 
     torch.manual_seed(0)
     lm = TinyLM(vocab=256, d=64, heads=4, ff=256)
+    # the same layers for all: curvlinops' KFAC covers the Linear modules the forward calls
+    # (the feed-forward pair and the head); curvkit would also give the Embedding's and the
+    # attention projections' factors, more work than the peer's, so those are frozen here
+    for name, p in lm.named_parameters():
+        p.requires_grad_(name.startswith(("layer.linear1", "layer.linear2", "head")))
     tokens = torch.randint(0, 256, (32, 32))
     cnn = step_models()["CNN 2×conv3(8)+linear, 3×16×16, N=64"]
     return {
