@@ -175,3 +175,50 @@ def test_attention_dropout_falls_back_with_one_warning_at_build(pre):
     assert s["head.weight"] != fallback
     for _ in range(2):
         assert torch.isfinite(opt.step((X, y)))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(batch_first=False, causal=True)])
+def test_the_optimizers_own_pass_through_the_capture_is_bitwise_the_modules(kw):
+    """ef's fused statistics run the optimizer's forward and backward through the attention
+    handler (observe_pass): the loss and every parameter gradient are bitwise the module's,
+    and the statistics taken from that pass equal those of a pass of curvkit's own."""
+    from curvkit.estimators.kfac import kfac_layers, observe_pass
+    model, X, y = _problem(seed=6, **kw)
+    loss_fn = nn.CrossEntropyLoss()
+    loss = loss_fn(model(X), y)
+    ref = torch.autograd.grad(loss, list(model.parameters()))
+    with observe_pass(model, kfac_layers(model)) as obs:
+        loss2 = loss_fn(model(X), y)
+        loss2.backward()
+    assert torch.equal(loss, loss2)
+    for p, r in zip(model.parameters(), ref):
+        assert torch.equal(p.grad, r)
+    e = est("ef", model, loss_fn)
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fused = kronecker_factors(e, (X, y), "empirical", "expand",
+                                  observed=lambda X_, y_: obs)
+        assert not calls, "the statistics were not taken from the observed pass"
+    finally:
+        handle.remove()
+    own = kronecker_factors(e, (X, y), "empirical", "expand")
+    assert set(fused) == set(own) == {"attn", "attn.out_proj", "head"}
+    for n in own:
+        torch.testing.assert_close(fused[n].A, own[n].A)
+        torch.testing.assert_close(fused[n].G, own[n].G)
+
+
+def test_an_own_capture_inside_an_open_observation_shares_the_attention_hook():
+    """The optimizer keeps an observation open during the caller's pass; an own capture
+    pass inside it must still see its records in the graph (one shared output hook)."""
+    from curvkit.estimators.kfac import kfac_layers, observe_pass
+    model, X, y = _problem(seed=7)
+    e = est("ggn", model, nn.CrossEntropyLoss())
+    ref = kronecker_factors(e, (X, y), "exact", "expand")
+    with observe_pass(model, kfac_layers(model)):
+        inside = kronecker_factors(e, (X, y), "exact", "expand")
+    assert not model.attn._forward_hooks
+    for n in ref:
+        torch.testing.assert_close(inside[n].A, ref[n].A)
+        torch.testing.assert_close(inside[n].G, ref[n].G)

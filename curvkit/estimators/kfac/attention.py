@@ -11,14 +11,17 @@ gradients are captured:
   P = x W_inᵀ + b_in (N, L, 3E) on the layer input x (N, L, E), positions = the L tokens;
 * out_proj: one Linear use on the concatenated heads z (N, L, E), positions = the L tokens.
 
-The capture pass (our own forward only, never the optimizer's observed pass) replaces the
-module's output by the same function written with these two uses explicit
-(:func:`recompute`): P = F.linear(x, W_in, b_in) and its chunks q, k, v are passed to
-``F.multi_head_attention_forward`` with identity projections (exact: x·1 + 0), whose
-output z is then mapped by F.linear(z, W_o, b_o). The attention itself (masks, causal
+A forward hook replaces the module's output by the same function written with these two
+uses explicit (:func:`recompute`): P = F.linear(x, W_in, b_in) and its chunks q, k, v are
+passed to ``F.multi_head_attention_forward`` with identity projections (exact: x·1 + 0),
+whose output z is then mapped by F.linear(z, W_o, b_o). The attention itself (masks, causal
 flag, need_weights, the SDPA or explicit kernel) is torch's own code with the caller's
-arguments. The module's original forward still runs first and its output is discarded
-(a forward hook cannot skip it): in capture passes an attention layer costs two forwards.
+arguments, and the projections are applied to the same operands in the same layout as
+torch applies them, so the output and every parameter gradient are bitwise those of the
+module (tested) — which is why the optimizer's own pass may run through it (``observe``,
+for ``ef``'s fused statistics). The module's original forward still runs first and its
+output is discarded (a forward hook cannot skip it): a captured attention costs two
+forwards (one backward).
 
 Not covered, left to the fallback (one warning when the optimizer is built, from
 :func:`unsupported`): separate q/k/v weights (``kdim``/``vdim`` ≠ ``embed_dim``),
@@ -31,6 +34,7 @@ out_proj is still covered) and unbatched inputs (both left out, the generic warn
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -57,8 +61,9 @@ def recompute(mha: nn.MultiheadAttention, args: tuple, kwargs: dict,
               record: Callable[[str, Tensor, Tensor], None]) -> Any:
     """The module's output, computed with its two projections as explicit Linear uses;
     ``record(which, inputs, output)`` is called with ``which`` = "in_proj" (self-attention
-    only) and "out_proj", inputs (N, L, E) and outputs batch-first. Returns None (the
-    original output stands, nothing recorded) where the projections cannot be captured."""
+    only) and "out_proj", the inputs batch-first (N, L, E), the outputs sequence-first
+    (L, N, ·) (see ``layers._layer_output_grads``). Returns None (the original output
+    stands, nothing recorded) where the projections cannot be captured."""
     bound = _SIGNATURE.bind(mha, *args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
@@ -70,18 +75,21 @@ def recompute(mha: nn.MultiheadAttention, args: tuple, kwargs: dict,
     eye = torch.eye(E, dtype=W.dtype, device=W.device)
     self_attention = query is key and key is value
 
-    def batch_first(t: Tensor) -> Tensor:
-        return t if mha.batch_first else t.transpose(0, 1)
+    def seq_first(t: Tensor) -> Tensor:
+        return t.transpose(0, 1) if mha.batch_first else t
 
+    # the projections run on the sequence-first layout, exactly as torch's own code applies
+    # them (same operands, same row order): outputs and gradients are bitwise those of the
+    # module, so the optimizer's own pass can run through this function (``observe``)
     if self_attention:
-        x = batch_first(query)
-        P = F.linear(x, W, b)                                   # (N, L, 3E)
-        record("in_proj", x, P)
-        q, k, v = (t.transpose(0, 1) for t in P.chunk(3, dim=-1))  # (L, N, E) each
+        x = seq_first(query)                                    # (L, N, E)
+        P = F.linear(x, W, b)                                   # (L, N, 3E)
+        record("in_proj", x.transpose(0, 1), P)
+        q, k, v = P.chunk(3, dim=-1)
     else:
         bq, bk, bv = (None,) * 3 if b is None else b.chunk(3)
         Wq, Wk, Wv = W.chunk(3)
-        q, k, v = (F.linear(batch_first(t), w, bb).transpose(0, 1)
+        q, k, v = (F.linear(seq_first(t), w, bb)
                    for t, w, bb in ((query, Wq, bq), (key, Wk, bk), (value, Wv, bv)))
     zeros = eye.new_zeros(3 * E)
     z, weights = F.multi_head_attention_forward(
@@ -89,11 +97,60 @@ def recompute(mha: nn.MultiheadAttention, args: tuple, kwargs: dict,
         0.0, eye, zeros[:E], training=mha.training, key_padding_mask=a["key_padding_mask"],
         need_weights=a["need_weights"], attn_mask=a["attn_mask"],
         average_attn_weights=a["average_attn_weights"], is_causal=a["is_causal"])
-    zb = z.transpose(0, 1)                                      # (N, L, E)
-    out = F.linear(zb, mha.out_proj.weight, mha.out_proj.bias)
-    record("out_proj", zb, out)
+    out = F.linear(z, mha.out_proj.weight, mha.out_proj.bias)  # (L, N, E)
+    record("out_proj", z.transpose(0, 1), out)
     # downstream gets a copy: an in-place op on it leaves the recorded output intact
-    return (out if mha.batch_first else out.transpose(0, 1)).clone(), weights
+    return (out.transpose(0, 1) if mha.batch_first else out).clone(), weights
 
 
-__all__ = ["recompute", "unsupported"]
+Recorder = Callable[[str, Tensor, Tensor], None]
+# one output-replacing hook per attention module, shared by every capture attached to it
+# (an own capture pass while an observation of the optimizer is open): two hooks that each
+# replaced the output would leave the first one's records outside the graph
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, list[Recorder]]] = \
+    weakref.WeakKeyDictionary()
+
+
+class _Attachment:
+    """Handle of :func:`attach`; ``remove()`` detaches the recorder (and the hook with the
+    last one)."""
+
+    def __init__(self, mha: nn.Module, record: Recorder) -> None:
+        self.mha, self.record = mha, record
+
+    def remove(self) -> None:
+        entry = _ATTACHED.get(self.mha)
+        if entry is None:
+            return
+        handle, recorders = entry
+        if any(r is self.record for r in recorders):
+            recorders.remove(self.record)
+        if not recorders:
+            handle.remove()
+            del _ATTACHED[self.mha]
+
+
+def attach(mha: nn.MultiheadAttention, record: Recorder) -> _Attachment:
+    """Capture ``mha``'s projections into ``record`` (see :func:`recompute`) on each call
+    until the returned handle is removed."""
+    entry = _ATTACHED.get(mha)
+    if entry is None:
+        recorders: list[Recorder] = []
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not recorders:
+                return None
+
+            def every(role: str, x: Tensor, out: Tensor) -> None:
+                for r in list(recorders):
+                    r(role, x, out)
+
+            return recompute(module, args, kwargs, every)  # None keeps the output
+
+        entry = (mha.register_forward_hook(hook, with_kwargs=True), recorders)
+        _ATTACHED[mha] = entry
+    entry[1].append(record)
+    return _Attachment(mha, record)
+
+
+__all__ = ["attach", "recompute", "unsupported"]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     pass
 from curvkit import passes
-from curvkit.estimators.kfac.attention import recompute
+from curvkit.estimators.kfac.attention import attach
 from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
     KFACLayer,
@@ -149,7 +149,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
 
         return hook
 
-    def make_attention_hook(roles: dict[str, str]) -> Callable:
+    def attention_recorder(roles: dict[str, str]) -> Callable:
         def record(role: str, x: Tensor, out: Tensor) -> None:
             if role in roles:
                 rec = records[roles[role]]
@@ -158,11 +158,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
                 rec.outputs.append(out)
                 rec.differentiable |= out.requires_grad
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            res = recompute(module, args, kwargs, record)
-            return output if res is None else res
-
-        return hook
+        return record
 
     attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
     handles = []
@@ -175,8 +171,7 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
             for mod in layer.modules:
                 handles.append(mod.register_forward_hook(make_hook(layer.name)))
         for mha, roles in attention.values():
-            handles.append(mha.register_forward_hook(make_attention_hook(roles),
-                                                     with_kwargs=True))
+            handles.append(attach(mha, attention_recorder(roles)))
         with torch.enable_grad():
             out = passes.forward(model, X)
     finally:

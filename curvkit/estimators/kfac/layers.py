@@ -330,6 +330,8 @@ def _augmented_outer(a: Tensor, bias: bool, count: float) -> Tensor:
 
 def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
     """(K, N, T, d_out) from gradients (K, *output shape) w.r.t. the layer output."""
+    if layer.attention is not None:  # recorded sequence-first (K, L, N, d_out)
+        return g.transpose(1, 2)
     if isinstance(layer.module, CONV):
         return g.flatten(3).transpose(2, 3)
     return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from curvkit.estimators.base import CurvatureEstimator
+from curvkit.estimators.kfac.attention import attach
 from curvkit.estimators.kfac.capture import (
     _backprop_columns,
     _check_output,
@@ -100,15 +101,35 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
         if isinstance(output, Tensor) and output.requires_grad:
             obs.handles.append(output.register_hook(keep(obs, "out_grad")))
 
+    def attention_recorder(roles: dict[str, str]) -> Callable:
+        def record(role: str, x: Tensor, out: Tensor) -> None:
+            if role not in roles:
+                return
+            rec = obs.records[roles[role]]
+            rec.calls += 1
+            rec.inputs.append(x.detach())
+            rec.grads.append(None)
+            rec.output_like.append((out.shape, out.dtype, out.device))
+            if out.requires_grad:
+                rec.differentiable = True
+                obs.handles.append(out.register_hook(keep_at(rec.grads, len(rec.grads) - 1)))
+
+        return record
+
     handles = obs.handles
+    attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
     try:
         for layer in layers:
-            if layer.attention is not None:  # not observable: see `_observed_columns`
+            for j, p in enumerate(_layer_params(layer)):
+                handles.append(p.register_hook(make_param_hook(layer.name, j)))
+            if layer.attention is not None:  # one output-replacing hook per attention
+                attention.setdefault(id(layer.attention), (layer.attention, {}))[1][
+                    layer.role] = layer.name
                 continue
             for mod in layer.modules:
                 handles.append(mod.register_forward_hook(make_hook(layer.name)))
-            for j, p in enumerate(_layer_params(layer)):
-                handles.append(p.register_hook(make_param_hook(layer.name, j)))
+        for mha, roles in attention.values():
+            handles.append(attach(mha, attention_recorder(roles)))
         handles.append(model.register_forward_hook(root_hook))
         yield obs
     finally:
@@ -191,10 +212,8 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     """
     if obs.calls != 1 or set(obs.records) != {layer.name for layer in layers}:
         return None
-    if any(layer.attention is not None or layer.group for layer in layers):
-        # the projections of an attention are captured only by re-expressing its forward,
-        # which the optimizer's own pass must not be subjected to, and a tied group's
-        # check sums over its layers: a pass of our own
+    if any(layer.group for layer in layers):
+        # a tied group's check sums over its layers: a pass of our own
         return None
     _check_output(obs.out)
     out: Tensor = obs.out
