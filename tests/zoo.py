@@ -423,9 +423,10 @@ def write_matrix(path: str | None) -> str:
     problems = {}
     for case in CASES:
         problems[case.name] = Problem(case)
+        notes_ = [case.note, "dropout (train)" if case.random else "",
+                  "" if case.smooth else "kinks: D3 not checked"]
         lines.append(f"| `{case.name}` | {case.family} | {problems[case.name].P} | "
-                     f"{'dropout (train)' if case.random else ''}"
-                     f"{'' if case.smooth else 'kinks: D3 not checked'} |")
+                     f"{'; '.join(n for n in notes_ if n)} |")
     for est in ESTIMATORS:
         lines += ["", f"## Estimator `{est}`", "",
                   "| model | " + " | ".join(CAPABILITIES) + " |",
