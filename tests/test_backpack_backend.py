@@ -153,6 +153,26 @@ def test_user_model_not_extended_and_copy_follows_parameters():
     _close(a.diagonal((X, y)), b.diagonal((X, y)))
 
 
+def test_no_reference_cycle_keeps_the_copy_alive():
+    """The estimator and its backend form no cycle: dropping the estimator frees the model
+    copy at once, without the garbage collector."""
+    import gc
+    import weakref
+
+    model, loss_fn, X, y = _problem("mlp", "ce", "mean")
+    gc.collect()
+    gc.disable()
+    try:
+        est = curvkit.create("estimator", "fisher", model=model, loss_fn=loss_fn,
+                             backend="backpack")
+        est.kronecker((X, y))
+        copy_ref = weakref.ref(est._backpack._copy)
+        del est
+        assert copy_ref() is None
+    finally:
+        gc.enable()
+
+
 def test_optimizer_trajectory_matches_autograd():
     """ggn + kronecker + direct: the same parameters after three steps with either backend."""
     model, loss_fn, X, y = _problem("mlp", "ce", "mean")

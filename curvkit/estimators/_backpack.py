@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -90,7 +91,9 @@ class BackpackBackend:
     """
 
     def __init__(self, estimator: CurvatureEstimator, statistic: Statistic) -> None:
-        self.est = estimator
+        # the estimator owns this backend: a weak reference, so the two form no cycle that
+        # would keep the model copy alive until the garbage collector runs
+        self._est = weakref.ref(estimator)
         self.statistic = statistic
         self.where = f"estimator {estimator.name!r} with backend = 'backpack'"
         self.backpack = require("backpack", self.where)
@@ -102,6 +105,12 @@ class BackpackBackend:
         why = self.refusal(DIAGONAL)
         if why:
             raise ValueError(f"{self.where}: {why}")
+
+    @property
+    def est(self) -> CurvatureEstimator:
+        est = self._est()
+        assert est is not None, "the estimator of this BackPACK backend is gone"
+        return est
 
     # ------------------------------------------------------------- build-time checks
     def _extension(self, capability: str, mc_samples: int = 1) -> tuple[Any, str]:
