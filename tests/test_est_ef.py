@@ -129,6 +129,6 @@ def test_batchnorm_in_training_mode_is_rejected_by_diagonal():
 def test_unsupported_losses_are_rejected():
     with pytest.raises(TypeError, match="loss L1Loss is not supported"):
         curvkit.create("estimator", "ef", model=mlp(), loss_fn=nn.L1Loss())
-    with pytest.raises(ValueError, match="class weights"):
-        curvkit.create("estimator", "ef", model=mlp(),
-                       loss_fn=nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="class weights"):  # negative: not a valid weight
+        curvkit.create("estimator", "ef", model=mlp(), loss_fn=nn.CrossEntropyLoss(
+            weight=torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)))
