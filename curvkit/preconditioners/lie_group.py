@@ -186,11 +186,17 @@ class LieGroupPreconditioner(LayerwiseKronecker):
                 W = named[kf.params[0]]
                 factors[kf.module] = self._initial(*self._check_factors(kf, shapes),
                                                    W.dtype, W.device)
-        # all layers' curvature terms first, so that their traces reach the host at once
-        terms = [self._curvature_terms(factors[kf.module], kf) for kf in found.values()]
-        traces = self._traces(terms)
-        for kf, t, tr in zip(found.values(), terms, traces):
-            factors[kf.module] = self._step_layer(factors[kf.module], t, tr)
+        # the curvature terms of several layers first, so that their traces reach the host
+        # at once (one transfer per trace cost as much as a small layer's arithmetic); but
+        # never more layers' terms alive than the largest layer's own, or a floor of
+        # _TERMS_AT_ONCE entries: the terms (four matrices per layer) of all layers at once
+        # were two state copies of extra peak memory for dense structures
+        for group in _groups(list(found.values()), factors):
+            terms = [self._curvature_terms(factors[kf.module], kf) for kf in group]
+            traces = self._traces(terms)
+            for kf, t, tr in zip(group, terms, traces):
+                factors[kf.module] = self._step_layer(factors[kf.module], t, tr)
+            del terms
 
         if o.fallback == "diagonal":
             self._update_fallback(estimator, batch, {p for ns in layers.values() for p in ns})
@@ -386,6 +392,29 @@ class LieGroupPreconditioner(LayerwiseKronecker):
 
     def info(self) -> dict[str, Any]:
         return dict(self._last)
+
+
+_TERMS_AT_ONCE = 1 << 20  # stored entries of the layers whose terms are formed together
+
+
+def _groups(found: list[Any], factors: dict[str, Any]) -> list[list[Any]]:
+    """Consecutive layers in groups whose stored K and C entries sum to at most the
+    largest layer's (or :data:`_TERMS_AT_ONCE`)."""
+    def size(kf: Any) -> int:
+        entry = factors[kf.module]
+        return sum(t.numel() for key in ("K", "C") for t in entry[key].values())
+
+    sizes = [size(kf) for kf in found]
+    budget = max([_TERMS_AT_ONCE, *sizes])
+    groups: list[list[Any]] = []
+    total = budget + 1
+    for kf, n in zip(found, sizes):
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(kf)
+        total += n
+    return groups
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
