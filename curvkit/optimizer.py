@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit import distributed, passes
+from curvkit import distributed, passes, work
 from curvkit.capture import PassCapture
 from curvkit.config import OptimizerConfig, PartChoice, parse_optimizer
 from curvkit.errors import ConfigError
@@ -82,6 +82,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.estimator = _construct(est, model=model, loss_fn=loss_fn)
         self.preconditioner = _construct(pre, model=model)
         self.solver = _construct(sol)
+        # every capability call adds its network passes to the step's work counter
+        work.instrument(self.estimator)
         # a structure that can tell before training whether the estimator serves it on this
         # model and loss (layer-wise Kronecker: factors for the loss, the fallback diagonal)
         check = getattr(self.preconditioner, "check_estimator", None)
@@ -134,6 +136,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                 passes.require_tensor_output(out, self.model, "optimizer")
             loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
+        work.add(2)  # forward + backward
         # a parameter the forward pass does not use has a zero gradient
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         loss = loss.detach()
@@ -157,13 +160,18 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         if closure is not None:
             if batch is not None:
                 raise TypeError("step: give a batch or a closure, not both")
-            return self._step_from_pass(closure)
+            with work.counting():
+                return self._step_from_pass(closure)
         if batch is None or callable(batch):
-            return self._step_from_pass(batch)
+            with work.counting():
+                return self._step_from_pass(batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
                             f"loss.backward()); got {type(batch).__name__}")
-        batch = tuple(batch)
+        with work.counting():
+            return self._step_on(tuple(batch))
+
+    def _step_on(self, batch: tuple[Any, Tensor]) -> Tensor:
         start = (time.perf_counter(), self.traffic.bytes)
         self._close_observation(keep=False)
         self._capture.reset()
@@ -224,6 +232,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss = returned.detach()
         problem = cap.problem
         cap.reset()
+        work.add(2)  # the caller's forward and backward
         if batch is None and self._needs_batch:
             raise TypeError(
                 f"step() without a batch: {self._composition()} needs the batch (X, y), and "
@@ -310,6 +319,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
+        if "work" not in result.info:  # a solver counting passes of its own reports them
+            info["work"] = work.total()
         if result.accepted:
             dmax = finite.max_abs(result.direction)
             if dmax is None:
@@ -341,6 +352,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
     def _skip(self, loss: Tensor, info: dict[str, Any], what: str) -> Tensor:
         self.counters["nonfinite"] += 1
+        info.setdefault("work", work.total())  # the passes were made all the same
         info.update(accepted=False, nonfinite=1, skipped=f"non-finite {what}")
         self.last_info = info
         return loss

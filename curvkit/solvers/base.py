@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from curvkit import distributed, passes
+from curvkit import distributed, passes, work
 from curvkit.losses import batch_size
 from curvkit.params import all_finite
 from curvkit.parts import Part
@@ -85,6 +85,7 @@ class StepContext:
             out = passes.forward(est.model, X, dict(zip(names, params)))
             value = est.loss_fn(out, y)
         self.evaluations += 1
+        work.add(1)  # one forward
         reduction = getattr(est.loss_fn, "reduction", "mean")
         return distributed.weighted_mean([value.detach()], batch_size(self.batch), reduction)[0]
 

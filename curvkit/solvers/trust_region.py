@@ -71,9 +71,6 @@ class TrustRegionSolver(Solver):
     def _result(self, ctx: StepContext, direction: list, alpha: float, accepted: bool,
                 info: dict[str, Any]) -> StepResult:
         info["accepted"] = bool(accepted)
-        # work in network passes: gradient (forward + backward), 2 per curvature product,
-        # 1 per loss evaluation
-        info["work"] = 2 + 2 * info["matvecs"] + ctx.evaluations
         return StepResult(direction, alpha, accepted, info)
 
 
