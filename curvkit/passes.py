@@ -307,7 +307,7 @@ def _packed_sequence_error(model: nn.Module, err: RuntimeError) -> TypeError | N
         f"which torch.func (this pass' vmap/jvp/vjp) cannot differentiate. Give the module "
         f"the padded batch (batch_first) and mask the padded steps instead of packing, or "
         f"use passes that need plain autograd only (estimator 'hessian'; 'ggn'/'ef' "
-        f"matvec, e.g. Hessian-free)")
+        f"matvec, e.g. Hessian-free; solver 'varpro')")
 
 
 @contextlib.contextmanager

@@ -608,7 +608,29 @@ def test_batchnorm_and_dropout_train_with_one_mask_and_one_statistics_update_per
 
 
 # ----------------------------------------------------------------------------- zoo models
+class PackedGRU(nn.Module):
+    """A GRU on packed variable-length sequences (torch.func cannot transform its kernels;
+    varpro's feature passes are plain autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) > 0).sum(-1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        return self.head(torch.tanh(self.rnn(packed)[1][0]))
+
+
 def _zoo(name):
+    if name == "packed_gru":
+        torch.manual_seed(0)
+        X = torch.randn(6, 4, 3, dtype=DT)
+        for i, n in enumerate((4, 2, 3, 1, 4, 2)):
+            X[i, n:] = 0.0
+        return PackedGRU().to(DT), (X, torch.randint(0, 3, (6,))), nn.CrossEntropyLoss()
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
@@ -623,6 +645,7 @@ def _zoo(name):
     pytest.param("dropout", marks=pytest.mark.slow),  # one mask per evaluation
     pytest.param("resnet_block", marks=pytest.mark.slow),
     pytest.param("prenorm_rmsnorm_lm", marks=pytest.mark.slow),  # causal SDPA, RMSNorm
+    pytest.param("packed_gru", marks=pytest.mark.slow),  # PackedSequence: no torch.func
 ])
 def test_reduced_gradient_and_implicit_jacobian_on_zoo_models(case):
     """On the zoo's models (float64), independently of varpro's head code: ∇_θF is the

@@ -392,8 +392,8 @@ tuple outputs run through `curvkit.SelectOutput(model, key)`; without it the opt
 refuses them with that advice at build (where the model's code shows them; else at the
 first step, before any parameter moves), and every estimator at its first call.
 Recurrent modules run on a `PackedSequence` (not in the zoo) train under passes that use
-plain autograd (hessian; ggn/ef matvec, e.g. Hessian-free; SINGD; diagonal Fisher); passes
-that need torch.func (ggn/ef/fisher dense, diagonal and summary, K-FAC, varpro) cannot
+plain autograd (hessian; ggn/ef matvec, e.g. Hessian-free; SINGD; diagonal Fisher; varpro);
+passes that need torch.func (ggn/ef/fisher dense, diagonal and summary, K-FAC) cannot
 differentiate the packed kernels and say so at their first call, naming the module and
 advising padded, masked sequences (as `bilstm_padded` does).
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp
 
 from curvkit import passes
 from curvkit.solvers._varpro_inner import F64, Head
@@ -163,6 +162,46 @@ def _feature_model(model: nn.Module, layer_name: str) -> nn.Module | None:
     return fmodel
 
 
+class Linearized:
+    """φ_θ(X) at one θ with its autograd graph, for any number of products at that point:
+    a VJP Jᵀξ is one backward; a JVP J v is one backward through the graph of Jᵀu
+    (J v = ∂⟨Jᵀu, v⟩/∂u, u = 0, built once). Plain autograd, not torch.func: models whose
+    kernels torch.func cannot transform (recurrent modules on packed sequences) work, and
+    the JVPs reuse the point's forward pass instead of running one each."""
+
+    def __init__(self, split: Split, theta: Sequence[Tensor], X: Any) -> None:
+        self.theta = [t.detach().requires_grad_() for t in theta]
+        with torch.enable_grad():
+            self.feats = split.features(self.theta, X)
+        self._dual: tuple[Tensor, list[Tensor | None]] | None = None
+
+    def vjp(self, xi: Tensor) -> list[Tensor]:
+        """Jᵀξ, one tensor per θ (zero for a θ the features do not use)."""
+        if not self.feats.requires_grad:
+            return [torch.zeros_like(t) for t in self.theta]
+        grads = torch.autograd.grad(self.feats, self.theta, xi, retain_graph=True,
+                                    allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(self.theta, grads)]
+
+    def jvp(self, v: Sequence[Tensor]) -> Tensor:
+        """J v in the features' shape."""
+        if self._dual is None:
+            with torch.enable_grad():
+                u = torch.zeros_like(self.feats, requires_grad=True)
+                g = list(torch.autograd.grad(self.feats, self.theta, u, create_graph=True,
+                                             allow_unused=True)) \
+                    if self.feats.requires_grad else [None] * len(self.theta)
+            self._dual = (u, g)
+        u, g = self._dual
+        pairs = [(gi, vi.to(gi.dtype)) for gi, vi in zip(g, v)
+                 if gi is not None and gi.requires_grad]
+        if not pairs:
+            return torch.zeros_like(self.feats)
+        out = torch.autograd.grad([a for a, _ in pairs], u, [b for _, b in pairs],
+                                  retain_graph=True, allow_unused=True)[0]
+        return torch.zeros_like(self.feats) if out is None else out
+
+
 @dataclass
 class Point:
     """Everything known at one θ on one batch after the inner solve."""
@@ -176,7 +215,7 @@ class Point:
     loss: float                     # F(θ) = L(θ, W̃(θ)) + reg
     inner_grad_norm: float = 0.0    # ‖∇_W̃F‖ at the inner solution (0 up to the solve's accuracy)
     X: Any = None                   # the batch input (for JVPs of the features)
-    vjp_fn: Callable | None = None
+    lin: Linearized | None = None   # the features with their graph at θ
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -188,27 +227,28 @@ class ReducedGaussNewton:
 
         Ĝ = J_redᵀ H_ℓ J_red + alpha·(dW̃/dθ)ᵀ D (dW̃/dθ),   J_red = ∂_θo + ∂_W̃o · dW̃/dθ,
 
-    applied matrix-free: one JVP and one VJP through the feature extractor and two solves
-    with ∇²_W̃F per product (:meth:`matvec`). Also the reduced gradient and dW̃/dθ · v.
+    applied matrix-free: one JVP and one VJP through the feature extractor (both on the
+    point's one graph, :class:`Linearized`) and two solves with ∇²_W̃F per product
+    (:meth:`matvec`). Also the reduced gradient and dW̃/dθ · v.
     """
 
     def __init__(self, split: Split, pt: Point) -> None:
         self.split = split
         self.pt = pt
 
-    def _attach_vjp(self) -> None:
-        """Recompute the features at θ with their VJP (one more forward pass)."""
+    def _linearized(self) -> Linearized:
+        """The features at θ with their graph (one more forward pass if not kept)."""
         pt = self.pt
-        _, pt.vjp_fn = vjp(lambda *th: self.split.features(th, pt.X), *pt.theta)
-        pt.counts["forward"] = pt.counts.get("forward", 0) + 1
+        if pt.lin is None:
+            pt.lin = Linearized(self.split, pt.theta, pt.X)
+            pt.counts["forward"] = pt.counts.get("forward", 0) + 1
+        return pt.lin
 
     def pullback(self, xi: Tensor) -> list[Tensor]:
         """red(J_φᵀ Ξ) for a feature cotangent Ξ (R × k, float64; bias column dropped)."""
         pt = self.pt
         xi = xi[:, :self.split.k_in].reshape(pt.head.feat_shape).to(pt.head.feat_dtype)
-        if pt.vjp_fn is None:
-            self._attach_vjp()
-        out = pt.vjp_fn(xi)
+        out = self._linearized().vjp(xi)
         pt.counts["vjp"] = pt.counts.get("vjp", 0) + 1
         return pt.head.red([t.detach() for t in out])
 
@@ -225,8 +265,7 @@ class ReducedGaussNewton:
     def _tangent(self, v: Sequence[Tensor]) -> Tensor:
         """dZ = (∂φ/∂θ) v as R × k (zero bias column), float64."""
         pt, h = self.pt, self.pt.head
-        _, dfeat = jvp(lambda *th: self.split.features(th, pt.X), tuple(pt.theta),
-                       tuple(t.to(p.dtype) for t, p in zip(v, pt.theta)))
+        dfeat = self._linearized().jvp(v)
         pt.counts["jvp"] = pt.counts.get("jvp", 0) + 1
         dZ = dfeat.detach().to(F64).reshape(-1, self.split.k_in)
         if h.Z.shape[1] > self.split.k_in:

@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp
 
 from curvkit import passes
 from curvkit.errors import StepError
@@ -25,6 +24,7 @@ from curvkit.options import option
 from curvkit.solvers import _krylov as K
 from curvkit.solvers._varpro_inner import F64, Head, cg_solver, least_squares, newton
 from curvkit.solvers._varpro_reduced import (
+    Linearized,
     Point,
     ReducedGaussNewton,
     Split,
@@ -272,9 +272,10 @@ class VarProSolver(Solver):
         o, sp = self.options, self._split
         X = batch[0]
         theta = [t.detach() for t in theta]
-        vjp_fn = None
+        lin = None
         if with_vjp and theta:
-            feats, vjp_fn = vjp(lambda *th: sp.features(th, X), *theta)
+            lin = Linearized(sp, theta, X)
+            feats = lin.feats
         else:
             with torch.no_grad():
                 feats = sp.features(theta, X)
@@ -293,7 +294,7 @@ class VarProSolver(Solver):
         loss = head.loss(W)
         counts["loss_evals"] = counts.get("loss_evals", 0) + 1
         return Point(list(theta), head, W, g_o, hl, solve_H, loss,
-                     float(head.grad_W(W, g_o).norm()), X, vjp_fn, counts)
+                     float(head.grad_W(W, g_o).norm()), X, lin, counts)
 
     # ------------------------------------------------------------------ public helpers
     def prepare(self, batch: tuple[Any, Tensor], theta: Sequence[Tensor] | None = None,
