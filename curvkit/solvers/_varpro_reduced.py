@@ -173,7 +173,7 @@ class Linearized:
         self.theta = [t.detach().requires_grad_() for t in theta]
         with torch.enable_grad():
             self.feats = split.features(self.theta, X)
-        self._dual: tuple[Tensor, list[Tensor | None]] | None = None
+        self._dual: tuple[Tensor, list[Tensor | None]] | None = None  # (u, Jᵀu)
 
     def vjp(self, xi: Tensor) -> list[Tensor]:
         """Jᵀξ, one tensor per θ (zero for a θ the features do not use)."""
@@ -265,7 +265,10 @@ class ReducedGaussNewton:
     def _tangent(self, v: Sequence[Tensor]) -> Tensor:
         """dZ = (∂φ/∂θ) v as R × k (zero bias column), float64."""
         pt, h = self.pt, self.pt.head
-        dfeat = self._linearized().jvp(v)
+        lin = self._linearized()
+        if lin._dual is None:  # the graph of Jᵀu is built by one more backward pass
+            pt.counts["vjp"] = pt.counts.get("vjp", 0) + 1
+        dfeat = lin.jvp(v)
         pt.counts["jvp"] = pt.counts.get("jvp", 0) + 1
         dZ = dfeat.detach().to(F64).reshape(-1, self.split.k_in)
         if h.Z.shape[1] > self.split.k_in:
