@@ -244,6 +244,37 @@ class DecoderLM(nn.Module):
         return self.lm(z).reshape(-1, self.lm.out_features)
 
 
+class PaddedEncoder(nn.Module):
+    """A pre-norm nn.TransformerEncoder over padded token sequences (token 0 = padding, a
+    key padding mask), masked mean pooling, and a classifier nn.Sequential(Dropout,
+    Linear). The encoder's own dropout is 0: dropout on the non-contiguous tensors inside
+    the layer draws its mask in memory order in a plain forward and in logical order under
+    torch.func.vmap, so vmapped passes (ggn/ef dense and diagonal) see another mask than
+    matvec (measured: 4-30 % apart); not yet handled."""
+
+    def __init__(self, vocab: int = 6, d: int = 4, heads: int = 2, ff: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True,
+                                       norm_first=True), 1, enable_nested_tensor=False)
+        self.cls = nn.Sequential(nn.Dropout(0.1), nn.Linear(d, 3))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        pad = tokens == 0
+        z = self.enc(self.emb(tokens), src_key_padding_mask=pad)
+        keep = (~pad).to(z.dtype)[..., None]
+        return self.cls((z * keep).sum(1) / keep.sum(1))
+
+
+def _padded_tokens() -> Tensor:
+    t = _tokens(6, 4)
+    t[t == 0] = 1
+    t[0, 3:] = 0
+    t[2, 2:] = 0
+    return t
+
+
 def _padded(length: int = 4, d: int = 3) -> Tensor:
     x = _x(length, d)
     for i, n in enumerate((4, 2, 3, 1, 4, 2)[:N]):
@@ -350,6 +381,9 @@ CASES: list[Case] = [
          note="pre-norm RMSNorm block, causal SDPA, per-position head"),
     Case("decoder_lm_flat", "attention", _seeded(_decoder_lm),
          note="causal TransformerDecoderLayer, (N·L, V) logits"),
+    Case("encoder_prenorm_padded", "attention", _seeded(lambda: _classify(
+        PaddedEncoder(), _padded_tokens())), random=True,
+        note="pre-norm TransformerEncoder, key padding mask"),
     Case("mha_need_weights", "attention", _seeded(lambda: _classify(MHA(True), _x(3, 4)))),
     Case("mha_no_weights", "attention", _seeded(lambda: _classify(MHA(False), _x(3, 4)))),
     Case("sdpa", "attention", _seeded(lambda: _classify(SDPAModel(), _x(3, 4)))),
