@@ -1,7 +1,8 @@
 """The cost of curvkit's own step machinery: identity + direct against ``torch.optim.SGD``,
 and a Hessian-free step against the products and gradients it is made of.
 
-Run:  python benchmarks/bench_step.py [--repeats 15] [--threads 1] [--out FILE]
+Run:  python benchmarks/bench_step.py [--repeats 15] [--threads 1] [--part all|plumbing|hf]
+      [--out FILE]
 
 In one process, float32, CPU, contenders interleaved in every round (one round = each
 contender once, ``--inner`` calls averaged), ratios taken within a round and reported as
@@ -132,6 +133,8 @@ def main() -> None:
     ap.add_argument("--inner", type=int, default=5, help="plumbing steps per round")
     ap.add_argument("--width", type=int, default=2048, help="Hessian-free MLP width")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--part", choices=("all", "plumbing", "hf"), default="all",
+                    help="only the plumbing rows or only the Hessian-free rows")
     ap.add_argument("--out", **out_arg("step.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,15 +145,19 @@ def main() -> None:
                    "median (min–max).")
     lines += ["| model | comparison | curvkit (ms) | reference (ms) | ratio | target |",
               "|---|---|---:|---:|---:|---|"]
-    lines += plumbing(args.repeats, args.inner)
-    lines += hessian_free(args.repeats, args.width)
+    if args.part in ("all", "plumbing"):
+        lines += plumbing(args.repeats, args.inner)
+    if args.part in ("all", "hf"):
+        lines += hessian_free(args.repeats, args.width)
     lines += [
         "",
         "Plumbing: a step checks the loss and gradient for non-finite values in one fused "
-        "pass (one sum per tensor, one host sync); a tensor that passes unchanged to the "
-        "update (the gradient through identity + direct) is not scanned again "
-        "(`curvkit.params.FiniteLedger`); with momentum the buffer is new, so it is "
-        "checked once before it reaches the parameters. The update is one "
+        "pass (the least and largest entry of each tensor, one host sync), which also "
+        "gives max|d|: the bound on the applied update lr·d then needs no read of the "
+        "parameters unless |lr|·max|d| comes near the dtype's largest value. A tensor that "
+        "passes unchanged to the update (the gradient through identity + direct) is not "
+        "scanned again (`curvkit.params.FiniteLedger`); with momentum the buffer is new, so "
+        "it is checked once before it reaches the parameters. The update is one "
         "`torch._foreach_add_` over all parameters.",
         "",
         "Hessian-free: reference = `linearize(batch)` + 10 × `op.matvec(v)` + 2 gradients, "
