@@ -274,22 +274,61 @@ def buffer_copies(model: nn.Module) -> dict[str, Tensor]:
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
+def _memory_order_dropout(input: Tensor, p: float = 0.5, training: bool = True,
+                          inplace: bool = False) -> Tensor:
+    """``F.dropout`` whose mask is laid out as a plain forward lays it out. A plain call
+    draws the mask of a non-contiguous input (a transposed attention output) in memory
+    order; under torch.func's transforms the same call draws it in logical order — another
+    mask. Dropout is applied to the input permuted into memory order (a contiguous view,
+    where both orders agree) and permuted back."""
+    base = input
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(base):
+        base = functorch.get_unwrapped(base)
+    if not training or p == 0.0 or base.dim() != input.dim() or base.is_contiguous():
+        return F.dropout(input, p, training, inplace)
+    order = sorted(range(base.dim()), key=lambda d: (-base.stride(d), d))
+    inverse = [order.index(d) for d in range(len(order))]
+    return F.dropout(input.permute(order), p, training, inplace).permute(inverse)
+
+
+class _PlainRandomness(TorchFunctionMode):
+    """curvkit's forwards draw the dropout masks a plain forward draws (see
+    :func:`_memory_order_dropout`), with or without torch.func transforms."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: Mapping[str, Any] | None = None) -> Any:
+        if func is F.dropout:
+            return _memory_order_dropout(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 def forward(model: nn.Module, X: Any, params: Mapping[str, Tensor] | None = None) -> Any:
     """The model's output on ``X`` for a pass of curvkit's own: the random state of the
-    enclosing :func:`rng_scope` is replayed first; with ``params`` (name → tensor) the
+    enclosing :func:`rng_scope` is replayed first, and dropout masks are laid out as in a
+    plain forward (also under torch.func transforms); with ``params`` (name → tensor) the
     model runs through ``functional_call`` on them and on copies of its buffers."""
     replay()
+    # the mode costs a Python call per operation: only where dropout modules draw masks
+    # (a functional F.dropout in a custom forward is not seen)
+    drops = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+                for m in model.modules())
     try:
-        if params is None:
-            return model(X)
-        state = dict(params)
-        state.update(buffer_copies(model))
-        return functional_call(model, state, (X,))
+        with _PlainRandomness() if drops else contextlib.nullcontext():
+            return _call(model, X, params)
     except RuntimeError as err:
         advice = _packed_sequence_error(model, err)
         if advice is None:
             raise
         raise advice from err
+
+
+def _call(model: nn.Module, X: Any, params: Mapping[str, Tensor] | None) -> Any:
+    if params is None:
+        return model(X)
+    state = dict(params)
+    state.update(buffer_copies(model))
+    return functional_call(model, state, (X,))
 
 
 def _packed_sequence_error(model: nn.Module, err: RuntimeError) -> TypeError | None:

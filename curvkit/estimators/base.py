@@ -218,10 +218,17 @@ class CurvatureEstimator(Part, abc.ABC):
             return f(ps, X)
 
         argnums = tuple(range(len(params)))
+        jac = None
         if P <= M:
-            # "same": the batched forward draws one dropout mask, the one ``out`` saw
-            jac = jacfwd(fn, argnums=argnums, randomness="same")(*params)
-        else:
+            # a forward that draws random numbers (dropout) is not batched: vmap draws a
+            # mask in the logical order of a non-contiguous input, a plain forward in memory
+            # order, so "same" would see another mask than ``out``; reverse mode runs one
+            # plain forward (random state replayed) and batches only the backward
+            try:
+                jac = jacfwd(fn, argnums=argnums, randomness="error")(*params)
+            except RuntimeError:
+                jac = None
+        if jac is None:
             jac = jacrev(fn, argnums=argnums, chunk_size=chunk_size)(*params)
         return out, torch.cat([j.reshape(M, -1) for j in jac], dim=1)
 

@@ -277,7 +277,9 @@ class GGNEstimator(CurvatureEstimator):
         def push(*u: Tensor) -> tuple[Tensor, Tensor]:
             return jvp(lambda *ps: f(ps, X), params, u)
 
-        outs, JU = passes.vmap_or_loop(push, *U, chunk_size=self._chunk(), randomness="same")
+        # "error": a forward that draws random numbers runs one direction at a time (vmap's
+        # masks differ from a plain forward's on non-contiguous tensors; see output_jacobian)
+        outs, JU = passes.vmap_or_loop(push, *U, chunk_size=self._chunk(), randomness="error")
         out = outs[0]
         g_out = grad(lambda o: self.loss_fn(o, y))(out)
         HJU = vmap(self._output_hvp(out, y), chunk_size=self._chunk())(JU)
