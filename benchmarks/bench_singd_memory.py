@@ -96,6 +96,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.width, args.steps, args.structures[0])
         return
+    torch.set_num_threads(1)  # as in the children (the header reports it)
     lines = header("Benchmark: SINGD's extra memory vs singd", "bench_singd_memory.py",
                    f"MLP 784-{args.width}-{args.width}-{args.width}-10, batch 128, float32, "
                    f"T = 1, {args.steps} steps, each contender in a fresh process; extra "
