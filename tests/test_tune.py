@@ -152,3 +152,15 @@ def test_a_dimension_can_be_searched_for_some_points_only(tmp_path, capsys):
     assert main(["ablate", str(cfg), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "tune.space.optimizer.preconditioner.damping.points: no grid point is labelled " \
         "'kfac2'" in capsys.readouterr().err
+
+
+def test_the_configuration_as_written_is_the_first_trial(tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.replace("trials = 3", "trials = 2"))
+    out = tmp_path / "out"
+    assert main(["ablate", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    searches = {s["label"]: s for s in load_searches(out).values()}
+    assert searches["Adam"]["trials"][0]["params"] == {"optimizer.lr": 0.01}
+    # kfac's damping is left to its default in the config: no starting point, a TPE draw
+    kfac_first = searches["kfac"]["trials"][0]["params"]
+    assert set(kfac_first) == {"optimizer.lr", "optimizer.preconditioner.damping"}

@@ -30,6 +30,11 @@ show the tuned values. A key of the space that does not apply to a point (the da
 a preconditioner a torch.optim baseline does not have) is left out for that point and
 said so.
 
+The first trial is the point's configuration as written (when every searched option has a
+value in its range there), so a search never ends worse on its metric than the values the
+config names; TPE starts up on the first half of the trials (at most 10) and models the
+rest.
+
 Trials are appended to ``DIR/tune.jsonl`` as they finish (``trial`` records), and the
 outcome of a point as a ``best`` record: re-running the command reuses a finished search
 and continues an interrupted one from its recorded trials (Optuna's sampler state is not
@@ -262,6 +267,25 @@ def _applicable(doc: dict[str, Any], dims: list[Dimension]) -> tuple[list[Dimens
     return ok, left_out
 
 
+def _starting_point(doc: dict[str, Any], dims: list[Dimension]) -> dict[str, Any]:
+    """The values the point's config gives every searched option, when each lies in its
+    range (or choices); {} otherwise (e.g. an option left to its default)."""
+    out = {}
+    for dim in dims:
+        node: Any = doc
+        for k in dim.key.split("."):
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None or isinstance(node, bool):
+            return {}
+        if dim.choices:
+            if node not in dim.choices:
+                return {}
+        elif not _number(node) or not dim.low <= node <= dim.high:
+            return {}
+        out[dim.key] = node
+    return out
+
+
 def trial_value(doc: dict[str, Any], opts: TuneOptions, cache_dir: Any) -> float:
     """Train one trial configuration for the budget and score it (+inf if it diverged)."""
     from curvkit.experiments.config import parse_run_config
@@ -304,7 +328,10 @@ def tune_point(point: Any, opts: TuneOptions, out: Path, writer: ResultsWriter,
                        "value": None, "trials": 0})
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=opts.seed)
+    # TPE samples at random for its first n_startup_trials (10 by default): with a budget of
+    # a few trials that would be a pure random search, so half the trials start it up
+    sampler = optuna.samplers.TPESampler(seed=opts.seed,
+                                         n_startup_trials=min(10, max(1, opts.trials // 2)))
     study = optuna.create_study(direction="minimize", sampler=sampler)
     distributions = {d.key: d.distribution() for d in dims}
     done = 0
@@ -330,6 +357,11 @@ def tune_point(point: Any, opts: TuneOptions, out: Path, writer: ResultsWriter,
                        "value": value if math.isfinite(value) else None})
         return value if math.isfinite(value) else float("inf")
 
+    start = _starting_point(point.doc, dims)
+    if not done and start:
+        # the configuration as written is the first trial: the search never ends worse (on
+        # its metric) than the values the config names
+        study.enqueue_trial(start)
     remaining = opts.trials - done
     if remaining > 0:
         study.optimize(objective, n_trials=remaining,
