@@ -115,7 +115,7 @@ def test_two_ranks_equal_one_process(name, loss, model, tmp_path):
     assert sum(i.get("comm_bytes", 0) for i in got["infos"]) > 0
 
 
-@pytest.mark.parametrize("ddp", [False, True])
+@pytest.mark.parametrize("ddp", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_step_after_backward_without_a_batch_averages_over_ranks(ddp, tmp_path):
     """``loss.backward(); opt.step()`` with a loss curvkit cannot see (a plain function):
     identity + direct steps on p.grad. Without DDP, curvkit averages it over the ranks
