@@ -721,10 +721,13 @@ def build_report(directory: str | Path, target_loss: float | None = None,
         if any(name == "Loss vs work" for name, _ in figures):
             without = [g.label for g in groups
                        if g.ok_runs and all(cumulative_work(r) is None for r in g.ok_runs)]
-            lines += ["Work counts network passes per step as the runs log it (`work`: "
-                      "2 for the gradient, 2 per curvature product, 1 per loss evaluation "
-                      "for `trust_region`; every forward, JVP and VJP for `varpro`; 2 per "
-                      "closure call for torch.optim baselines)." +
+            lines += ["Work counts network passes per step as the runs log it (`work`, "
+                      "`curvkit.work`): 2 for the step's gradient, 1 per extra forward "
+                      "(trial points, loss evaluations), and what the estimator's calls "
+                      "cost — a forward plus one backward per output column for ef, "
+                      "fisher and ggn statistics, 2 per curvature product, none for K-FAC "
+                      "statistics taken from the step's own pass; every forward, JVP and "
+                      "VJP for `varpro`; 2 per closure call for torch.optim baselines." +
                       (f" Not shown (no work logged): {', '.join(without)}." if without
                        else ""), ""]
 
@@ -749,7 +752,11 @@ def build_report(directory: str | Path, target_loss: float | None = None,
         lines += ["## Partition summaries", "",
                   "H̄ and its (pseudo-)inverse at the first and last evaluation that has "
                   "them, normalized as M_ij/√|M_ii M_jj| (weights first, then biases), and "
-                  "the per-group learning rates |η| over training (first seed).", ""] + part_lines
+                  "the per-group learning rates |η| over training (first seed). Where "
+                  "`partition_eta` and `cubic_eta` are drawn separately they differ: the "
+                  "first is the partition preconditioner's own rule (H̄ + λI)⁻¹ḡ, the "
+                  "second the η the cubic solver stepped with (regularized by D³, after "
+                  "its safeguard); identical series are drawn once.", ""] + part_lines
 
     failed = [r for r in runs.values() if r.status == "failed"]
     diverged = [r for r in runs.values() if r.status == "diverged"]
