@@ -30,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 DOCS = HERE.parent / "docs" / "benchmarks"
 # scripts that print without a page (bench_distributed needs several processes)
 NO_PAGE = {"bench_distributed"}
+# further pages of a script with other arguments: script → [(page, arguments)]
+EXTRA = {"bench_singd": [("singd_cnn", ["--model", "cnn", "--structures", "diagonal",
+                                        "--T", "1", "10"])]}
 
 
 def main(argv: list[str]) -> int:
@@ -47,12 +50,17 @@ def main(argv: list[str]) -> int:
     if args.words:
         scripts = [s for s in scripts if any(w in s.stem for w in args.words)]
     failed = []
+    runs = []
     for script in scripts:
-        cmd = [sys.executable, str(script)]
-        if script.stem not in NO_PAGE:
-            cmd += ["--out", str(out_dir / f"{script.stem.removeprefix('bench_')}.md")]
-            if args.repeats:
-                cmd += ["--repeats", str(args.repeats)]
+        if script.stem in NO_PAGE:
+            runs.append((script, [sys.executable, str(script)]))
+            continue
+        pages = [(script.stem.removeprefix("bench_"), [])] + EXTRA.get(script.stem, [])
+        for page, extra in pages:
+            cmd = [sys.executable, str(script), *extra, "--out", str(out_dir / f"{page}.md")]
+            runs.append((script, cmd + (["--repeats", str(args.repeats)] if args.repeats
+                                        else [])))
+    for script, cmd in runs:
         print(f"\n=== {' '.join(cmd[1:])} ===", flush=True)
         t0 = time.perf_counter()
         rc = subprocess.call(cmd)
