@@ -1,4 +1,10 @@
-"""The optimizer: one estimator, one preconditioner, one solver, as a torch.optim.Optimizer."""
+"""The optimizer: one estimator, one preconditioner, one solver, as a torch.optim.Optimizer.
+
+Over 500 lines because the step's guarantees live in one place: the non-finite checks of
+the loss, gradient, direction and applied update, the rollback of every part's state, the
+work count and the torch.optim call styles all wrap the same step; the pieces that stand
+alone (parameter groups, capture, finite ledger, work) are their own modules.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """The training runner: one run = one validated config and one seed, metrics as records.
+(Just over 500 lines: the training loop, its checkpoint/resume and its records must agree
+field by field, so they stay in one module.)
 
 ``execute(spec, emit, attempt=...)`` builds the data, the model (initialised from the seed)
 and the optimizer, trains for ``train.steps`` steps and hands every record to ``emit`` (the

@@ -4,6 +4,9 @@ The inner problem (the final layer for fixed features) is in :mod:`._varpro_inne
 reduced problem (the split θ | W̃, the feature map, GNvpro's reduced Gauss-Newton operator)
 in :mod:`._varpro_reduced`; the outer Gauss-Newton step is the ``trust_region`` solver's loop
 (:func:`curvkit.solvers.trust_region.trust_region_step`) driving that operator.
+
+(Just over 500 lines: the head search and the build-time refusals, which need the traced
+model and the options together, stay next to the solver that states them.)
 """
 
 from __future__ import annotations
