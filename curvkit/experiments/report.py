@@ -26,11 +26,12 @@ figures (one function per figure).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -626,12 +627,14 @@ def tuning_lines(directory: Path) -> list[str]:
                             "best values", "metric"], rows), ""]
 
 
-def provenance_line(directory: Path) -> str:
-    """Which code and which config produced the report: the curvkit commit (``git
-    rev-parse HEAD`` of the checkout curvkit is imported from, with ``+dirty`` for
-    uncommitted changes; "unknown" outside git) and the sha256 of ``config.toml`` as
-    written by the run, so a stale report is recognisable."""
-    import hashlib
+def code_commit() -> str:
+    """The git commit of the checkout curvkit is imported from (12 hex digits, ``+dirty``
+    for uncommitted changes under curvkit/; "unknown" outside git)."""
+    return _code_commit()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_commit() -> str:
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
@@ -643,9 +646,25 @@ def provenance_line(directory: Path) -> str:
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
-    commit = (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def provenance_line(directory: Path, runs: Iterable[Run] = ()) -> str:
+    """Which code and which config produced the report: the curvkit commit(s) the runs
+    recorded in their start records (``versions.commit``), else the commit of the checkout
+    rendering the report, and the sha256 of ``config.toml`` as written by the run, so a
+    stale report is recognisable."""
+    import hashlib
+
+    ran = sorted({r.start.get("versions", {}).get("commit") for r in runs
+                  if isinstance(r.start.get("versions"), dict)} - {None})
+    commit = code_commit()
     cfg = directory / "config.toml"
     digest = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.exists() else "none"
+    if ran:
+        shown = ", ".join(f"`{c}`" for c in ran)
+        return (f"Provenance: runs at curvkit commit {shown}, config.toml sha256 "
+                f"`{digest}`; report rendered at `{commit}`.")
     return f"Provenance: curvkit commit `{commit}`, config.toml sha256 `{digest}`."
 
 
@@ -686,7 +705,7 @@ def build_report(directory: str | Path, target_loss: float | None = None,
     lines.append(f"Results in `{directory}`: {len(runs)} runs of {len(groups)} "
                  f"configurations ({counts}). Generated "
                  f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
-    lines += ["", provenance_line(directory), ""]
+    lines += ["", provenance_line(directory, runs.values()), ""]
     if statuses.get("incomplete"):
         lines += [f"**Partial results**: {statuses['incomplete']} run(s) have not finished; "
                   "their numbers are those of their last evaluation so far.", ""]

@@ -44,6 +44,7 @@ from curvkit import __version__, distributed
 from curvkit.devices import resolve_device
 from curvkit.experiments import checkpoint
 from curvkit.experiments.config import RunConfig, parse_run_config
+from curvkit.experiments.report import code_commit
 from curvkit.optimizer import CurvkitOptimizer
 from curvkit.tasks.base import TaskData, as_dtype
 
@@ -514,6 +515,7 @@ def execute(spec: RunSpec, emit: Emit, *, attempt: int = 1, cache_dir: Any = Non
         emit({**base, "type": "start", "config_id": spec.config_id, "label": spec.label,
               "seed": spec.seed, "index": spec.index, "config": cfg.resolved(),
               "time": time.time(), "versions": {"curvkit": __version__,
+                                                "commit": code_commit(),
                                                 "torch": torch.__version__,
                                                 "python": platform.python_version()},
               "world_size": distributed.world_size(), **spec.extra})
