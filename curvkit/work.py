@@ -69,9 +69,9 @@ def _batches(batch: Any) -> list[tuple[Any, Tensor]]:
 
 
 def _outputs(estimator: Any, X: Any) -> int:
-    """C: the output dimension per sample (the exact GGN's columns), as recorded by the
-    forward hook :func:`instrument` installs (from the first plain forward: the step's own
-    gradient, a K-FAC capture); without one yet, from one forward of its own."""
+    """C: the output dimension per sample (the exact GGN's columns), as recorded by a
+    forward hook that lives for the duration of a counted capability call (its own
+    forward); without one yet, from one forward of its own (no graph; cached)."""
     cached = estimator.__dict__.get("_work_outputs")
     if cached is None:
         from curvkit import passes
@@ -140,19 +140,21 @@ def instrument(estimator: Any) -> None:
     wrappers hold the estimator weakly (no reference cycle through its own ``__dict__``)."""
     ref = weakref.ref(estimator)
 
+    for capability in CAPABILITIES:
+        func = getattr(type(estimator), capability, None)
+        if callable(func) and not getattr(estimator.__dict__.get(capability), "_counts_work",
+                                          False):
+            estimator.__dict__[capability] = _counted(ref, capability, func)
+
+
+def _recorder(ref: Any) -> Callable[..., None]:
     def record(module: Any, args: Any, out: Any) -> None:
         est = ref()
         if est is not None and "_work_outputs" not in est.__dict__ \
                 and isinstance(out, Tensor) and not torch._C._are_functorch_transforms_active():
             est.__dict__["_work_outputs"] = _per_sample(out)
 
-    if "_work_hook" not in estimator.__dict__:
-        estimator.__dict__["_work_hook"] = estimator.model.register_forward_hook(record)
-    for capability in CAPABILITIES:
-        func = getattr(type(estimator), capability, None)
-        if callable(func) and not getattr(estimator.__dict__.get(capability), "_counts_work",
-                                          False):
-            estimator.__dict__[capability] = _counted(ref, capability, func)
+    return record
 
 
 def _method(obj: Any, name: str) -> Callable[..., Any]:
@@ -173,11 +175,16 @@ def _counted(ref: weakref.ref, capability: str, func: Callable[..., Any]
         batches = _batches(batch)
         reuse = _reuses(estimator)
         token = _INSIDE.set(True)
+        # the call's own forward records the output size C; the hook lives only as long
+        # as the call (the user's model keeps no hook of ours, even if the call raises)
+        handle = estimator.model.register_forward_hook(_recorder(ref)) \
+            if "_work_outputs" not in estimator.__dict__ else None
         try:
             out = func(estimator, batch, *args, **kwargs)
         finally:
             _INSIDE.reset(token)
-        # after the call: its own forward has recorded the output size
+            if handle is not None:
+                handle.remove()
         if not (capability == "linearize" and not reuse):  # else: a matvec per product
             add(sum(capability_passes(estimator, capability, X, y, args, kwargs)
                     for X, y in batches))
