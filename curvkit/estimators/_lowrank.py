@@ -108,9 +108,10 @@ class LowRankOutputEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------- batches
     def _per_batch(self, batch: Batch | Iterable[Batch],
-                   fn: Callable[[Any, Tensor, int], Any]) -> Any:
+                   fn: Callable[[Any, Tensor, int], Any], first_order: bool = False) -> Any:
         counter = itertools.count()
-        return self.accumulate(as_batches(batch), lambda X, y: fn(X, y, next(counter)))
+        return self.accumulate(as_batches(batch), lambda X, y: fn(X, y, next(counter)),
+                               first_order=first_order)
 
     def matvec(self, batch: Batch | Iterable[Batch], v: Iterable[Tensor]) -> list[Tensor]:
         v = list(v)
@@ -124,7 +125,9 @@ class LowRankOutputEstimator(CurvatureEstimator):
         """diag(C), shaped like the parameters."""
         if self._backpack is not None:
             return self._backpack_diagonal(batch)
-        return self._per_batch(batch, self._diagonal_at)
+        # first derivatives only (layer captures, per-sample gradients, Jacobian rows): no
+        # normalization decomposition, which costs a Python call per operation
+        return self._per_batch(batch, self._diagonal_at, first_order=True)
 
     def _backpack_diagonal(self, batch: Batch | Iterable[Batch]) -> list[Tensor]:
         """diag(C) from BackPACK (``backend = "backpack"``); subclasses add their seeds."""
