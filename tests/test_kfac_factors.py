@@ -405,8 +405,29 @@ class Functional(nn.Module):
         return self.fc(x) + F.linear(x, self.fc.weight) * 0.5
 
 
+class FunctionalUntraceable(Functional):
+    """The same, with control flow on values: fx cannot read it at build, so the capture's
+    gradient check is what catches the outside use."""
+
+    def forward(self, x):
+        if float(x.sum()) > -1e30:
+            return super().forward(x)
+        return x
+
+
+def test_a_weight_used_outside_its_module_is_left_out_where_the_code_shows_it():
+    model = Functional().double()
+    X = torch.randn(3, 3, dtype=DT)
+    y = torch.randn_like(model(X))
+    from curvkit.estimators.kfac import kfac_exclusions
+    assert "fc.weight outside the module's own forward" in kfac_exclusions(model)["fc"]
+    facs = est("ggn", model, nn.MSELoss()).kronecker((X, y))
+    assert [f.params for f in facs.values()] == [("fc.bias",)]
+
+
 @pytest.mark.parametrize("model,match", [
-    (Functional(), r"module fc \(Linear\): the gradient of fc.weight is not explained"),
+    (FunctionalUntraceable(),
+     r"module fc \(Linear\): the gradient of fc.weight is not explained"),
     (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()),
      r"module 0 \(Conv2d\) has groups=2"),
 ])

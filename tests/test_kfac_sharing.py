@@ -391,3 +391,38 @@ def test_one_accumulator_roots_square_to_the_factors_over_batches(reduction, app
         for n in f:
             torch.testing.assert_close(r[n].A_root.T @ r[n].A_root, f[n].A)
             torch.testing.assert_close(r[n].G_root.T @ r[n].G_root, f[n].G)
+
+
+class _TiedAutoencoder(nn.Module):
+    """The decoder reuses the encoder's weight transposed, outside the encoder's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 3)
+        self.dec_bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.tanh(self.enc(x)), self.enc.weight.t(),
+                                          self.dec_bias)
+
+
+@pytest.mark.parametrize("estimator,preconditioner", [("fisher", "kronecker"),
+                                                      ("ef", "lie_group")])
+def test_a_weight_used_outside_its_module_falls_back_at_build(estimator, preconditioner):
+    """Read from the code at build (fx): enc.weight is also used transposed by the decoder,
+    so K-FAC leaves it to the fallback with one warning naming the way out, keeps the
+    untouched bias covered, and trains (it failed at step 0 before)."""
+    torch.manual_seed(0)
+    model = _TiedAutoencoder().double()
+    X = torch.randn(8, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="uses enc.weight outside the module's own forward"):
+        opt = curvkit.build_optimizer(model, nn.MSELoss(), {
+            "lr": 0.1, "estimator": estimator, "preconditioner": preconditioner,
+            "solver": "direct"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = [float(opt.step((X, X))) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    structures = opt.structures()
+    assert structures["enc.bias"].startswith(preconditioner)
+    assert not structures["enc.weight"].startswith(preconditioner)

@@ -96,6 +96,31 @@ def kfac_exclusions(model: nn.Module) -> dict[str, str]:
     return dict(_cached(model, False)[1])
 
 
+def _used_outside_their_module(model: nn.Module) -> dict[int, str]:
+    """{id(parameter): name} for parameters of Linear / Embedding / convolution modules that
+    the model's code reads directly (an fx ``get_attr``, e.g. a decoder computing
+    ``F.linear(z, self.enc.weight.t())``) besides calling the module: K-FAC's capture of
+    the module cannot explain their gradient. Read from the code at build (no data); {}
+    where fx cannot trace the forward (the capture's gradient check then says so)."""
+    from curvkit import passes
+
+    graph = passes.code_graph(model)
+    if graph is None:
+        return {}
+    params = dict(model.named_parameters())
+    kinds = (nn.Linear, nn.Embedding, *CONV)
+    owners = {f"{m_name}.{a}" if m_name else a: mod for m_name, mod in model.named_modules()
+              for a, _ in mod.named_parameters(recurse=False)}
+    out = {}
+    for node in graph.nodes:
+        owner = owners.get(node.target)
+        # the root module's own forward is traced, not called: its reads are its own use
+        if node.op == "get_attr" and node.target in params and isinstance(owner, kinds) \
+                and owner is not model:
+            out[id(params[node.target])] = node.target
+    return out
+
+
 def _cached(model: nn.Module, strict: bool) -> tuple[list[KFACLayer], dict[str, str]]:
     key = tuple((id(p), p.requires_grad) for p in model.parameters())
     cached = _LAYERS.setdefault(model, {}).get(strict)
@@ -117,6 +142,7 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
             if not any(m is mod for _, m in owners.get(id(p), [])):
                 owners.setdefault(id(p), []).append((mod_name, mod))
     full_name = {id(p): n for n, p in model.named_parameters()}
+    outside = _used_outside_their_module(model)
     layers: list[KFACLayer] = []
     seen: set[int] = set()
     attention_of: dict[int, nn.MultiheadAttention] = {}
@@ -167,7 +193,21 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
                     f"weight and bias. To precondition it with Kronecker factors, untie it "
                     f"(e.g. `{other_name}.weight = nn.Parameter({other_name}.weight"
                     f".detach().clone())`)")
-        if mod_name in excluded:  # the shared parameters fall back, an untied bias stays
+        loose = [p for p in covered if id(p) in outside]
+        if loose:
+            names = ", ".join(outside[id(p)] for p in loose)
+            excluded[mod_name] = (
+                f"module {label}: the model's code uses {names} outside the module's own "
+                f"forward (e.g. a decoder reusing it as F.linear(z, weight.t())), so the "
+                f"module's inputs and output gradients do not explain its gradient. To "
+                f"precondition it with Kronecker factors, call the module for every use, "
+                f"or untie the other use (its own nn.Parameter)")
+            tied = []
+            use_weight &= id(weight) not in outside
+            use_bias &= not isinstance(bias, nn.Parameter) or id(bias) not in outside
+            if not use_weight and not use_bias:
+                continue
+        elif mod_name in excluded:  # the shared parameters fall back, an untied bias stays
             tied = []
             shared = {id(p) for p in ((weight,) if use_weight else ())
                       + ((bias,) if use_bias else ()) if len(holders.get(id(p), ())) > 1}
