@@ -196,6 +196,10 @@ def page_meta(text: str) -> dict[str, str]:
         m = re.match(r"- (date|load at the start): (.*)", line)
         if m:
             meta[m.group(1)] = m.group(2)
+    m = re.search(r"on (\d{4}-\d\d-\d\d \d\d:\d\d UTC), (commit \S+), load at the start "
+                  r"(.*?) \(do not edit", text)
+    if not meta and m:  # a page that states them in one sentence (bench_singd)
+        meta = {"date": f"{m.group(1)}, {m.group(2)}", "load at the start": m.group(3)}
     return meta
 
 
