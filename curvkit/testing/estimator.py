@@ -114,8 +114,8 @@ def flat(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def random_like_params(model: nn.Module, seed: int = 1) -> list[Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g, dtype=p.dtype)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same v on every device
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device)
             for p in model.parameters() if p.requires_grad]
 
 
@@ -348,7 +348,7 @@ class EstimatorSuite:
         with pytest.raises(ValueError, match="tensors"):
             est.matvec(prob.data(), v[:-1])
         bad = list(v)
-        bad[1] = torch.zeros(7, dtype=DTYPE)
+        bad[1] = torch.zeros(7, dtype=DTYPE, device=v[1].device)
         with pytest.raises(ValueError, match=r"v\[1\] has shape \(7,\)"):
             est.matvec(prob.data(), bad)
 
@@ -393,7 +393,7 @@ class EstimatorSuite:
                               ("skip", "mse", "mean"), ("cnn", "ce", "sum")])
     def test_summary_canonical_partition(self, arch: str, loss: str, reduction: str) -> None:
         prob, est, C, u = self._summary_case(arch, loss, reduction)
-        partition = [torch.tensor(i) for i in range(len(u))]
+        partition = [torch.tensor(i, device=u[0].device) for i in range(len(u))]
         s = self._check_summary(prob, est, C, u, partition, len(u))
         # default partition = one group per parameter tensor
         d = est.summary(prob.data(), u)
