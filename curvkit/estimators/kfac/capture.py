@@ -160,18 +160,9 @@ def _forward_capture(model: nn.Module, layers: list[KFACLayer], X: Any, strict: 
 
         return record
 
-    attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
-    handles = []
+    handles: list[Any] = []
     try:
-        for layer in layers:
-            if layer.attention is not None:  # captured by the attention handler
-                attention.setdefault(id(layer.attention), (layer.attention, {}))[1][
-                    layer.role] = layer.name
-                continue
-            for mod in layer.modules:
-                handles.append(mod.register_forward_hook(make_hook(layer.name)))
-        for mha, roles in attention.values():
-            handles.append(attach(mha, attention_recorder(roles)))
+        layer_hooks(layers, make_hook, attention_recorder, handles)
         with torch.enable_grad():
             out = passes.forward(model, X)
     finally:
@@ -298,3 +289,22 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
             at += n
             consume(layer, A_in[layer.name], _uses_grads(layer, per_call))
     return kept, A_in, dropped
+
+
+def layer_hooks(layers: list[KFACLayer], make_hook: Callable[[str], Callable],
+                attention_recorder: Callable[[dict[str, str]], Callable],
+                handles: list[Any]) -> None:
+    """Install the recording hooks of ``layers`` (appended to ``handles``, which the caller
+    removes): a forward hook per module call of a plain layer, and one output hook per
+    MultiheadAttention for the projections its handler re-expresses (roles → layer
+    names). Shared by the own capture pass and the observed pass."""
+    attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+    for layer in layers:
+        if layer.attention is not None:  # captured by the attention handler
+            attention.setdefault(id(layer.attention), (layer.attention, {}))[1][
+                layer.role] = layer.name
+            continue
+        for mod in layer.modules:
+            handles.append(mod.register_forward_hook(make_hook(layer.name)))
+    for mha, roles in attention.values():
+        handles.append(attach(mha, attention_recorder(roles)))

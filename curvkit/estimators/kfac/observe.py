@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from curvkit.estimators.base import CurvatureEstimator
-from curvkit.estimators.kfac.attention import attach
 from curvkit.estimators.kfac.capture import (
     _backprop_columns,
     _check_output,
@@ -26,6 +25,7 @@ from curvkit.estimators.kfac.capture import (
     _Record,
     _uses_grads,
     _uses_inputs,
+    layer_hooks,
 )
 from curvkit.estimators.kfac.layers import (
     KFACLayer,
@@ -117,19 +117,11 @@ def observe_pass(model: nn.Module, layers: list[KFACLayer]) -> Iterator[Observat
         return record
 
     handles = obs.handles
-    attention: dict[int, tuple[nn.Module, dict[str, str]]] = {}
     try:
         for layer in layers:
             for j, p in enumerate(_layer_params(layer)):
                 handles.append(p.register_hook(make_param_hook(layer.name, j)))
-            if layer.attention is not None:  # one output-replacing hook per attention
-                attention.setdefault(id(layer.attention), (layer.attention, {}))[1][
-                    layer.role] = layer.name
-                continue
-            for mod in layer.modules:
-                handles.append(mod.register_forward_hook(make_hook(layer.name)))
-        for mha, roles in attention.values():
-            handles.append(attach(mha, attention_recorder(roles)))
+        layer_hooks(layers, make_hook, attention_recorder, handles)
         handles.append(model.register_forward_hook(root_hook))
         yield obs
     finally:
