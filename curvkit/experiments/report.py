@@ -12,16 +12,18 @@ Contents:
   diverged / failed runs;
 * loss against step and against training time (evaluation excluded), the mean over seeds
   with a min–max band; and against work (network passes, the per-step ``work`` number
-  the trust-region and varpro solvers and torch.optim baselines log) when runs have it;
+  every composition logs through :mod:`curvkit.work`, and torch.optim baselines 2 per
+  closure call);
 * for runs whose optimizer reports square matrices (the ``partition`` preconditioner's H̄):
   heatmaps of H̄ and H̄⁻¹ early and late in training (as in Wolinski's Figures 1–2) and the
   per-group learning rates η over training;
 * the grid points that were skipped (incompatible or unavailable parts) with the reason.
 
-Why one module of about 700 lines: the table, the figures and the tuning section share the
-record grouping, the label and number formats and the figure style; split across modules
-they would pass those around or repeat them. Candidates to move out if it grows: the
-figures (one function per figure).
+Why one module of about 800 lines: the table (with its work, memory and provenance
+columns), the figures and the tuning section share the record grouping, the label and
+number formats and the figure style; split across modules they would pass those around or
+repeat them. The next thing to move out is the figures (one function per figure, ~300
+lines), behind a small interface of groups and paths.
 """
 
 from __future__ import annotations
