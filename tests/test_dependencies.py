@@ -102,9 +102,9 @@ def test_report_figures_name_the_extra(tmp_path):
     result = _run_without_optional("""
         import json
         from curvkit._optional import MissingExtraError
-        from curvkit.experiments import report
+        from curvkit.experiments import figures
         try:
-            report._figure()
+            figures._figure()
         except MissingExtraError as err:
             print(json.dumps({"error": str(err)}))
     """)

@@ -11,7 +11,8 @@ import torch
 
 import curvkit
 from curvkit.cli import main
-from curvkit.experiments.report import build_report, markdown_table, normalized
+from curvkit.experiments.figures import normalized
+from curvkit.experiments.report import build_report, markdown_table
 from curvkit.experiments.store import RESULTS, ResultsWriter
 
 CONFIG = textwrap.dedent("""
@@ -161,7 +162,7 @@ def test_number_formats():
 
 
 def test_readable_layer_names_and_distinct_line_styles():
-    from curvkit.experiments.report import line_style, readable_names
+    from curvkit.experiments.figures import line_style, readable_names
 
     assert readable_names(["net.0.weight", "net.0.bias", "net.2.weight", "fc.bias"]) == \
         ["layer 1 W", "layer 1 b", "layer 2 W", "fc b"]
@@ -183,7 +184,7 @@ def test_helpers():
 def test_loss_against_work(tmp_path):
     """The per-step ``work`` numbers are summed into the x axis of the loss-vs-work figure;
     configurations that log no work are left out of it and named."""
-    from curvkit.experiments.report import cumulative_work
+    from curvkit.experiments.figures import cumulative_work
     from curvkit.experiments.store import load_runs
 
     tmp_path.mkdir(exist_ok=True)
