@@ -102,6 +102,10 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             self.solver.bind(self.estimator, self.preconditioner)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{sol.path}: {err}") from err
+        # how often a step applies P⁻¹ (direct: once), for the form the inverse is kept in
+        expect = getattr(self.preconditioner, "expect_applications", None)
+        if callable(expect):
+            expect(getattr(self.solver, "applications_per_step", None))
         self.counters = {"steps": 0, "nonfinite": 0, "rejected": 0}
         self.traffic = distributed.Traffic()
         self.last_info: dict[str, Any] = {}

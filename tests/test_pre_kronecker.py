@@ -281,7 +281,8 @@ def test_bfloat16_model_inverts_in_higher_precision(inv_dtype, want):
     state = opt.preconditioner.state
     for mod in state["factors"]:
         assert state["factors"][mod]["A"].dtype == want
-        assert state["inverses"][mod]["G"].dtype == want
+        # explicit inverses or Cholesky factors ("LA"/"LG"), whichever form was kept
+        assert all(t.dtype == want for t in state["inverses"][mod].values())
     assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in prob.params)
     assert losses[-1] < losses[0]
 
@@ -357,3 +358,48 @@ def test_a_thin_layers_big_factor_is_applied_by_cholesky_solves():
             torch.linalg.inv(A + root * torch.eye(len(A), dtype=A.dtype))
         torch.testing.assert_close(torch.cat([out[w], out[b][:, None]], 1), R, rtol=1e-9,
                                    atol=1e-12)
+
+
+def test_factors_applied_once_are_kept_as_cholesky_factors_with_the_same_direction():
+    """Told by the optimizer that each step applies P⁻¹ once (``direct``'s
+    ``applications_per_step``) and inverting every step, every factor is kept as its
+    Cholesky factor and applied by triangular solves; the direction equals the explicit
+    inverses' and (G + √δ I)⁻¹ M (A + √δ I)⁻¹ computed densely. Applied more often
+    (invert_every = 2, or a solver that does not declare a count) the inverses are
+    formed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(),
+                                torch.nn.Linear(12, 3)).double()
+    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    est = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
+    params = list(model.parameters())
+    zeros = [torch.zeros_like(p) for p in params]
+    g = [torch.randn_like(p) for p in params]
+    out = {}
+    for label, per_step, invert_every in (("once", 1, 0), ("explicit", None, 0),
+                                          ("twice", 1, 2)):
+        pre = curvkit.create("preconditioner", "kronecker", model=model, damping=1e-2,
+                             ema=0.0, invert_every=invert_every)
+        pre.expect_applications(per_step)
+        pre.update(est, (X, y), zeros)
+        keys = {k for inv in pre.state["inverses"].values() for k in inv}
+        assert keys == ({"LA", "LG"} if label == "once" else {"A", "G"}), label
+        out[label] = pre.apply(g)
+    for a, b in zip(out["once"], out["explicit"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    for mod, (w, b) in (("0", (0, 1)), ("2", (2, 3))):
+        A, G = pre.state["factors"][mod]["A"], pre.state["factors"][mod]["G"]
+        M = torch.cat([g[w], g[b][:, None]], 1)
+        R = torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=G.dtype), M) @ \
+            torch.linalg.inv(A + 0.1 * torch.eye(len(A), dtype=A.dtype))
+        torch.testing.assert_close(torch.cat([out["once"][w], out["once"][b][:, None]], 1),
+                                   R, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver,want", [("direct", 1), ("trust_region", None)])
+def test_the_optimizer_tells_the_preconditioner_the_solvers_applications(solver, want):
+    prob = problem("mlp", "ce")
+    opt = curvkit.build_optimizer(prob.model, prob.loss_fn, {
+        "preconditioner": "kronecker", "solver": solver})
+    assert opt.preconditioner.applications_per_step == want

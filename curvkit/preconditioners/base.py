@@ -46,6 +46,8 @@ class Preconditioner(Part):
         named = trainable(self.model) if self.model is not None else []
         self._named = named
         self._params = [p for _, p in named]
+        # applications of P⁻¹ per step, as the solver declares it (None: not known)
+        self.applications_per_step: int | None = None
 
     @property
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
@@ -75,6 +77,12 @@ class Preconditioner(Part):
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
         """P⁻¹ d. The base is the identity and returns ``direction`` itself."""
         return list(direction)
+
+    def expect_applications(self, per_step: int | None) -> None:
+        """Told once by the optimizer: ``apply`` will run ``per_step`` times per step (the
+        solver's ``applications_per_step``; None: not a fixed number). A structure may pick
+        from it the cheapest form of its inverse; the result of ``apply`` does not change."""
+        self.applications_per_step = per_step
 
     def inverse_operator(self) -> LinearOperator:
         """P⁻¹ as a :class:`~curvkit.linops.LinearOperator` (``apply`` at the current state:

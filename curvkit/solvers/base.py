@@ -102,6 +102,11 @@ class Solver(Part, abc.ABC):
     # False if the step uses only the gradients and the preconditioner, never the batch
     # (then ``loss.backward(); opt.step()`` works even where the batch cannot be captured)
     needs_batch: ClassVar[bool] = True
+    # How many times one step applies the preconditioner (P⁻¹ d); None: not a fixed number
+    # (Krylov iterations, trial points). The optimizer tells the preconditioner
+    # (:meth:`~curvkit.preconditioners.base.Preconditioner.expect_applications`), which
+    # may store its inverse in the form cheapest for that many applications.
+    applications_per_step: ClassVar[int | None] = None
 
     def __init__(self, options: Any | None = None) -> None:
         super().__init__(options)

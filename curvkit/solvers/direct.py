@@ -41,6 +41,7 @@ class DirectSolver(Solver):
     group_options = ("momentum", "dampening", "weight_decay", "nesterov")
     per_group_lr = True
     needs_batch = False
+    applications_per_step = 1  # one P⁻¹ g per step
 
     def __init__(self, options: Options | None = None) -> None:
         super().__init__(options)
