@@ -82,9 +82,9 @@ def psd_inverse(matrix: Tensor, damping: float, method: str, negative: str,
     """
     if check_finite and not bool(torch.isfinite(matrix).all()):
         return nan_like(matrix), False
-    n = matrix.shape[0]
     if method == "cholesky":
-        damped = matrix + damping * torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+        damped = matrix.clone()
+        damped.diagonal().add_(damping)  # M + δI without forming an n × n identity
         L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return torch.cholesky_inverse(L), False
