@@ -366,10 +366,10 @@ def test_factors_applied_once_are_kept_as_cholesky_factors_with_the_same_directi
     Cholesky factor and applied by triangular solves; the direction equals the explicit
     inverses' and (G + √δ I)⁻¹ M (A + √δ I)⁻¹ computed densely. Applied more often
     (invert_every = 2, or a solver that does not declare a count) the inverses are
-    formed."""
+    formed. Widths 40 and 7/3 reach both branches of the solves (≥ 32 and < 32 rows)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(),
-                                torch.nn.Linear(12, 3)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(),
+                                torch.nn.Linear(40, 3)).double()
     X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     loss_fn = torch.nn.CrossEntropyLoss()
     est = curvkit.create("estimator", "ggn", model=model, loss_fn=loss_fn)
