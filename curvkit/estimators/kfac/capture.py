@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 if TYPE_CHECKING:
     pass
@@ -201,6 +202,15 @@ def _classify(layers: list[KFACLayer], records: dict[str, _Record], strict: bool
     return active, skipped
 
 
+def _needs_check(layer: KFACLayer) -> bool:
+    """Whether the layer's captured inputs and output gradients must be checked against its
+    weight gradient at run time: unless the model's code proved the plain use at build
+    (``KFACLayer.plain``) and no forward hook — the module's own or a global one — can have
+    changed the output the capture recorded (checked on every pass: hooks come and go)."""
+    return not layer.plain or bool(_module._global_forward_hooks) \
+        or any(m._forward_hooks for m in layer.modules)
+
+
 def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
                       records: dict[str, _Record], strict: bool,
                       consume: Callable[[KFACLayer, Tensor, Tensor], None]
@@ -208,9 +218,11 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
     """Backpropagate ⟨out, s_k⟩ for every column s_k of ``cols`` (K, *out.shape) to the layer
     outputs, calling ``consume(layer, a (N, T, D), g (K', N, T, d_out))`` per chunk of columns.
 
-    The largest column goes first, alone and together with the layers' parameters, to verify
-    every layer (the weight gradient implied by a and g must be the true one); a layer that
-    fails raises (``strict``) or is dropped and reported in the returned dict.
+    Layers whose plain use the model's code does not prove (:func:`_needs_check`) are
+    verified on the largest column, which then goes first, alone and together with those
+    layers' parameters: the weight gradient implied by a and g must be the true one; a layer
+    that fails raises (``strict``) or is dropped and reported in the returned dict. Without
+    such layers every column goes through the batched backward of the layer outputs only.
     """
     K = cols.shape[0]
     A_in: dict[str, Tensor] = {}
@@ -223,43 +235,14 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
                 raise
             dropped[layer.name] = str(err)
     active = [layer for layer in active if layer.name in A_in]
-    k0 = int(cols.reshape(K, -1).norm(dim=1).argmax())
-    outputs = [o for layer in active for o in records[layer.name].outputs]
-    params = [p for layer in active for p in _layer_params(layer)]
-    grads = torch.autograd.grad(out, outputs + params, grad_outputs=cols[k0],
-                                retain_graph=True, allow_unused=True)
-    kept: list[KFACLayer] = []
-    pos, at = len(outputs), 0
-    first: list[tuple[KFACLayer, Tensor, list[Tensor]]] = []
-    for layer in active:
-        outs = records[layer.name].outputs
-        ps = _layer_params(layer)
-        true = [t if t is not None else torch.zeros_like(p)
-                for t, p in zip(grads[pos:pos + len(ps)], ps)]
-        pos += len(ps)
-        g = _uses_grads(layer, [(g if g is not None else torch.zeros_like(o))
-                                .detach().unsqueeze(0)
-                                for g, o in zip(grads[at:at + len(outs)], outs)])
-        at += len(outs)
-        first.append((layer, g, true))
-    # a tied group's weight gradient is the sum over its layers: each layer must explain
-    # the true gradient less what the other layers of its group explain
-    implied = {layer.name: _implied_weight_grad(layer, A_in[layer.name], g[0])
-               for layer, g, _ in first if layer.group}
-    for layer, g, true in first:
-        if layer.group:
-            true = [true[0] - sum(w for n, w in implied.items() if n != layer.name and
-                                  _group_of(active, n) == layer.group), *true[1:]]
-        msg = _weight_grad_mismatch(layer, A_in[layer.name], g[0], true)
-        if msg:
-            if strict:
-                raise ValueError(f"kronecker: module {_label(layer)}: {msg}. Its K-FAC factors "
-                                 f"would be wrong.")
-            dropped[layer.name] = msg
-            continue
-        kept.append(layer)
-        consume(layer, A_in[layer.name], g)
-    rest = [k for k in range(K) if k != k0]
+    check = [layer for layer in active if _needs_check(layer)]
+    rest = list(range(K))
+    kept = active
+    if check:
+        k0 = int(cols.reshape(K, -1).norm(dim=1).argmax())
+        rest.remove(k0)
+        kept = _checked_first_column(out, cols[k0], active, check, records, A_in, strict,
+                                     consume, dropped)
     outputs = [o for layer in kept for o in records[layer.name].outputs]
     if not kept or not rest:
         return kept, A_in, dropped
@@ -269,13 +252,18 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
     batched = True
     for start in range(0, len(rest), chunk):
         idx = rest[start:start + chunk]
-        if batched:
+        gs: Any = None
+        if len(idx) == 1:  # one column: a plain backward (no batching machinery)
+            gs = [None if g is None else g.unsqueeze(0) for g in torch.autograd.grad(
+                out, outputs, grad_outputs=cols[idx[0]], retain_graph=True,
+                allow_unused=True)]
+        elif batched:
             try:
                 gs = torch.autograd.grad(out, outputs, grad_outputs=cols[idx], retain_graph=True,
                                          allow_unused=True, is_grads_batched=True)
             except RuntimeError:  # an op without a batching rule: one column at a time
                 batched = False
-        if not batched:
+        if gs is None:
             per = [torch.autograd.grad(out, outputs, grad_outputs=cols[k], retain_graph=True,
                                        allow_unused=True) for k in idx]
             gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
@@ -289,6 +277,57 @@ def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],
             at += n
             consume(layer, A_in[layer.name], _uses_grads(layer, per_call))
     return kept, A_in, dropped
+
+
+def _checked_first_column(out: Tensor, col: Tensor, active: list[KFACLayer],
+                          check: list[KFACLayer], records: dict[str, _Record],
+                          A_in: dict[str, Tensor], strict: bool,
+                          consume: Callable[[KFACLayer, Tensor, Tensor], None],
+                          dropped: dict[str, str]) -> list[KFACLayer]:
+    """Backpropagate the column ``col`` to every active layer's outputs and to the parameters
+    of the layers in ``check``, verify those (the weight gradient implied by a and g must be
+    the true one), consume the column for every layer kept; returns the layers kept."""
+    outputs = [o for layer in active for o in records[layer.name].outputs]
+    params = [p for layer in check for p in _layer_params(layer)]
+    grads = torch.autograd.grad(out, outputs + params, grad_outputs=col,
+                                retain_graph=True, allow_unused=True)
+    pos, at = len(outputs), 0
+    first: list[tuple[KFACLayer, Tensor, list[Tensor] | None]] = []
+    checked = {layer.name for layer in check}
+    for layer in active:
+        outs = records[layer.name].outputs
+        true = None
+        if layer.name in checked:
+            ps = _layer_params(layer)
+            true = [t if t is not None else torch.zeros_like(p)
+                    for t, p in zip(grads[pos:pos + len(ps)], ps)]
+            pos += len(ps)
+        g = _uses_grads(layer, [(g if g is not None else torch.zeros_like(o))
+                                .detach().unsqueeze(0)
+                                for g, o in zip(grads[at:at + len(outs)], outs)])
+        at += len(outs)
+        first.append((layer, g, true))
+    # a tied group's weight gradient is the sum over its layers: each layer must explain
+    # the true gradient less what the other layers of its group explain (groups are never
+    # proven plain, so all their layers are checked)
+    implied = {layer.name: _implied_weight_grad(layer, A_in[layer.name], g[0])
+               for layer, g, _ in first if layer.group}
+    kept: list[KFACLayer] = []
+    for layer, g, true in first:
+        if true is not None:
+            if layer.group:
+                true = [true[0] - sum(w for n, w in implied.items() if n != layer.name and
+                                      _group_of(active, n) == layer.group), *true[1:]]
+            msg = _weight_grad_mismatch(layer, A_in[layer.name], g[0], true)
+            if msg:
+                if strict:
+                    raise ValueError(f"kronecker: module {_label(layer)}: {msg}. Its K-FAC "
+                                     f"factors would be wrong.")
+                dropped[layer.name] = msg
+                continue
+        kept.append(layer)
+        consume(layer, A_in[layer.name], g)
+    return kept
 
 
 def layer_hooks(layers: list[KFACLayer], make_hook: Callable[[str], Callable],

@@ -33,7 +33,8 @@ from curvkit.estimators.kfac.capture import _backprop_columns, _forward_capture
 from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
     KFACLayer,
-    _augmented_outer,
+    _gram,
+    _input_factor,
     _weight,
     kfac_layers,
 )
@@ -86,13 +87,12 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
     def consume(layer: KFACLayer, a: Tensor, g: Tensor) -> None:
         if approx == "reduce":
             g = g.sum(2)
-        g = g.reshape(-1, g.shape[-1])
         if roots:
-            G.setdefault(layer.name, []).append(g)
+            G.setdefault(layer.name, []).append(g.reshape(-1, g.shape[-1]))
         elif layer.name in G:
-            G[layer.name][0] = g.T @ g + G[layer.name][0]
+            G[layer.name][0].add_(_gram(g))
         else:
-            G[layer.name] = [g.T @ g]
+            G[layer.name] = [_gram(g)]
 
     def cols(out: Tensor) -> Tensor:
         if columns is not None:
@@ -112,15 +112,16 @@ def _batch_factors(est: CurvatureEstimator, layers: list[KFACLayer], X: Any, y: 
             res[layer.name] = (_root_rows(a, layer.bias, approx),
                                g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows))
             continue
+        count = 1 if sum_inputs else N  # A: a mean over samples, or summed (divided later)
         if approx == "expand" and isinstance(layer.module, nn.Embedding) and not layer.bias:
             # one-hot rows (zero for the padding index): aᵀa is the diagonal of their sums,
             # O(N·T·V) instead of the O(N·T·V²) product
-            A = torch.diag(a.flatten(0, 1).sum(0)).div_(T)
+            A = torch.diag(a.sum((0, 1)).div_(count * T))
         elif approx == "expand":
-            A = _augmented_outer(a.flatten(0, 1), layer.bias, T)
+            A = _input_factor(a, layer.bias, count * T)
         else:
-            A = _augmented_outer(a.mean(1), layer.bias, 1.0)
-        res[layer.name] = (A if sum_inputs else A / N, G[layer.name][0])
+            A = _input_factor(a.mean(1, keepdim=True), layer.bias, count)
+        res[layer.name] = (A, G[layer.name][0])
     return res
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -61,6 +62,10 @@ class KFACLayer:
     # (the Embedding's name): their factors are combined into one Kronecker product
     # (``factors._combine_group``), and the weight-gradient check sums over the group
     group: str = ""
+    # the model's code shows that the parameters are used by these modules' own stock
+    # forward only (:func:`_plain_uses`): the capture's weight-gradient check is skipped for
+    # the layer as long as no forward hook could change the recorded output (``checked``)
+    plain: bool = False
 
     @property
     def modules(self) -> tuple[nn.Module, ...]:
@@ -96,15 +101,13 @@ def kfac_exclusions(model: nn.Module) -> dict[str, str]:
     return dict(_cached(model, False)[1])
 
 
-def _used_outside_their_module(model: nn.Module) -> dict[int, str]:
+def _used_outside_their_module(model: nn.Module, graph: Any) -> dict[int, str]:
     """{id(parameter): name} for parameters of Linear / Embedding / convolution modules that
     the model's code reads directly (an fx ``get_attr``, e.g. a decoder computing
     ``F.linear(z, self.enc.weight.t())``) besides calling the module: K-FAC's capture of
-    the module cannot explain their gradient. Read from the code at build (no data); {}
-    where fx cannot trace the forward (the capture's gradient check then says so)."""
-    from curvkit import passes
-
-    graph = passes.code_graph(model)
+    the module cannot explain their gradient. Read from the code at build (no data, the
+    ``graph`` of :func:`curvkit.passes.code_graph`); {} where fx cannot trace the forward
+    (the capture's gradient check then says so)."""
     if graph is None:
         return {}
     params = dict(model.named_parameters())
@@ -142,7 +145,10 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
             if not any(m is mod for _, m in owners.get(id(p), [])):
                 owners.setdefault(id(p), []).append((mod_name, mod))
     full_name = {id(p): n for n, p in model.named_parameters()}
-    outside = _used_outside_their_module(model)
+    from curvkit import passes
+
+    graph = passes.code_graph(model)
+    outside = _used_outside_their_module(model, graph)
     layers: list[KFACLayer] = []
     seen: set[int] = set()
     attention_of: dict[int, nn.MultiheadAttention] = {}
@@ -226,7 +232,66 @@ def _find_layers(model: nn.Module, strict: bool, excluded: dict[str, str]
         layers.append(KFACLayer(mod_name, mod, params, use_bias, use_weight,
                                 transposed=isinstance(mod, nn.Embedding), tied=tuple(tied),
                                 attention=mha, role="out_proj" if mha is not None else ""))
+    plain = _plain_uses(model, graph, owners)
+    for layer in layers:
+        layer.plain = bool(plain) and layer.attention is None and not layer.group \
+            and all(id(m) in plain for m in layer.modules)
     return layers
+
+
+# the forward of each stock layer type: a subclass (or an instance) with another forward
+# is not proven plain
+_STOCK_FORWARD = {nn.Linear: nn.Linear.forward, nn.Conv1d: nn.Conv1d.forward,
+                  nn.Conv2d: nn.Conv2d.forward, nn.Conv3d: nn.Conv3d.forward,
+                  nn.Embedding: nn.Embedding.forward}
+
+
+def _plain_uses(model: nn.Module, graph: Any,
+                owners: dict[int, list[tuple[str, nn.Module]]]) -> set[int]:
+    """{id(module)} of the stock Linear / Conv / Embedding modules whose parameters the
+    model's code (the fx ``graph`` of :func:`curvkit.passes.code_graph`, every submodule a
+    leaf) provably uses only by calling the module: the module is called from the traced
+    code (a ``call_module`` node), no module that contains it is called (a leaf's code is
+    not read), its parameters are read nowhere (no ``get_attr``) and held by no other
+    module, its type is exactly the stock class with its own forward, and every other leaf
+    the code calls is one of torch.nn's own modules (which use only their own parameters)
+    and every function it calls one of torch's or Python's. Then the captured inputs and
+    output gradients explain the parameters' gradient by construction, and the capture's
+    runtime check of that (:func:`capture._weight_grad_mismatch`) can be skipped. Empty
+    where fx cannot trace the forward or anything above does not hold for the code as a
+    whole: the runtime check stays."""
+    if graph is None:
+        return set()
+    mods = dict(model.named_modules(remove_duplicate=False))
+    called: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            leaf = mods.get(node.target)
+            if leaf is None or not type(leaf).__module__.startswith("torch.nn."):
+                return set()  # a module of the user's whose code fx did not read
+            called.add(node.target)
+        elif node.op == "call_function":
+            where = getattr(node.target, "__module__", None) or ""
+            if not where.startswith(("torch", "_operator", "operator", "builtins", "math")):
+                return set()  # a wrapped function of the user's
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    out: set[int] = set()
+    for path, mod in mods.items():
+        if type(mod) not in _STOCK_FORWARD or "forward" in vars(mod) or not path:
+            continue
+        paths = [p for p, m in mods.items() if m is mod]
+        if not any(p in called for p in paths):
+            continue
+        # a called module that contains it (through any of its paths): a leaf, unread
+        if any(c != p and p.startswith(c + ".") for c in called for p in paths):
+            continue
+        names = [f"{p}.{a}" for p in paths for a, _ in mod.named_parameters(recurse=False)]
+        if any(n in read for n in names):
+            continue
+        if any(len(owners.get(id(t), ())) > 1 for _, t in mod.named_parameters(recurse=False)):
+            continue
+        out.add(id(mod))
+    return out
 
 
 def _attention_layer(name: str, mha: nn.MultiheadAttention, full_name: dict[int, str],
@@ -354,18 +419,45 @@ def _conv_patches(layer: KFACLayer, x: Tensor) -> Tensor:
     return p.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(N, -1, C * k[0] * k[1] * k[2])
 
 
-def _augmented_outer(a: Tensor, bias: bool, count: float) -> Tensor:
-    """Σ_r ã_r ã_rᵀ / count for the rows a (R, D), ã = [a, 1] if ``bias``."""
+def _input_factor(a: Tensor, bias: bool, count: float) -> Tensor:
+    """Σ_{n,t} ã_{n,t} ã_{n,t}ᵀ / count for the inputs a (N, T, D), ã = [a, 1] if ``bias``.
+
+    One product, in the layout a is stored in: a convolution's patches (positions innermost
+    in memory, the unfold layout) are copied once to the rows [a; 1] (D + 1, N·T) with the
+    positions kept contiguous (the cheap copy; rows (N·T, D) would transpose every sample)
+    and multiplied by their transpose; the rows of a Linear input are used in place, with
+    the bias row and column from their sums and 1/count inside the product."""
+    N, T, D = a.shape
+    if T > 1 and D > 1 and a.stride(1) == 1:
+        B = a.new_empty(D + int(bias), N, T)
+        B[:D].copy_(a.permute(2, 0, 1))
+        if bias:
+            B[D].fill_(1.0)
+        B = B.view(D + int(bias), N * T)
+        return (B @ B.T).div_(count)
+    r = a.reshape(N * T, D)
     if not bias:
-        return (a.T @ a).div_(count)
-    D = a.shape[1]
+        return (r.T @ r).div_(count)
     A = a.new_empty(D + 1, D + 1)
-    A[:D, :D] = a.T @ a
-    s = a.sum(0)
+    top = A[:D, :D]
+    torch.addmm(top, r.T, r, beta=0, alpha=1.0 / count, out=top)
+    s = r.sum(0).div_(count)
     A[:D, D] = s
     A[D, :D] = s
-    A[D, D] = float(a.shape[0])
-    return A.div_(count)
+    A[D, D] = N * T / count
+    return A
+
+
+def _gram(x: Tensor) -> Tensor:
+    """Σ_r x_r x_rᵀ over all leading dims of x (…, D), in the layout x is stored in: where
+    the next-to-last dim is innermost in memory (a convolution's output gradients, positions
+    contiguous), x is copied once to (D, R) keeping those runs contiguous."""
+    D = x.shape[-1]
+    if x.ndim > 2 and x.shape[-2] > 1 and D > 1 and x.stride(-2) == 1:
+        m = x.movedim(-1, 0).reshape(D, -1)
+        return m @ m.T
+    m = x.reshape(-1, D)
+    return m.T @ m
 
 
 def _layer_output_grads(layer: KFACLayer, g: Tensor) -> Tensor:
