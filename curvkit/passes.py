@@ -246,17 +246,20 @@ def draws_random(model: nn.Module, X: Any) -> bool:
     return _probe(model, X)[1]
 
 
-def per_sample_obstacle(model: nn.Module, X: Any) -> str | None:
+def per_sample_obstacle(model: nn.Module, X: Any, seen: tuple[Any, bool] | None = None
+                        ) -> str | None:
     """Why the model's outputs on a batch are not its outputs on each sample alone (then
     per-sample passes, e.g. ``vmap`` over samples, would compute another function), or None:
     a module that couples the samples (BatchNorm in training mode), a forward that draws
     random numbers (one dropout mask for the batch, not per sample), or an output whose
-    rows are not the samples (positions folded into the first dimension, ``(N·L, V)``)."""
+    rows are not the samples (positions folded into the first dimension, ``(N·L, V)``).
+    ``seen``: (output, whether it drew from the global generator) of a forward on ``X`` the
+    caller already ran (no probe forward of its own then)."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             return (f"module {name or '<model>'} ({type(m).__name__}) is in training mode "
                     f"and couples the samples of a batch")
-    out, random = _probe(model, X)
+    out, random = _probe(model, X) if seen is None else seen
     if random:
         return "the forward draws random numbers (dropout in training mode)"
     leaves = [t for t in torch.utils._pytree.tree_leaves(X) if isinstance(t, Tensor)]

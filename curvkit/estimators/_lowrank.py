@@ -198,16 +198,17 @@ class LowRankOutputEstimator(CurvatureEstimator):
         if why:
             raise ValueError(f"estimator {self.name!r}: {why}; call model.eval() first, or "
                              f"use estimator 'ggn'")
-        if passes.per_sample_obstacle(self.model, X):
-            # per-sample passes would compute another function: diag(WᵀW), exact, costlier
-            diag = (self._weighted_jacobian(X, y, index) ** 2).sum(0)
-            return [t.detach() for t in unflatten(diag, self.params)]
 
         def columns(o: Tensor) -> Tensor:
             cols = self._columns(o, y, index)
             return self._term_columns(cols, o.shape) if self._separate_terms() else cols
 
-        covered, out, cols = layer_diagonals(self, X, columns)
+        found = layer_diagonals(self, X, columns, per_sample=True)
+        if found is None:
+            # per-sample passes would compute another function: diag(WᵀW), exact, costlier
+            diag = (self._weighted_jacobian(X, y, index) ** 2).sum(0)
+            return [t.detach() for t in unflatten(diag, self.params)]
+        covered, out, cols = found
         named = self.named_params
         rest = [i for i, (n, _) in enumerate(named) if n not in covered]
         other = self._per_sample_diagonal(X, cols, rest) if rest else []

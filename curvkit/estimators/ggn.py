@@ -183,13 +183,15 @@ class GGNEstimator(CurvatureEstimator):
         """
         if self._backpack is not None:
             return self._backpack.diagonal(batch)
-        return self.accumulate(batch, self._diagonal)
+        # first derivatives of the model only (layer captures, per-sample or full
+        # Jacobians; the loss' Hessian is the loss part's): no normalization decomposition,
+        # which costs a Python call per operation
+        return self.accumulate(batch, self._diagonal, first_order=True)
 
     def _diagonal(self, X: Any, y: Tensor) -> list[Tensor]:
         from curvkit.estimators.kfac import layer_diagonals, output_columns
 
-        if not isinstance(X, Tensor) or self.loss is None \
-                or passes.per_sample_obstacle(self.model, X):
+        if not isinstance(X, Tensor) or self.loss is None:
             return self._diagonal_from_jacobian(X, y)
         where = f"estimator {self.name!r}"
 
@@ -197,7 +199,10 @@ class GGNEstimator(CurvatureEstimator):
             # one column per (term, output dimension): exact for models that mix positions
             return output_columns(self.loss, o, y, "exact", where=where, terms="separate")
 
-        covered, out, cols = layer_diagonals(self, X, columns)
+        found = layer_diagonals(self, X, columns, per_sample=True)
+        if found is None:  # per-sample passes would compute another function
+            return self._diagonal_from_jacobian(X, y)
+        covered, out, cols = found
         named = self.named_params
         rest = [i for i, (n, _) in enumerate(named) if n not in covered]
         res = [covered.get(n) for n, _ in named]

@@ -59,7 +59,11 @@ module called with several inputs or a grouped convolution raises an error namin
 module. As a guard against any other silently wrong
 factor, the weight gradient implied by the captured inputs and output gradients is compared
 with the true weight gradient (from the same backward pass); a mismatch (the weight also
-used outside the module's forward, a subclass with a different forward) raises too.
+used outside the module's forward, a subclass with a different forward) raises too. The
+guard is skipped for a layer whose plain use the model's code proves at build
+(``KFACLayer.plain``, found by ``layers._plain_uses`` from the fx trace) while no forward
+hook could change what the capture records (``capture._needs_check``); it stays wherever
+fx cannot show that.
 
 Observed passes (the ``"empirical"`` statistic only): :func:`observe_pass` installs the same
 capture, plus tensor hooks for the gradients, around someone else's forward and backward pass

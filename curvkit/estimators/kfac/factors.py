@@ -141,8 +141,9 @@ def _root_rows(a: Tensor, bias: bool, approx: Approx) -> Tensor:
     return root
 
 
-def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor], Tensor]
-                    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor], Tensor],
+                    per_sample: bool = False
+                    ) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
     """diag(Σ_n J_nᵀ (Σ_k s_{n,k} s_{n,k}ᵀ) J_n) for the parameters of the Linear/Conv2d layers
     that can be captured, from their inputs and output gradients (BackPACK's algorithm):
     per sample and column the weight gradient is Σ_t g_{n,t,k} ã_{n,t}ᵀ, squared and summed
@@ -151,11 +152,19 @@ def layer_diagonals(est: CurvatureEstimator, X: Any, columns: Callable[[Tensor],
     ``columns(out)`` returns the columns (K, *out.shape). Returns ({parameter name: diagonal}
     for the covered parameters, the model output, the columns). Layers that cannot be
     captured exactly (called twice, tied, grouped, …) are left out: the caller computes their
-    parameters' diagonal another way.
+    parameters' diagonal another way. With ``per_sample``, None (before any column is
+    backpropagated) where the batch's outputs are not its per-sample outputs
+    (:func:`curvkit.passes.per_sample_obstacle`, judged from this capture's own forward
+    instead of a probe forward of its own): the caller then takes another path.
     """
     # a tied group's per-sample gradient sums over its layers: left to the caller
     layers = [layer for layer in kfac_layers(est.model, strict=False) if not layer.group]
+    passes.replay()  # the state the capture's forward starts from
+    start = torch.get_rng_state() if per_sample else None
     out, active, records, _ = _forward_capture(est.model, layers, X, strict=False)
+    if start is not None and passes.per_sample_obstacle(
+            est.model, X, seen=(out, not torch.equal(start, torch.get_rng_state()))):
+        return None
     cols = columns(out.detach())
     if not active:
         return {}, out.detach(), cols
