@@ -21,6 +21,7 @@ reason (:func:`kfac_exclusions`), reported when the optimizer is built.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -392,49 +393,42 @@ def _layer_inputs(layer: KFACLayer, x: Tensor) -> Tensor:
 
 def _conv_patches(layer: KFACLayer, x: Tensor) -> Tensor:
     """(N, T, C_in·∏k): the input patches of a Conv1d/2d/3d at its T output positions, in
-    the order of the weight's flattening (C_in, k₁, …)."""
+    the order of the weight's flattening (C_in, k₁, …).
+
+    Read through strided views of the (padded) input — windows of the dilated kernel
+    extent at the stride, then every d-th entry — and copied once into a buffer laid out
+    (C_in·∏k, N, T), returned as its (N, T, D) view: rows ã_{n,t} then merge into the
+    (N·T, D) view that the factor's product reads in place (no second copy), and the copy
+    costs a quarter of ``F.unfold``'s (im2col) on small images."""
     mod = layer.module
     nd = mod.weight.ndim - 2
     if x.ndim != nd + 2:
         raise ValueError(f"kronecker: module {_label(layer)} got input of shape "
                          f"{tuple(x.shape)}; a batched (N, C, {nd} spatial) input is required")
-    if mod.padding_mode != "zeros" or isinstance(mod.padding, str) or nd == 3:
-        # the convolution pads explicitly in these cases (see nn.Conv2d._conv_forward)
+    pad = mod._reversed_padding_repeated_twice
+    if any(pad):
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
-        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
-        padding: tuple[int, ...] = (0,) * nd
-    else:
-        padding = tuple(mod.padding)
+        x = F.pad(x, pad, mode=mode)
     k, d, st = tuple(mod.kernel_size), tuple(mod.dilation), tuple(mod.stride)
-    if nd == 1:  # a Conv1d is a Conv2d over a height-1 image
-        x, k, d, st, padding = x.unsqueeze(2), (1, *k), (1, *d), (1, *st), (0, *padding)
-    if nd <= 2:
-        cols = F.unfold(x, k, dilation=d, padding=padding, stride=st)  # (N, C_in·∏k, T)
-        return cols.transpose(1, 2)
     p = x
-    for i in range(3):  # windows of the dilated kernel extent, then every d-th entry
+    for i in range(nd):  # windows of the dilated kernel extent, then every d-th entry
         p = p.unfold(2 + i, (k[i] - 1) * d[i] + 1, st[i])
-    p = p[..., ::d[0], ::d[1], ::d[2]]                      # (N, C, D', H', W', k₁, k₂, k₃)
+    if any(di != 1 for di in d):
+        p = p[(..., *(slice(None, None, di) for di in d))]  # (N, C, out₁…, k₁…)
     N, C = p.shape[:2]
-    return p.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(N, -1, C * k[0] * k[1] * k[2])
+    # (C, k₁…, N, out₁…): one strided copy
+    buf = p.permute(1, *range(2 + nd, 2 + 2 * nd), 0, *range(2, 2 + nd)).contiguous()
+    D = C * math.prod(k)
+    return buf.view(D, N, -1).permute(1, 2, 0)
 
 
 def _input_factor(a: Tensor, bias: bool, count: float) -> Tensor:
     """Σ_{n,t} ã_{n,t} ã_{n,t}ᵀ / count for the inputs a (N, T, D), ã = [a, 1] if ``bias``.
 
-    One product, in the layout a is stored in: a convolution's patches (positions innermost
-    in memory, the unfold layout) are copied once to the rows [a; 1] (D + 1, N·T) with the
-    positions kept contiguous (the cheap copy; rows (N·T, D) would transpose every sample)
-    and multiplied by their transpose; the rows of a Linear input are used in place, with
-    the bias row and column from their sums and 1/count inside the product."""
+    One product over the rows (N·T, D), read in place where a's layout allows (a Linear's
+    inputs; a convolution's patches, stored (D, N, T) by :func:`_conv_patches`), with the
+    bias row and column from their sums and 1/count inside the product."""
     N, T, D = a.shape
-    if T > 1 and D > 1 and a.stride(1) == 1:
-        B = a.new_empty(D + int(bias), N, T)
-        B[:D].copy_(a.permute(2, 0, 1))
-        if bias:
-            B[D].fill_(1.0)
-        B = B.view(D + int(bias), N * T)
-        return (B @ B.T).div_(count)
     r = a.reshape(N * T, D)
     if not bias:
         return (r.T @ r).div_(count)
