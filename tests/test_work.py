@@ -36,12 +36,16 @@ def test_kronecker_statistics_pass_one_forward_and_one_backward_per_column(estim
                                                                            columns):
     """K-FAC statistics outside the step's own pass: one forward, and the backward of the
     output-space columns (1 for the empirical Fisher, the sampled labels for the MC Fisher,
-    the 3 outputs for the GGN), pushed back in one batched backward."""
+    the 3 outputs for the GGN), pushed back in one batched backward (to the layer outputs
+    only: the layers' weight gradients are not needed, so the backward is counted at the
+    hidden activation)."""
     model, batch, seen = _problem()
     est = _build(model, {"estimator": estimator, "preconditioner": "kronecker"}).estimator
+    through = []
+    model[1].register_forward_hook(lambda m, i, o: [o.register_hook(through.append), None][1])
     with work.counting() as total:
         est.kronecker(batch)
-    assert seen == {"forward": 1, "backward": 1}
+    assert seen["forward"] == 1 and len(through) == 1
     assert total[0] == 1 + columns
 
 
