@@ -109,6 +109,11 @@ ROWS = [
            for m, n in (("TinyLM*", "LM"), (CNN, "CNN"))])
       for est, kind in (("fisher", "KFAC"), ("ggn", "KFLR"))
       for peer, col in (("curvlinops", "/ curvlinops"), ("BackPACK", "/ BackPACK"))],
+    Row("`kronecker(approx=\"reduce\")` on the CNN / curvlinops `kfac_approx=\"reduce\"`",
+        "≤ 1.0×", "kfac",
+        [Cell({"model": CNN, "curvkit": what}, "/ curvlinops", n)
+         for what, n in (("fisher.kronecker (KFAC, 1 sample, reduce)", "KFAC"),
+                         ("ggn.kronecker (KFLR, reduce)", "KFLR"))]),
     Row("hessian + `partition` + cubic step / SGD step", "—", "partition",
         [Cell({"model": m, "optimizer": f"hessian + partition + cubic, T={t}"}, "ratio",
               f"{n}, T = {t}") for m, n in ((MLP, "MLP"), (CNN, "CNN")) for t in (1, 10)]),
