@@ -22,6 +22,7 @@ from curvkit.estimators.kfac.capture import (
     _check_output,
     _classify,
     _forward_capture,
+    _needs_check,
     _Record,
     _uses_grads,
     _uses_inputs,
@@ -196,11 +197,15 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
     backpropagated column is √c·∇ℓ_n: the layer-output gradients are divided by √c. The pass
     must be a single forward of the model followed by a backward of exactly that loss, which
     is verified at the model output (its observed gradient must be c·∇_f ℓ_n) and, as in
-    :func:`_backprop_columns`, at every layer (the weight gradient implied by the inputs and
+    :func:`_backprop_columns`, at every layer whose plain use the model's code does not
+    prove (:func:`capture._needs_check`; the weight gradient implied by the inputs and
     output gradients must be the observed one, checked on random projections:
-    :func:`_sketched_grad_pairs`); any other pass (no backward, a scaled or
-    regularised loss, several forwards) returns None and the caller recomputes the
-    statistics, with the usual errors for a model they are not defined for.
+    :func:`_sketched_grad_pairs`); any other pass (no backward, a scaled loss, several
+    forwards, a weight used outside its module, and where the check runs a regulariser on
+    the parameters) returns None and the caller recomputes the statistics, with the usual
+    errors for a model they are not defined for. (A regulariser on the parameters leaves
+    the output gradients, hence the statistics, as they are: where the check is skipped
+    the observation is used.)
     """
     if obs.calls != 1 or set(obs.records) != {layer.name for layer in layers}:
         return None
@@ -228,9 +233,10 @@ def _observed_columns(est: CurvatureEstimator, layers: list[KFACLayer], obs: Obs
         g = _uses_grads(layer, [(t if t is not None else torch.zeros(
             shape, dtype=dtype, device=device)).unsqueeze(0)
             for t, (shape, dtype, device) in zip(rec.grads, rec.output_like)])
-        true = [t if t is not None else torch.zeros_like(p)
-                for t, p in zip(obs.param_grads[layer.name], _layer_params(layer))]
-        pairs += _sketched_grad_pairs(layer, A_in[layer.name], g[0], true)
+        if _needs_check(layer):  # not where the model's code proves the plain use
+            true = [t if t is not None else torch.zeros_like(p)
+                    for t, p in zip(obs.param_grads[layer.name], _layer_params(layer))]
+            pairs += _sketched_grad_pairs(layer, A_in[layer.name], g[0], true)
         checked.append((layer, g))
     if _mismatches(*pairs):
         # a weight used outside its module, or a loss with more terms than c·Σ_n ℓ_n
