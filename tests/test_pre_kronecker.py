@@ -403,3 +403,28 @@ def test_the_optimizer_tells_the_preconditioner_the_solvers_applications(solver,
     opt = curvkit.build_optimizer(prob.model, prob.loss_fn, {
         "preconditioner": "kronecker", "solver": solver})
     assert opt.preconditioner.applications_per_step == want
+
+
+def test_apply_to_a_direction_that_requires_grad_is_differentiable_and_equal():
+    """The explicit-inverse product writes into a preallocated row-major result (``out=``),
+    which autograd refuses; a direction that requires grad takes the einsum instead: the
+    same numbers, and P⁻¹ is linear so the gradient of Σ P⁻¹d is P⁻¹ 1."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    pre = curvkit.create("preconditioner", "kronecker", model=model, damping=1e-2)
+    est = curvkit.create("estimator", "ggn", model=model, loss_fn=torch.nn.CrossEntropyLoss())
+    params = list(model.parameters())
+    pre.update(est, (X, y), [torch.zeros_like(p) for p in params])
+    assert all(set(inv) == {"A", "G"} for inv in pre.state["inverses"].values())
+    g = [torch.randn_like(p) for p in params]
+    plain = pre.apply(g)
+    leaves = [t.clone().requires_grad_() for t in g]
+    out = pre.apply(leaves)
+    for a, b in zip(out, plain):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
+    sum(t.sum() for t in out).backward()
+    ones = pre.apply([torch.ones_like(p) for p in params])
+    for leaf, want in zip(leaves, ones):
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-12)

@@ -285,13 +285,18 @@ class KroneckerPreconditioner(LayerwiseKronecker):
                 V = inv["QG"].T @ M @ inv["QA"]
                 V = V / (torch.outer(inv["lG"], inv["lA"]) + damping)
                 R = inv["QG"] @ V @ inv["QA"].T
-            else:
-                # einsum runs the chain as the transposed product (Aᵀ(MᵀGᵀ))ᵀ, which BLAS
-                # does ~10 % faster here than G @ M @ A (bench_kfac.py, one thread)
+            elif M.requires_grad:
                 R = torch.einsum("ij,jk,kl->il", inv["G"], M, inv["A"])
-            # the chains above return R column-major; the direction's readers (the finite
-            # check, momentum, p.add_) are row-major like the parameters, and one copy here
-            # cost less than their strided reads (MLP 784-1024-1024-10: step 5 % faster)
+            else:
+                # G M A as Rᵀ = Aᵀ (Mᵀ Gᵀ), the chain einsum runs (BLAS ~10 % faster here
+                # than G @ M @ A: the products' rows are then the 1024 outputs, not 1025
+                # columns), written through Rᵀ's view straight into a row-major R: the same
+                # numbers as einsum, without the transposing copy
+                R = torch.empty(M.shape, dtype=M.dtype, device=M.device)
+                torch.mm(inv["A"].mT, M.mT @ inv["G"].mT, out=R.mT)
+            # the direction's readers (the finite check, momentum, p.add_) are row-major like
+            # the parameters: a column-major R (the solves, the eigen form) is copied once
+            # here, which cost less than their strided reads (MLP 784-1024-1024-10: 5 %)
             R = R.contiguous()
             for p, r in zip(pnames, split_layer_matrix(R, ds)):
                 out[index[p]] = r
