@@ -8,6 +8,7 @@ order, the bias column and the damping forms are all checked against the formula
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -428,3 +429,35 @@ def test_apply_to_a_direction_that_requires_grad_is_differentiable_and_equal():
     ones = pre.apply([torch.ones_like(p) for p in params])
     for leaf, want in zip(leaves, ones):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("every,forms", [(1, {"LA", "LG"}), (10, {"A", "G"})])
+def test_direct_kfac_step_equals_curvlinops_kfac_inverse_step(every, forms):
+    """The whole step of ggn + kronecker + direct moves the parameters by exactly
+    curvlinops' KFACInverseLinearOperator (type-2, damping (√δ, √δ)) applied to the
+    gradient, in float64: with factors every step kept as Cholesky factors and applied by
+    triangular solves (widths reaching both solve branches), every 10 steps as inverses."""
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 40), torch.nn.Tanh(),
+                                torch.nn.Linear(40, 5)).double()
+    X, y = torch.randn(64, 20, dtype=torch.float64), torch.randint(0, 5, (64,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    peer = copy.deepcopy(model)
+    opt = curvkit.build_optimizer(model, loss_fn, {
+        "lr": 1.0, "estimator": "ggn", "solver": "direct",
+        "preconditioner": {"name": "kronecker", "damping": 1e-2, "ema": 0.0,
+                           "update_every": every}})
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step((X, y))
+    inverses = opt.preconditioner.state["inverses"]
+    assert {k for inv in inverses.values() for k in inv} == forms
+    moved = [b - p.detach() for b, p in zip(before, model.parameters())]
+    params = list(peer.parameters())
+    grads = torch.autograd.grad(loss_fn(peer(X), y), params)
+    op = curvlinops.KFACLinearOperator(peer, loss_fn, params, [(X, y)], fisher_type="type-2",
+                                       check_deterministic=False,
+                                       separate_weight_and_bias=False)
+    want = curvlinops.KFACInverseLinearOperator(op, damping=(0.1, 0.1)) @ list(grads)
+    for a, b in zip(moved, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
