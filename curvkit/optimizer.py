@@ -307,14 +307,20 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
         t_curv = time.perf_counter()
         if update:
-            snapshot = self.preconditioner.state_dict()
+            # a structure that guards its own state is not copied (a second copy of its
+            # state at the update's peak); it returns how many pieces kept their old value
+            guarded = bool(getattr(self.preconditioner, "guards_state", False))
+            snapshot = None if guarded else self.preconditioner.state_dict()
             with self._paused():
-                self.preconditioner.update(self.estimator, batch, grads)
-            if not _state_finite(self.preconditioner.state):
-                self.preconditioner.load_state_dict(snapshot)
+                kept = self.preconditioner.update(self.estimator, batch, grads)
+            if kept if guarded else not _state_finite(self.preconditioner.state):
+                if snapshot is not None:
+                    self.preconditioner.load_state_dict(snapshot)
                 self.estimator.advance()
                 info["time_curvature"] = time.perf_counter() - t_curv
                 return self._skip(loss, info, "preconditioner statistics")
+            # released now, not held through the solve: the replaced state is freed
+            snapshot = None
             info.update(self.preconditioner.info())
         info["time_curvature"] = time.perf_counter() - t_curv
 

@@ -20,7 +20,7 @@ from torch import nn
 import curvkit
 from curvkit.errors import ConfigError, IncompatibleError
 from curvkit.structures import STRUCTURES
-from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite, poisoned
+from curvkit.testing.preconditioner import Case, Context, PreconditionerSuite
 from curvkit.testing.problems import Problem, make_data, make_loss, mlp, param_offsets
 from curvkit.testing.structure import reference_projection
 
@@ -183,19 +183,6 @@ class TestLieGroup(PreconditionerSuite):
         # update_every = 1: the suite poisons the statistics of the second step
         return Case("train", {"structures": ["dense", "diagonal"], "lr_cov": 0.1,
                               "update_every": 1}, estimator="ef", n=16)
-
-    def poison(self, opt):
-        # lie_group reads the factors' roots (kronecker_roots) when the estimator has them
-        undo_base = super().poison(opt)
-        est = opt.estimator
-        fn = est.kronecker_roots
-        est.kronecker_roots = lambda *a, **k: poisoned(fn(*a, **k))
-
-        def undo() -> None:
-            undo_base()
-            del est.kronecker_roots
-
-        return undo
 
     def reference(self, case: Case, ctx: Context) -> list[torch.Tensor]:
         M = dense_preconditioner(ctx, case.options)
@@ -515,3 +502,52 @@ def test_exp_order_two_is_the_second_order_truncation():
         torch.testing.assert_close(fb2[n]["k"] - fb1[n]["k"],
                                    0.5 * beta ** 2 * m * m,  # k₀ = init_scale² = 1
                                    rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- guarded state
+def test_an_overflowing_layer_keeps_its_state_and_the_step_is_skipped():
+    """lie_group guards its own state (no snapshot): finite statistics whose update
+    overflows in one layer leave that layer's K, C, m_K, m_C bitwise as they were, the other
+    layer takes its update, the step is skipped (parameters unchanged, counted non-finite),
+    and the next step trains; the state's tensors keep their storage (written in place)."""
+    model = mlp(hidden=(5,), seed=2)
+    X, y = make_data("mlp", "ce", 16, 3, seed=1)
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), {
+        "lr": 0.1, "estimator": "ef",
+        "preconditioner": {"name": "lie_group", "structures": ["dense", "dense"],
+                           "update_every": 1, "alpha1": 0.5},
+        "solver": "direct"})
+    opt.step((X, y))
+    opt.step((X, y))
+    state = opt.preconditioner.state
+    first, second = list(state["factors"])
+    before = copy.deepcopy(state["factors"])
+    ptrs = {(mod, key): t.data_ptr() for mod, e in state["factors"].items()
+            for key in ("K", "C", "m_K", "m_C") for t in e[key].values()}
+    params = [p.detach().clone() for p in model.parameters()]
+    est = opt.estimator
+    roots = est.kronecker_roots
+
+    def overflowing(*a, **k):  # finite, but H_K = Π(Kᵀ A K) of the first layer overflows
+        found = roots(*a, **k)
+        kf = found[first]
+        found[first] = type(kf)(kf.module, kf.params, kf.A_root * 1e160, kf.G_root)
+        return found
+
+    est.kronecker_roots = overflowing
+    opt.preconditioner.state_dict = None  # the optimizer must not snapshot this structure
+    opt.step((X, y))
+    del est.kronecker_roots, opt.preconditioner.state_dict
+    assert opt.counters["nonfinite"] == 1
+    assert "preconditioner statistics" in opt.last_info["skipped"]
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    after = opt.preconditioner.state["factors"]
+    for key in ("K", "C", "m_K", "m_C"):
+        assert torch.equal(after[first][key]["mat"], before[first][key]["mat"]), key
+        assert not torch.equal(after[second][key]["mat"], before[second][key]["mat"]), key
+    opt.step((X, y))
+    assert opt.counters["nonfinite"] == 1 and opt.last_info["accepted"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert ptrs == {(mod, key): t.data_ptr() for mod, e in after.items()
+                    for key in ("K", "C", "m_K", "m_C") for t in e[key].values()}

@@ -11,6 +11,12 @@ Contract
   place, so a shallow copy of ``state`` is a snapshot: the optimizer rolls an update back
   if it produced a non-finite statistic. Keep statistics as means/sums that can be
   all-reduced (see :mod:`curvkit.distributed`).
+* A structure whose state is large may instead guard it itself (``guards_state = True``):
+  ``update`` then checks each new piece of state before it replaces the old one, keeps the
+  old piece where the new one is not finite, and returns how many pieces it kept (0: the
+  update is complete). The optimizer takes no snapshot of such a structure (the snapshot
+  was a second copy of the whole state at the update's peak) and skips the step when the
+  count is not 0.
 * ``structures()`` says which parameter uses which structure (a structure that cannot
   handle a parameter falls back to a configurable one and says so here).
 """
@@ -35,6 +41,9 @@ class Preconditioner(Part):
     # False if ``update`` never uses the batch (then ``loss.backward(); opt.step()`` works
     # even where the optimizer cannot see the batch of the caller's pass)
     needs_batch: ClassVar[bool] = True
+    # True if ``update`` keeps non-finite values out of the state itself and returns the
+    # number of pieces it kept (see the module doc); the optimizer then takes no snapshot
+    guards_state: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, options: Any | None = None) -> None:
         super().__init__(options)
@@ -71,8 +80,10 @@ class Preconditioner(Part):
         every = getattr(self.options, "update_every", 1)
         return step % max(int(every), 1) == 0
 
-    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> None:
-        """Refresh statistics. The default structure has none."""
+    def update(self, estimator: Any, batch: Any, grads: Sequence[Tensor]) -> int | None:
+        """Refresh statistics. The default structure has none. Returns None, or with
+        ``guards_state`` the number of pieces of state that kept their previous value
+        because their new value was not finite."""
 
     def apply(self, direction: Sequence[Tensor]) -> list[Tensor]:
         """P⁻¹ d. The base is the identity and returns ``direction`` itself."""

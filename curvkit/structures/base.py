@@ -172,8 +172,10 @@ class Structure(Part, abc.ABC):
     def eye(cls, dim: int, dtype: torch.dtype | None = None,
             device: torch.device | str | None = None, scale: float = 1.0,
             **config: Any) -> Structure:
-        """scale·I."""
-        return cls.zeros(dim, dtype, device, **config).add_identity(scale)
+        """scale·I (the identity added into the fresh zeros: no second copy)."""
+        element = cls.zeros(dim, dtype, device, **config)
+        element._add_identity_(element.data, scale)
+        return element
 
     # ------------------------------------------------------------------ properties
     @property

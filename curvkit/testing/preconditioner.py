@@ -19,7 +19,8 @@ declares its ground truth::
 
 Every case runs: the dense reference, the state_dict round trip (through
 ``torch.save``/``torch.load(weights_only=True)``), purity of ``apply``, statistics replaced
-rather than modified in place (the optimizer's rollback relies on it), ``structures()``
+rather than modified in place (the optimizer's rollback relies on it) — or, for a structure
+that guards its own state, left exactly as they were by non-finite statistics, ``structures()``
 covering every trainable parameter, and a second preconditioner with the same options agreeing
 (without touching the global RNG). Through ``curvkit.build_optimizer`` (``train_config``):
 a non-finite statistic never reaches the parameters and is rolled back, a short run
@@ -48,7 +49,7 @@ from torch import Tensor
 
 import curvkit
 from curvkit.errors import IncompatibleError
-from curvkit.parts import ESTIMATOR_CAPABILITIES
+from curvkit.parts import ESTIMATOR_CAPABILITIES, KRONECKER_ROOTS
 from curvkit.testing.problems import Problem, problem
 
 
@@ -176,6 +177,34 @@ def poisoned(obj: Any) -> Any:
     return obj
 
 
+def poison_estimator(est: Any) -> Callable[[], None]:
+    """Make every output of ``est`` non-finite (its capabilities and the products of its
+    ``linearize``); returns the undo."""
+    originals = {}
+    # the optional square roots of the Kronecker factors are estimator outputs too
+    for cap in (*ESTIMATOR_CAPABILITIES, KRONECKER_ROOTS):
+        fn = getattr(est, cap, None)
+        if callable(fn):
+            originals[cap] = fn
+            setattr(est, cap, lambda *a, _fn=fn, **k: poisoned(_fn(*a, **k)))
+    # products through an operator (`linearize`) are estimator outputs too
+    originals["linearize"] = est.linearize
+
+    def poisoned_linearize(*a: Any, _fn: Any = est.linearize, **k: Any) -> Any:
+        op = _fn(*a, **k)
+        products = op.matvec
+        op.matvec = lambda v: poisoned(products(v))
+        return op
+
+    est.linearize = poisoned_linearize
+
+    def undo() -> None:
+        for cap in originals:
+            delattr(est, cap)
+
+    return undo
+
+
 class PreconditionerSuite:
     """Base class of every preconditioner's tests (see the module docstring)."""
 
@@ -220,29 +249,7 @@ class PreconditionerSuite:
 
     def poison(self, opt: Any) -> Callable[[], None]:
         """Make every estimator output non-finite; returns the undo."""
-        est = opt.estimator
-        originals = {}
-        for cap in ESTIMATOR_CAPABILITIES:
-            fn = getattr(est, cap, None)
-            if callable(fn):
-                originals[cap] = fn
-                setattr(est, cap, lambda *a, _fn=fn, **k: poisoned(_fn(*a, **k)))
-        # products through an operator (`linearize`) are estimator outputs too
-        originals["linearize"] = est.linearize
-
-        def poisoned_linearize(*a: Any, _fn: Any = est.linearize, **k: Any) -> Any:
-            op = _fn(*a, **k)
-            products = op.matvec
-            op.matvec = lambda v: poisoned(products(v))
-            return op
-
-        est.linearize = poisoned_linearize
-
-        def undo() -> None:
-            for cap in originals:
-                delattr(est, cap)
-
-        return undo
+        return poison_estimator(opt.estimator)
 
     # ------------------------------------------------------------------ machinery
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
@@ -325,16 +332,27 @@ class PreconditionerSuite:
             assert torch.equal(a, b), "apply is not deterministic"
 
     def test_update_replaces_state_tensors(self, case: Case) -> None:
+        """A structure the optimizer snapshots must replace its tensors (the snapshot is a
+        shallow copy); one that guards its state (``guards_state``) may write checked
+        values in place, and must then leave every tensor as it was when the statistics
+        are not finite, and say so by the count it returns."""
         prob, pre, est, ctx = self.setup(case)
         snapshot = pre.state_dict()
         tensors = state_tensors(snapshot)
         copies = [t.clone() for t in tensors]
-        pre.update(est, prob.batches[-1], ctx.direction)
+        guarded = bool(getattr(pre, "guards_state", False))
+        undo = poison_estimator(est) if guarded else (lambda: None)
+        kept = pre.update(est, prob.batches[-1], ctx.direction)
+        undo()
+        if guarded:
+            assert isinstance(kept, int) and kept > 0, \
+                f"update() with non-finite statistics returned {kept!r}, not a count > 0"
         for t, c in zip(tensors, copies):
             torch.testing.assert_close(
                 t, c, rtol=0, atol=0, equal_nan=True,
                 msg="update() modified a state tensor in place; the optimizer's rollback "
-                    "needs statistics to be replaced")
+                    "needs statistics to be replaced" if not guarded else
+                    "update() wrote non-finite statistics into a guarded state")
 
     def test_structures_cover_every_parameter(self, case: Case) -> None:
         prob = self.make_problem(case)
