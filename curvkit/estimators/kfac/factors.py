@@ -134,8 +134,11 @@ def _root_rows(a: Tensor, bias: bool, approx: Approx) -> Tensor:
         r, scale = a.mean(1), 1.0
     if not bias:
         return r * scale
-    # [r, 1]·scale written once (not a concatenated copy, then a scaled copy)
-    root = r.new_empty(r.shape[0], r.shape[1] + 1)
+    # [r, 1]·scale written once (not a concatenated copy, then a scaled copy), in r's own
+    # memory order: a convolution's patches are stored column-major (see
+    # layers._conv_patches), and a row-major root would transpose them element by element
+    R, D = r.shape
+    root = r.new_empty(D + 1, R).T if r.stride(0) == 1 and D > 1 else r.new_empty(R, D + 1)
     torch.mul(r, scale, out=root[:, :-1])
     root[:, -1].fill_(scale)
     return root
@@ -305,7 +308,8 @@ def kronecker_statistics(estimator: CurvatureEstimator, batch: Batch | Iterable[
         acc = estimator.accumulate(batches, one, reduction=estimator.reduction,
                                    first_order=True)
     if sum_red or roots:
-        acc["A"] = {n: a / (acc["count"][n].sqrt() if roots else acc["count"][n])
+        # in place: every A here is this call's own (fresh rows or a fresh sum)
+        acc["A"] = {n: a.div_(acc["count"][n].sqrt() if roots else acc["count"][n])
                     for n, a in acc["A"].items()}
     res: dict[str, Any] = {}
     for n in acc["A"]:
