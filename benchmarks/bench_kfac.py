@@ -8,8 +8,9 @@ In one process, float32, CPU, one thread, contenders interleaved in every round,
 taken within a round and reported as the median with the min–max over the rounds:
 
 - **step**: curvkit's ``fisher`` + ``kronecker`` + ``direct`` (MC Fisher with one sample,
-  factored damping δ with π = 1, Cholesky inverses, ``ema = 0`` so that each update uses
-  the new factors as curvlinops does) against the same step on curvlinops: the gradient
+  factored damping δ with π = 1, Cholesky factorisations — applied by triangular solves
+  at T = 1, where each is used once, as inverses at T = 10 —, ``ema = 0`` so that each
+  update uses the new factors as curvlinops does) against the same step on curvlinops: the gradient
   (forward + backward), every T-th step ``KFACLinearOperator.compute_kronecker_factors``
   (MC, one sample) and a fresh ``KFACInverseLinearOperator`` (damping (√δ, √δ), the same
   factored damping), then ``inverse @ gradient`` and ``p -= lr·d``. One round = T steps of
