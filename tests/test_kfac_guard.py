@@ -117,3 +117,21 @@ def test_a_forward_hook_that_changes_the_output_is_still_caught():
             e.kronecker((X, y))
     finally:
         handle.remove()
+
+
+def test_a_forward_replaced_after_build_is_still_caught():
+    model = cnn()
+    X, y = data()
+    e = curvkit.create("estimator", "ggn", model=model, loss_fn=nn.CrossEntropyLoss())
+    e.kronecker((X, y))  # layers found and proven plain
+    lin = model[3]
+    lin.forward = lambda x: F.linear(x, lin.weight, lin.bias) + F.linear(x, lin.weight)
+    with pytest.raises(ValueError, match=r"module 3 \(Linear\): the gradient of 3.weight "
+                                         r"is not explained"):
+        e.kronecker((X, y))
+    del lin.forward
+    # a module swapped for one of the user's (no parameters of its own) after build: the
+    # layers are found again, and nothing is proven where a user's module is called
+    model[1] = type("Act", (nn.Module,), {"forward": lambda self, x: torch.tanh(x)})()
+    e.kronecker((X, y))
+    assert [layer.plain for layer in kfac_layers(model)] == [False, False]

@@ -27,6 +27,7 @@ from curvkit import passes
 from curvkit.estimators.kfac.attention import attach
 from curvkit.estimators.kfac.layers import (
     _CHUNK_ELEMENTS,
+    _STOCK_FORWARD,
     KFACLayer,
     _label,
     _layer_inputs,
@@ -206,9 +207,11 @@ def _needs_check(layer: KFACLayer) -> bool:
     """Whether the layer's captured inputs and output gradients must be checked against its
     weight gradient at run time: unless the model's code proved the plain use at build
     (``KFACLayer.plain``) and no forward hook — the module's own or a global one — can have
-    changed the output the capture recorded (checked on every pass: hooks come and go)."""
+    changed the output the capture recorded, nor has the module's forward been replaced
+    since (checked on every pass: hooks come and go)."""
     return not layer.plain or bool(_module._global_forward_hooks) \
-        or any(m._forward_hooks for m in layer.modules)
+        or any(m._forward_hooks or "forward" in vars(m)
+               or type(m).forward is not _STOCK_FORWARD.get(type(m)) for m in layer.modules)
 
 
 def _backprop_columns(out: Tensor, cols: Tensor, active: list[KFACLayer],

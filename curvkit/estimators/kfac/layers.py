@@ -88,9 +88,9 @@ def kfac_layers(model: nn.Module, strict: bool = True) -> list[KFACLayer]:
     way K-FAC does not cover (see :func:`kfac_exclusions`) is always left out (the module's
     own untied bias stays covered): its parameter uses the preconditioner's fallback.
 
-    The result is reused while the model's parameters (identity, trainability) are
-    unchanged: it is asked for on every preconditioner update, and finding it walks the
-    module tree three times. (A module swapped for another brings new parameters.)
+    The result is reused while the model's modules and parameters (identity,
+    trainability) are unchanged: it is asked for on every preconditioner update, and
+    finding it walks the module tree three times and traces the model's code.
     """
     return list(_cached(model, strict)[0])
 
@@ -126,7 +126,10 @@ def _used_outside_their_module(model: nn.Module, graph: Any) -> dict[int, str]:
 
 
 def _cached(model: nn.Module, strict: bool) -> tuple[list[KFACLayer], dict[str, str]]:
-    key = tuple((id(p), p.requires_grad) for p in model.parameters())
+    # the modules and their parameters (identity, trainability): a module swapped for
+    # another, even one without parameters, may change what the code proves (``plain``)
+    key = tuple((id(m), *((id(p), p.requires_grad) for p in m._parameters.values()
+                          if p is not None)) for m in model.modules())
     cached = _LAYERS.setdefault(model, {}).get(strict)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
