@@ -239,6 +239,8 @@ def run_side_by_side(structures, steps=6, reduction="mean", lr=0.05, **hp):
 @pytest.mark.parametrize("structures,hp", [
     (("dense", "dense"), {"lr_cov": 0.05}),
     (("diagonal", "diagonal"), {"lr_cov": 0.1, "alpha1": 0.3}),
+    # T = 1: the diagonal scalings applied as two factors instead of a cached matrix
+    (("diagonal", "diagonal"), {"lr_cov": 0.1, "alpha1": 0.3, "T": 1}),
     (("block_diagonal", "block_diagonal"), {"lr_cov": 0.05, "normalize_lr_cov": True}),
     (("dense", "diagonal"), {"lr_cov": 0.05, "kfac_like": True, "alpha1": 0.0, "T": 1}),
     (("hierarchical", "triangular_toeplitz"), {"lr_cov": 0.05, "damping": 1e-2}),

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from curvkit.options import option
 from curvkit.tasks.base import DatasetPart
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+# scipy is imported in the functions that assemble or solve a PDE, not with the module:
+# the registry imports every task, and scipy added ~22 MiB of resident memory to every
+# process that builds an optimizer
 
 NUM_PARAMS = 55
 NUM_SENSORS = 72
@@ -43,6 +49,8 @@ def _grid(n: int) -> dict:
     """Everything about the n×n discretisation that does not depend on the parameters:
     node coordinates, mode bases at the four face midpoints of every node, the source
     basis, and the fixed sparsity pattern (COO order → CSC order of the data array)."""
+    import scipy.sparse as sp
+
     h = 1.0 / (n + 1)
     x = h * np.arange(1, n + 1)
     X1, X2 = np.meshgrid(x, x, indexing="ij")
@@ -87,6 +95,8 @@ def assemble(y: np.ndarray, n: int, kappa0: float = 0.05) -> tuple[sp.csc_matrix
     * y[50:52]: the constant velocity v,  y[52]: the reaction rate r = exp(y52),
     * y[53:55]: the position (0.5 + 0.3 y53, 0.5 + 0.3 y54) of a strong source (width 0.05).
     """
+    import scipy.sparse as sp
+
     g = _grid(n)
     h = g["h"]
     diag = np.full(n * n, np.exp(y[52]))
@@ -108,6 +118,8 @@ def assemble(y: np.ndarray, n: int, kappa0: float = 0.05) -> tuple[sp.csc_matrix
 def sensor_matrix(n: int) -> sp.csr_matrix:
     """Bilinear interpolation (72, n²) from interior nodes to the 9×8 sensor lattice;
     the zero boundary values enter as zeros."""
+    import scipy.sparse as sp
+
     h = 1.0 / (n + 1)
     rows, cols, vals = [], [], []
     r = 0
@@ -129,6 +141,8 @@ def sensor_matrix(n: int) -> sp.csr_matrix:
 
 def solve(y: np.ndarray, n: int, kappa0: float = 0.05) -> np.ndarray:
     """The discrete solution u (n, n) for parameters ``y``."""
+    import scipy.sparse.linalg as spla
+
     A, s = assemble(y, n, kappa0)
     return spla.spsolve(A, s).reshape(n, n)
 
