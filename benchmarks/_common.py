@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import platform
@@ -137,18 +138,41 @@ def sgd_step(model: nn.Module, X: Tensor, y: Tensor, lr: float = 0.05) -> Callab
     return step
 
 
-def models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    """The MLP and the small CNN every side-by-side comparison uses (seeded)."""
+def models(mlp: tuple[int, ...] = (64, 128, 128), act: type[nn.Module] = nn.Tanh
+           ) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
+    """The MLP (widths ``mlp``, then 10 classes; ``act`` between layers) and the small CNN
+    every side-by-side comparison uses (seeded)."""
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
-                        nn.Linear(128, 10))
+    layers: list[nn.Module] = []
+    for a, b in zip(mlp, mlp[1:]):
+        layers += [nn.Linear(a, b), act()]
+    mlp_model = nn.Sequential(*layers, nn.Linear(mlp[-1], 10))
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
                         nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
     return {
-        "MLP 64-128-128-10, N=128": (mlp, torch.randn(128, 64), torch.randint(0, 10, (128,))),
+        f"MLP {'-'.join(map(str, mlp))}-10, N=128": (mlp_model, torch.randn(128, mlp[0]),
+                                                     torch.randint(0, 10, (128,))),
         "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
                                                  torch.randint(0, 10, (64,))),
     }
+
+
+def backpack_runner(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,
+                    extension: object) -> Callable[[], object]:
+    """One BackPACK backward with ``extension`` on a deep copy of the model (never extend
+    the model curvkit times)."""
+    import backpack
+
+    ext_model = backpack.extend(copy.deepcopy(model))
+    ext_loss = backpack.extend(copy.deepcopy(loss_fn))
+
+    def run() -> object:
+        ext_model.zero_grad(set_to_none=True)
+        with backpack.backpack(extension):
+            ext_loss(ext_model(X), y).backward()
+        return None
+
+    return run
 
 
 def publish(text: str, out: str) -> None:

@@ -26,33 +26,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from _common import fmt, header, models, ms, out_arg, publish
+from _common import fmt, header, interleaved, models, ms, out_arg, publish
 from torch import Tensor, nn
 
 import curvkit
-
-
-def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """CPU time of each function in every round, the functions interleaved in every round.
-
-    CPU time of this process (``time.process_time``) rather than wall-clock time, and
-    interleaving, because the benchmark machine is shared: both keep other processes'
-    load from favouring one side.
-    """
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.process_time()
-            fn()
-            times[k].append(time.process_time() - t)
-    return times
 
 
 def dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -127,7 +106,7 @@ def bench_model(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int
         for a, b in zip(op.matvec(v), est.matvec(batch, v)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-    t = timings({
+    t = interleaved({
         "gradient": gradient,
         "hessian matvec": lambda: hes.matvec(batch, v),
         "hessian op.matvec": lambda: hes_op.matvec(v),

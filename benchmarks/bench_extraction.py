@@ -27,31 +27,14 @@ Not a test.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable
 
 import torch
-from _common import fmt, header, interleaved, models, out_arg, publish, ratio
+from _common import backpack_runner, fmt, header, interleaved, models, out_arg, publish, ratio
 from torch import Tensor, nn
 
 import curvkit
 from curvkit.estimators.kfac import layer_diagonals, output_columns
-
-
-def backpack_runner(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,
-                    extension: object) -> Callable[[], object]:
-    import backpack
-
-    ext_model = backpack.extend(copy.deepcopy(model))
-    ext_loss = backpack.extend(copy.deepcopy(loss_fn))
-
-    def run() -> object:
-        ext_model.zero_grad(set_to_none=True)
-        with backpack.backpack(extension):
-            ext_loss(ext_model(X), y).backward()
-        return None
-
-    return run
 
 
 def curvlinops_runner(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor,

@@ -43,27 +43,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import fmt, header, interleaved, ms, out_arg, publish, ratio
+from _common import backpack_runner, fmt, header, interleaved, models, ms, out_arg, publish, ratio
 from torch import Tensor, nn
 
 import curvkit
 
 DAMPING = 1e-3
 LR = 1e-3
-
-
-def step_models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                        nn.Linear(1024, 10))
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
-                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    return {
-        "MLP 784-1024-1024-10, N=128": (mlp, torch.randn(128, 784),
-                                        torch.randint(0, 10, (128,))),
-        "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
-                                                 torch.randint(0, 10, (64,))),
-    }
 
 
 def extraction_models() -> dict[str, tuple[nn.Module, Tensor, Tensor, bool]]:
@@ -79,7 +65,7 @@ def extraction_models() -> dict[str, tuple[nn.Module, Tensor, Tensor, bool]]:
     for name, p in lm.named_parameters():
         p.requires_grad_(name.startswith(("layer.linear1", "layer.linear2", "head")))
     tokens = torch.randint(0, 256, (32, 32))
-    cnn = step_models()["CNN 2×conv3(8)+linear, 3×16×16, N=64"]
+    cnn = models((784, 1024, 1024), nn.ReLU)["CNN 2×conv3(8)+linear, 3×16×16, N=64"]
     return {
         "TinyLM (zoo) vocab 256, d 64, 4 heads, ff 256, 32×32 tokens": (
             lm, tokens, torch.randint(0, 256, (32, 32)), False),
@@ -132,7 +118,7 @@ def curvlinops_step(model: nn.Module, X: Tensor, y: Tensor, T: int) -> Callable[
 
 def step_rows(repeats: int) -> list[str]:
     rows = []
-    for label, (model, X, y) in step_models().items():
+    for label, (model, X, y) in models((784, 1024, 1024), nn.ReLU).items():
         for T in (1, 10):
             ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
             t = interleaved({"curvkit": curvkit_step(ours, X, y, T),
@@ -146,22 +132,6 @@ def step_rows(repeats: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- extraction
-def backpack_run(model: nn.Module, X: Tensor, y: Tensor, extension: object
-                 ) -> Callable[[], object]:
-    import backpack
-
-    ext_model = backpack.extend(copy.deepcopy(model))
-    ext_loss = backpack.extend(nn.CrossEntropyLoss())
-
-    def run() -> object:
-        ext_model.zero_grad(set_to_none=True)
-        with backpack.backpack(extension):
-            ext_loss(ext_model(X), y).backward()
-        return None
-
-    return run
-
-
 def curvlinops_run(model: nn.Module, X: Tensor, y: Tensor, fisher_type: str,
                    approx: str = "expand") -> Callable[[], object]:
     from curvlinops import KFACLinearOperator
@@ -204,7 +174,7 @@ def extraction_rows(repeats: int) -> list[str]:
         for what, ours, ftype, ext, ext_name, approx in cases:
             fns = {"curvkit": ours, "curvlinops": curvlinops_run(model, X, y, ftype, approx)}
             if bp_ok:
-                fns["backpack"] = backpack_run(model, X, y, ext)
+                fns["backpack"] = backpack_runner(model, nn.CrossEntropyLoss(), X, y, ext)
             t = interleaved(fns, repeats)
             bp = (f"{fmt(ratio(t, 'curvkit', 'backpack'))}" if bp_ok
                   else f"— (BackPACK {ext_name}: no TransformerEncoderLayer)")

@@ -27,24 +27,10 @@ import argparse
 import copy
 
 import torch
-from _common import fmt, header, interleaved, ms, out_arg, publish, ratio
+from _common import fmt, header, interleaved, models, ms, out_arg, publish, ratio
 from torch import Tensor, nn
 
 import curvkit
-
-
-def plumbing_models() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                        nn.Linear(1024, 10))
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(),
-                        nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    return {
-        "MLP 784-1024-1024-10, N=128": (mlp, torch.randn(128, 784),
-                                        torch.randint(0, 10, (128,))),
-        "CNN 2×conv3(8)+linear, 3×16×16, N=64": (cnn, torch.randn(64, 3, 16, 16),
-                                                 torch.randint(0, 10, (64,))),
-    }
 
 
 def hf_models(width: int) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
@@ -53,7 +39,7 @@ def hf_models(width: int) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
                         nn.Linear(width, 10))
     out = {f"MLP 784-{width}-{width}-10, N=128": (mlp, torch.randn(128, 784),
                                                   torch.randint(0, 10, (128,)))}
-    out.update({k: v for k, v in plumbing_models().items() if k.startswith("CNN")})
+    out.update({k: v for k, v in models((784, 1024, 1024), nn.ReLU).items() if k.startswith("CNN")})
     return out
 
 
@@ -112,7 +98,7 @@ def hf_row(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int,
 
 def plumbing(repeats: int, inner: int) -> list[str]:
     rows = []
-    for label, (model, X, y) in plumbing_models().items():
+    for label, (model, X, y) in models((784, 1024, 1024), nn.ReLU).items():
         for settings in ({}, {"momentum": 0.9}):
             rows.append(plumbing_row(label, model, X, y, settings, repeats, inner))
             print(rows[-1], flush=True)

@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import header, publish
+from _common import header, interleaved, out_arg, publish
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -39,23 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import TinyLM  # noqa: E402
 
 
-def timings(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.process_time()
-            fn()
-            times[k].append(time.process_time() - t)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="docs/benchmarks/zoo.md")
+    parser.add_argument("--out", **out_arg("zoo.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -107,7 +94,7 @@ def main() -> None:
         fns["curvlinops GGN @ v (math kernel)"] = under_math(G_op)
     except ImportError:
         notes.append("curvlinops not installed")
-    times = timings(fns, args.repeats)
+    times = interleaved(fns, args.repeats, warmup=1)
     base = statistics.median(times["gradient"])
     P = sum(p.numel() for p in params)
     lines = header("Zoo language model: curvature products", "bench_zoo.py",
