@@ -52,19 +52,26 @@ class LayerwiseKronecker(Preconditioner):
     def __init__(self, model: nn.Module, options: Any | None = None) -> None:
         super().__init__(model, options)
         self._warned: set[str] = set()
+        # the prediction walks the module tree; the parameters it is laid out over are
+        # fixed at construction, so it is made once (every update's coverage check used it)
+        self._prediction: dict[str, list[str]] | None = None
 
     # ------------------------------------------------------------------ coverage
     def _predicted_layers(self) -> dict[str, list[str]]:
         """Before any statistics: the layers the K-FAC handlers cover on this model
         (:func:`~curvkit.estimators.kfac.kfac_layers`; a weight shared in a way they do
         not cover is left out), {module: [weight, (bias)]} of the trainable ones."""
+        if self._prediction is not None:
+            return {k: list(v) for k, v in self._prediction.items()}
         trainable_names = {n for n, _ in self.named_params}
         layers: dict[str, list[str]] = {}
         for layer in kfac_layers(self.model, strict=False):
             names = layers.setdefault(layer.group or layer.name, [])  # a tied group is one
             names += [n for n in layer.params if n in trainable_names and n not in names]
         # weight before bias (a group's Embedding brings the weight alone)
-        return {k: sorted(v, key=lambda n: n.endswith("bias")) for k, v in layers.items() if v}
+        self._prediction = {k: sorted(v, key=lambda n: n.endswith("bias"))
+                            for k, v in layers.items() if v}
+        return {k: list(v) for k, v in self._prediction.items()}
 
     def _excluded_params(self) -> dict[str, list[str]]:
         """{why: parameters} of the modules whose weight is shared in a way K-FAC does not
