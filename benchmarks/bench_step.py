@@ -137,14 +137,19 @@ def main() -> None:
         lines += hessian_free(args.repeats, args.width)
     lines += [
         "",
-        "Plumbing: a step checks the loss and gradient for non-finite values in one fused "
-        "pass (the least and largest entry of each tensor, one host sync), which also "
-        "gives max|d|: the bound on the applied update lr·d then needs no read of the "
-        "parameters unless |lr|·max|d| comes near the dtype's largest value. A tensor that "
-        "passes unchanged to the update (the gradient through identity + direct) is not "
-        "scanned again (`curvkit.params.FiniteLedger`); with momentum the buffer is new, so "
-        "it is checked once before it reaches the parameters. The update is one "
-        "`torch._foreach_add_` over all parameters.",
+        "Plumbing: a step checks the gradient for non-finite values in one pass (the "
+        "least and largest entry of each tensor; the loss is checked as the number it is "
+        "read as anyway), which also gives max|d|: the bound on the applied update lr·d "
+        "then needs no read of the parameters unless |lr|·max|d| comes near the dtype's "
+        "largest value. A tensor that passes unchanged to the update (the gradient "
+        "through identity + direct) is not scanned again (`curvkit.params.FiniteLedger`). "
+        "With momentum the buffer is not scanned either: it carries a bound of its "
+        "largest magnitude, momentum·B + (1 − dampening)·max|d| (rounding included), and "
+        "is only computed aside and scanned when that bound reaches the dtype's largest "
+        "value (`curvkit/solvers/direct.py`). The update is one `torch._foreach_add_` "
+        "over all parameters; the optimizer's own forward takes torch's hook-free call "
+        "path (the capture hooks for `loss.backward(); opt.step()` are set aside during "
+        "it).",
         "",
         "Hessian-free: reference = `linearize(batch)` + 10 × `op.matvec(v)` + 2 gradients, "
         "timed in the same round. Per CG iteration the solver adds two dots and three "

@@ -6,12 +6,9 @@ apart from the weighting, so the same code path serves both cases.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,25 +31,21 @@ class Traffic:
 _ACTIVE: ContextVar[tuple[Traffic, ...]] = ContextVar("curvkit_traffic", default=())
 
 
-@contextlib.contextmanager
-def counting(traffic: Traffic) -> Iterator[Traffic]:
-    """Count the collectives made inside the block into ``traffic``."""
-    token = _ACTIVE.set(_ACTIVE.get() + (traffic,))
-    try:
-        yield traffic
-    finally:
-        _ACTIVE.reset(token)
+class counting:  # noqa: N801 - used as a function: ``with counting(traffic)``
+    """Count the collectives made inside the block into ``traffic`` (a class, not a
+    generator: it opens every optimizer step)."""
 
+    __slots__ = ("_token", "traffic")
 
-def counted(attr: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a method so its collectives count into ``getattr(self, attr)``."""
-    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(method)
-        def inner(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with counting(getattr(self, attr)):
-                return method(self, *args, **kwargs)
-        return inner
-    return wrap
+    def __init__(self, traffic: Traffic) -> None:
+        self.traffic = traffic
+
+    def __enter__(self) -> Traffic:
+        self._token = _ACTIVE.set(_ACTIVE.get() + (self.traffic,))
+        return self.traffic
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.reset(self._token)
 
 
 def _count(nbytes: int) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
+import operator
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from curvkit.param_groups import (
     groups_from_rules,
     groups_from_user,
 )
-from curvkit.params import FiniteLedger, all_finite, trainable
+from curvkit.params import FiniteLedger, all_finite, max_abs, trainable
 from curvkit.preconditioners.base import Preconditioner
 from curvkit.solvers.base import StepContext
 
@@ -122,6 +124,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         self._pass_rng: passes.RandomState | None = None
         self._keep = False
         self._capture = PassCapture(called, loss_fn, on_forward=self._open_observation)
+        self._torch_loss = type(loss_fn).__module__.startswith("torch.")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused after construction: the estimator's and preconditioner's state is laid out
@@ -138,17 +141,19 @@ class CurvkitOptimizer(torch.optim.Optimizer):
     def _loss_and_grads(self, batch: tuple[Any, Tensor]) -> tuple[Tensor, list[Tensor]]:
         X, y = batch
         params = self._params
-        with torch.enable_grad(), self._paused():
+        with torch.enable_grad(), self._capture.suspended():
             out = self.model(X)
-            if type(self.loss_fn).__module__.startswith("torch."):
+            if self._torch_loss and not isinstance(out, Tensor):
                 # a torch loss takes one tensor: say how to pick it before anything moves
                 # (a subclass of the user's may take the dict itself)
                 passes.require_tensor_output(out, self.model, "optimizer")
             loss = self.loss_fn(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         work.add(2)  # forward + backward
-        # a parameter the forward pass does not use has a zero gradient
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if any(map(operator.is_, grads, itertools.repeat(None))):  # a parameter unused
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        else:
+            grads = list(grads)
         loss = loss.detach()
         if distributed.active():
             reduced = distributed.weighted_mean([loss, *grads], batch_size(batch),
@@ -156,7 +161,6 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             loss, grads = reduced[0], reduced[1:]
         return loss, grads
 
-    @distributed.counted("traffic")  # this optimizer's collectives, in info["comm_bytes"]
     def step(self, batch: Any = None, closure: Any = None  # type: ignore[override]
              ) -> Tensor | None:
         """One optimization step; returns the loss before the step.
@@ -167,23 +171,24 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         Lightning call it): the same step, from the caller's pass (its batch, loss and
         ``p.grad``); returns the loss of that pass (None if not seen).
         """
-        if closure is not None:
-            if batch is not None:
-                raise TypeError("step: give a batch or a closure, not both")
-            with work.counting():
+        # the step's passes (info["work"]) and this optimizer's collectives
+        # (info["comm_bytes"]) are counted inside
+        with work.counting(), distributed.counting(self.traffic):
+            if closure is not None:
+                if batch is not None:
+                    raise TypeError("step: give a batch or a closure, not both")
                 return self._step_from_pass(closure)
-        if batch is None or callable(batch):
-            with work.counting():
+            if batch is None or callable(batch):
                 return self._step_from_pass(batch)
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
-                            f"loss.backward()); got {type(batch).__name__}")
-        with work.counting():
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise TypeError(f"step expects a batch (X, y), a closure or nothing (after "
+                                f"loss.backward()); got {type(batch).__name__}")
             return self._step_on(tuple(batch))
 
     def _step_on(self, batch: tuple[Any, Tensor]) -> Tensor:
         start = (time.perf_counter(), self.traffic.bytes)
-        self._close_observation(keep=False)
+        if self._observation is not None:
+            self._close_observation(keep=False)
         self._capture.reset()
         update = self.preconditioner.should_update(self.counters["steps"])
         # every other pass of this step (curvature, trial points) replays the random state
@@ -201,14 +206,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             return self._take_step(batch, loss, grads, start)
 
     # ------------------------------------------------------------------ torch.optim style
-    @contextlib.contextmanager
-    def _paused(self) -> Iterator[None]:
+    def _paused(self) -> _Paused:
         """curvkit's own model calls are not the caller's pass."""
-        was, self._capture.paused = self._capture.paused, True
-        try:
-            yield
-        finally:
-            self._capture.paused = was
+        return _Paused(self._capture)
 
     def _open_observation(self, X: Any) -> None:
         """At the start of the caller's pass: record the estimator's statistics from it if
@@ -295,15 +295,16 @@ class CurvkitOptimizer(torch.optim.Optimizer):
         start of the step (its pass included)."""
         t_start, comm0 = start
         step = self.counters["steps"]
-        info: dict[str, Any] = {"step": step}
-        self.counters["steps"] += 1
-        update = self._has_statistics and self.preconditioner.should_update(step)
-        info["loss"] = float(loss)
+        self.counters["steps"] = step + 1
+        value = float(loss)
+        info: dict[str, Any] = {"step": step, "loss": value}
         # one ledger per step: a tensor checked here and passed on unchanged (the gradient
-        # through identity + direct) is not scanned again by the solver or before the update
+        # through identity + direct) is not scanned again by the solver or before the
+        # update; the loss is checked as the number it is already read as
         finite = FiniteLedger()
-        if not finite([loss, *grads] if loss_known else list(grads)):
+        if (loss_known and not math.isfinite(value)) or finite.max_abs(grads) is None:
             return self._skip(loss, info, "loss or gradient")
+        update = self._has_statistics and self.preconditioner.should_update(step)
 
         t_curv = time.perf_counter()
         if update:
@@ -324,14 +325,18 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             info.update(self.preconditioner.info())
         info["time_curvature"] = time.perf_counter() - t_curv
 
-        group = self.param_groups[0]
-        check_shared_lr(self.param_groups, self.solver, "param_groups")
+        groups = self.param_groups
+        check_shared_lr(groups, self.solver, "param_groups")
         ctx = StepContext(params=self._params, batch=batch, loss=loss, grads=grads,
                           estimator=self.estimator, preconditioner=self.preconditioner,
-                          lr=group["lr"], step=step, finite=finite,
-                          groups=self.param_groups, group_of=self._group_of)
-        with self._paused():
+                          lr=groups[0]["lr"], step=step, finite=finite,
+                          groups=groups, group_of=self._group_of)
+        cap = self._capture
+        was, cap.paused = cap.paused, True  # the solver's passes are not the caller's
+        try:
             result = self.solver.step(ctx)
+        finally:
+            cap.paused = was
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
@@ -341,9 +346,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             dmax = finite.max_abs(result.direction)
             if dmax is None:
                 return self._skip(loss, info, "step")
-            alphas = (result.alphas if result.alphas is not None
-                      else [result.alpha] * len(dmax))
-            if not _update_finite(dmax, alphas, self._params):
+            if not _update_finite(dmax, result.alpha, result.alphas, self._params,
+                                  result.direction):
                 # a finite direction times a NaN or huge lr (set through param_groups,
                 # which no config check sees) must not reach the parameters either
                 return self._skip(loss, info, "update lr·direction")
@@ -446,6 +450,22 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                              "(NaN or inf); refusing to load it")
 
 
+class _Paused:
+    """curvkit's own model calls are not the caller's pass: the capture is paused inside
+    (a class, not a generator-based context manager: it is entered twice per step)."""
+
+    __slots__ = ("_capture", "_was")
+
+    def __init__(self, capture: PassCapture) -> None:
+        self._capture = capture
+
+    def __enter__(self) -> None:
+        self._was, self._capture.paused = self._capture.paused, True
+
+    def __exit__(self, *exc: object) -> None:
+        self._capture.paused = self._was
+
+
 def _construct(choice: PartChoice, **context: Any) -> Any:
     """Instantiate a configured part; a model it cannot handle is reported at its config path."""
     try:
@@ -465,31 +485,55 @@ def _param_signature(names: list[str], params: list[Tensor]) -> list[tuple[str, 
             zip(names, params)]
 
 
-def _update_finite(dmax: list[float], alphas: list[float], params: list[Tensor]) -> bool:
-    """True if θ + α·d stays finite in each parameter's dtype, given ``dmax = max|d|`` of a
-    finite direction (from the step's ledger: the direction's own finite check).
+def _update_finite(dmax: list[float], alpha: float, alphas: list[float] | None,
+                   params: list[Tensor], direction: list[Tensor]) -> bool:
+    """True if θ + α·d stays finite in each parameter's dtype, given ``dmax >= max|d|`` of
+    a finite direction (from the step's ledger: the direction's own finite check, or the
+    bound the momentum recursion carries); α is ``alpha``, or ``alphas[i]`` per parameter.
 
     Round to nearest cannot carry a finite θ past the dtype's largest value F when
     |α|·max|d| is below half the spacing of the floats at F (≈ F·eps/4): then the bound
     needs no read of θ (identity + direct reads the gradient once per step, as SGD does
-    for its update). Larger steps take the exact bound max|θ| + |α|·max|d| ≤ F (one more
-    read of those parameters). θ itself is not rechecked on the fast path: a parameter
-    that is already NaN or inf was made so by someone else, and its loss is non-finite.
+    for its update). Larger steps take the exact bound max|θ| + |α|·max|d| ≤ F (a read of
+    those parameters, and of their directions where ``dmax`` is only a bound). θ itself
+    is not rechecked on the fast path: a parameter that is already NaN or inf was made so
+    by someone else, and its loss is non-finite.
     """
-    slow = []
-    for a, p, m in zip(alphas, params, dmax):
-        size = abs(float(a)) * m
-        if not math.isfinite(size):
+    if not dmax:
+        return True
+    if alphas is None:
+        if not math.isfinite(alpha):
             return False
-        if size == 0.0 or not p.is_floating_point():
-            continue
-        top, headroom = _limits(p.dtype)
-        if size > headroom:
-            slow.append((p, size, top))
+        biggest = abs(alpha)
+    else:
+        if not all(map(math.isfinite, alphas)):
+            return False
+        biggest = max(map(abs, alphas))
+    # the common case in one comparison: the largest step against the smallest headroom
+    if biggest * max(dmax) <= min(map(_headroom, params)):
+        return True
+    slow = []
+    for i, (p, m) in enumerate(zip(params, dmax)):
+        size = abs(alpha if alphas is None else alphas[i]) * m
+        if size > _headroom(p):
+            slow.append(i)
     if not slow:
         return True
-    pmax = torch.stack([p.detach().abs().amax().double() for p, _, _ in slow]).tolist()
-    return all(math.isfinite(m) and m + size <= top for m, (_, size, top) in zip(pmax, slow))
+    exact = max_abs([direction[i] for i in slow])
+    if exact is None:
+        return False
+    pmax = torch.stack([params[i].detach().abs().amax().double() for i in slow]).tolist()
+    return all(math.isfinite(m)
+               and m + abs(alpha if alphas is None else alphas[i]) * e
+               <= _limits(params[i].dtype)[0]
+               for i, m, e in zip(slow, pmax, exact))
+
+
+def _headroom(p: Tensor) -> float:
+    """The step size that cannot carry a finite entry of ``p`` past its largest value
+    (infinite for a non-floating parameter, which no step changes)."""
+    return _HEADROOM.get(p.dtype) or (_limits(p.dtype)[1] if p.is_floating_point()
+                                      else math.inf)
 
 
 @functools.cache
@@ -498,6 +542,10 @@ def _limits(dtype: torch.dtype) -> tuple[float, float]:
     value past it (F·eps/16: an eighth of half the spacing of the floats at F)."""
     info = torch.finfo(dtype)
     return info.max, info.max * info.eps / 16
+
+
+_HEADROOM = {dt: _limits(dt)[1] for dt in (torch.float32, torch.float64, torch.float16,
+                                          torch.bfloat16)}
 
 
 def _state_finite(state: Any) -> bool:

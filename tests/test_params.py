@@ -35,10 +35,40 @@ def test_finite_ledger_rescans_only_what_changed(monkeypatch):
     assert ledger([a, b]) and scanned == [2]
     assert ledger([a, b]) and scanned == [2]         # same objects, unchanged: no scan
     assert ledger([a.clone(), b]) and scanned[-1] == 1  # a new tensor is scanned
+    n = len(scanned)
+    assert ledger([b, a]) and len(scanned) == n        # known ones in another list too
     b.mul_(float("inf"))                               # in place: the version moves
     assert not ledger([a, b])
     assert not FiniteLedger()([torch.tensor([float("nan")])])
     assert ledger.max_abs([a, torch.tensor([-4.0, 2.0])]) == [1.0, 4.0]
+
+
+def test_finite_ledger_notes_bounds_and_refuses_useless_ones():
+    ledger = FiniteLedger()
+    t = torch.full((3,), 2.0)
+    ledger.note(t, 5.0)
+    assert ledger.max_abs([t]) == [5.0]                # the bound, not scanned
+    t.add_(1.0)                                         # changed since: scanned
+    assert ledger.max_abs([t]) == [3.0]
+    u = torch.ones(2)
+    ledger.note(u, float("inf"))                        # proves nothing: not recorded
+    ledger.note(u, 1e39)                                # above float32's largest value
+    assert ledger.max_abs([u]) == [1.0]
+    w = torch.tensor([float("nan")])
+    ledger.note(w, 1.0)                                 # a note is trusted as given
+    assert ledger.max_abs([w]) == [1.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_ledger_finds_every_nonfinite_entry(bad, where):
+    tensors = [torch.randn(4, 3), torch.randn(7, dtype=torch.float64), torch.randn(70000)]
+    tensors[where].view(-1)[-1] = bad
+    assert max_abs(tensors) is None
+    assert FiniteLedger().max_abs(tensors) is None
+    # mixed dtypes are compared exactly
+    assert max_abs([torch.tensor([0.1], dtype=torch.float64), torch.tensor([0.1])]) == \
+        [0.1, float(torch.tensor(0.1))]
 
 
 @pytest.mark.parametrize("tensors,expected", [
@@ -83,3 +113,104 @@ def test_momentum_overflow_of_finite_gradients_never_reaches_the_parameters():
     opt.step(batch)                                    # 0.9·3e38 + 2.7e38 overflows
     assert opt.counters["nonfinite"] == 1
     assert torch.equal(model.p.detach(), before)
+
+
+def _momentum_problem(settings, seed=0):
+    import curvkit
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    opt = curvkit.build_optimizer(model, torch.nn.CrossEntropyLoss(), {
+        "lr": 0.05, "preconditioner": "identity", "solver": {"name": "direct", **settings}})
+    return model, opt, (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+
+
+@pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.3},
+                                      {"momentum": 0.8, "nesterov": True},
+                                      {"momentum": 0.9, "weight_decay": 0.1}])
+def test_momentum_bounds_stay_above_the_buffers(settings):
+    """The bound each buffer carries (read by the update check instead of a scan) is never
+    below its largest magnitude, also when the momentum changes between steps."""
+    model, opt, batch = _momentum_problem(settings)
+    for step in range(12):
+        if step == 6:
+            for g in opt.param_groups:
+                g["momentum"] = 0.99
+        opt.step(batch)
+        assert opt.last_info["accepted"], opt.last_info
+        bufs = opt.solver.state["momentum_buffer"]
+        for b, rec in zip(bufs, opt.solver._bounds):
+            assert rec[0] is b and rec[1] == b._version
+            assert rec[2] >= b.abs().max().item()
+
+
+def test_momentum_buffer_changed_from_outside_is_scanned_again():
+    model, opt, batch = _momentum_problem({"momentum": 0.9})
+    opt.step(batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.solver.state["momentum_buffer"][0].fill_(float("nan"))   # not the solver's doing
+    opt.step(batch)
+    assert opt.last_info["accepted"] is False and opt.counters["nonfinite"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.solver.state["momentum_buffer"][0].zero_()
+    opt.step(batch)                                   # a finite buffer again: steps resume
+    assert opt.last_info["accepted"] is True
+
+
+def test_momentum_buffer_that_would_overflow_is_left_as_it_was():
+    """The new buffer's bound reaches float32's largest value: it is computed aside and
+    scanned; the step is refused and no buffer (state) holds a non-finite value."""
+    import curvkit
+
+    class Big(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.q = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return 3e38 * torch.tanh(self.p + 0 * x.sum()) + self.q.sum()
+
+    model = Big()
+    opt = curvkit.build_optimizer(model, lambda out, y: out.sum(), {
+        "lr": 1e-39, "preconditioner": "identity",
+        "solver": {"name": "direct", "momentum": 0.9}})
+    batch = (torch.zeros(1), torch.zeros(1))
+    opt.step(batch)
+    bufs = [b.clone() for b in opt.solver.state["momentum_buffer"]]
+    opt.step(batch)                                    # 0.9·3e38 + 3e38 overflows
+    assert opt.counters["nonfinite"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(bufs, opt.solver.state["momentum_buffer"]))
+
+
+def test_momentum_near_the_limit_still_steps_exactly_as_sgd():
+    """The bound passes the largest value while the buffer does not (b = [3e38, 0], then
+    d = [0, 3e38]: bound 0.9·3e38 + 3e38, buffer [2.7e38, 3e38]): the buffer computed
+    aside is finite and the step is SGD's, bitwise."""
+    import copy
+
+    import curvkit
+
+    class Lin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return (self.p * x).sum() * 3e38
+
+    model = Lin()
+    ref = copy.deepcopy(model)
+    opt = curvkit.build_optimizer(model, lambda out, y: out, {
+        "lr": 1e-45, "preconditioner": "identity", "solver": {"name": "direct", "momentum": 0.9}})
+    sgd = torch.optim.SGD(ref.parameters(), lr=1e-45, momentum=0.9)
+    for x in (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])):
+        opt.step((x, torch.zeros(1)))
+        sgd.zero_grad()
+        ref(x).backward()
+        sgd.step()
+        assert opt.last_info["accepted"] is True, opt.last_info
+        assert torch.equal(model.p, ref.p)
+        assert torch.equal(opt.solver.state["momentum_buffer"][0],
+                           sgd.state[ref.p]["momentum_buffer"])
+    assert opt.solver.state["momentum_buffer"][0].tolist() == pytest.approx([2.7e38, 3e38])

@@ -321,3 +321,32 @@ def test_torch_compile_keeps_structures_eager_backend():
 @pytest.mark.slow
 def test_torch_compile_keeps_structures_inductor():
     _compiled_run("inductor")
+
+
+def test_own_pass_sets_the_capture_hooks_aside_and_keeps_the_users():
+    """step((X, y)) runs the model without curvkit's capture hooks where they are the only
+    hooks (torch's hook-free call path), puts them back after, and runs a user's hooks;
+    torch.optim style still sees the caller's pass afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
+    hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks),
+             dict(loss_fn._forward_pre_hooks), dict(loss_fn._forward_hooks))
+    seen = []
+    model.register_forward_hook(lambda m, a, out: seen.append(len(m._forward_pre_hooks)))
+    loss_fn.register_forward_pre_hook(lambda m, a: seen.append(-len(m._forward_hooks)))
+    opt.step((X, y))
+    # the model's own pre hook was alone (set aside); its forward hook had the user's
+    # beside it (kept); the loss' pre hook had the user's (kept), its forward hook alone
+    assert seen == [0, 0]
+    assert [list(h) for h in hooks] == [list(model._forward_pre_hooks),
+                                        list(model._forward_hooks)[:1],
+                                        list(loss_fn._forward_pre_hooks)[:1],
+                                        list(loss_fn._forward_hooks)]
+    loss = loss_fn(model(X), y)      # torch.optim style after a batch step: captured
+    opt.zero_grad()
+    loss.backward()
+    assert torch.equal(opt.step(), loss.detach())
+    assert opt.last_info["loss"] == loss.item()

@@ -62,6 +62,8 @@ class StepContext:
         """``[(group, indices into params)]`` for every non-empty parameter group."""
         if self.groups is None or self.group_of is None:
             return [({"lr": self.lr}, list(range(len(self.params))))]
+        if len(self.groups) == 1:
+            return [(self.groups[0], list(range(len(self.params))))]
         members: list[list[int]] = [[] for _ in self.groups]
         for i, g in enumerate(self.group_of):
             members[g].append(i)
