@@ -553,3 +553,53 @@ def test_an_overflowing_layer_keeps_its_state_and_the_step_is_skipped():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert ptrs == {(mod, key): t.data_ptr() for mod, e in after.items()
                     for key in ("K", "C", "m_K", "m_C") for t in e[key].values()}
+
+
+def test_a_step_allocates_less_than_a_copy_of_the_state(monkeypatch):
+    """No second copy of the state through a step (the snapshot for a rollback was one):
+    the bytes of tensors made during a step and alive at once stay below the state's own
+    (six dense layers, one per group as for wide layers — small ones are grouped up to a
+    floor of entries: one layer's terms and new factors, the gradients and the direction
+    fit, a new state would not)."""
+    import curvkit.preconditioners.lie_group as lie_group_module
+
+    monkeypatch.setattr(lie_group_module, "_TERMS_AT_ONCE", 0)
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(48, 48) for _ in range(6)])
+    X, y = torch.randn(8, 48), torch.randint(0, 48, (8,))
+    opt = curvkit.build_optimizer(model, nn.CrossEntropyLoss(), {
+        "lr": 0.01, "estimator": "ef",
+        "preconditioner": {"name": "lie_group", "structures": ["dense", "dense"],
+                           "update_every": 1, "alpha1": 0.5},
+        "solver": {"name": "direct", "momentum": 0.9}})
+    opt.step((X, y))
+    opt.step((X, y))
+    state = sum(t.numel() * t.element_size() for e in opt.preconditioner.state["factors"].values()
+                for key in ("K", "C", "m_K", "m_C") for t in e[key].values())
+    live: dict[int, tuple[StorageWeakRef, int]] = {}
+    peak = [0]
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for k in [k for k, (ref, _) in live.items() if ref.expired()]:
+                del live[k]
+            # an output sharing an input's storage (a view, an in-place op) is no allocation
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in inputs:
+                        live.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
+            peak[0] = max(peak[0], sum(n for _, n in live.values()))
+            return out
+
+    with Allocations():
+        opt.step((X, y))
+    assert opt.last_info["accepted"]
+    assert peak[0] < state, (peak[0], state)
