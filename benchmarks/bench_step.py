@@ -96,6 +96,27 @@ def hf_row(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int,
             f"{ms(t['products'])} + 2 × {ms(t['gradient'])} | {fmt(r)} | ≤ 1.2× |")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory instead of returning the heap's top to the
+    system (``M_TRIM_THRESHOLD``) and to serve large blocks from the heap instead of one
+    ``mmap`` each (``M_MMAP_THRESHOLD``): in one process that interleaves two contenders,
+    the page faults of re-grown memory otherwise land on either of them at random. False
+    where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)
+                    and libc.mallopt(m_mmap_threshold, 1 << 28))
+    except (OSError, AttributeError):
+        return False
+
+
 def plumbing(repeats: int, inner: int) -> list[str]:
     rows = []
     for label, (model, X, y) in models((784, 1024, 1024), nn.ReLU).items():
@@ -122,13 +143,22 @@ def main() -> None:
     ap.add_argument("--part", choices=("all", "plumbing", "hf"), default="all",
                     help="only the plumbing rows or only the Hessian-free rows")
     ap.add_argument("--out", **out_arg("step.md"))
+    ap.add_argument("--system-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (by default it keeps freed memory)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kept = not args.system_allocator and keep_freed_memory()
     lines = header("Benchmark: the step's own cost", "bench_step.py",
                    f"{args.repeats} interleaved rounds (plumbing: {args.inner} steps per "
                    "round, averaged), float32, CrossEntropyLoss (mean); the ratio is taken "
                    "within each round: median (min–max over the rounds). Times in ms, "
-                   "median (min–max).")
+                   "median (min–max). " + (
+                       "glibc's malloc keeps the memory it frees (mallopt: no trimming, no "
+                       "mmap per block): otherwise the heap's top was returned to the "
+                       "system and faulted back in by whichever contender came next (up "
+                       "to ~2000 page faults, 1–3 ms of system time per MLP step, for "
+                       "SGD and curvkit alike)." if kept else
+                       "glibc's malloc as configured (page faults included)."))
     lines += ["| model | comparison | curvkit (ms) | reference (ms) | ratio | target |",
               "|---|---|---:|---:|---:|---|"]
     if args.part in ("all", "plumbing"):
