@@ -168,6 +168,25 @@ class FiniteLedger:
         if v is not None and t.is_floating_point() and bound <= float_limits(t.dtype)[0]:
             self._seen[id(t)] = (t, v, float(bound))
 
+    def remember(self, tensors: Sequence[Tensor], bounds: Sequence[float]) -> None:
+        """:meth:`note` for a list at once, answered as a whole when asked again (the
+        solver's direction, asked for by the update check); a bound that proves nothing
+        leaves its tensor to be scanned."""
+        try:
+            if all(t.is_floating_point() and b <= float_limits(t.dtype)[0]
+                   for t, b in zip(tensors, bounds)):
+                last, self._last = self._last, None
+                if last is not None:  # keep what the last list knew
+                    for t, v, m in zip(*last):
+                        self._seen[id(t)] = (t, v, m)
+                self._last = (list(tensors), [t._version for t in tensors],
+                              [float(b) for b in bounds])
+                return
+        except RuntimeError:  # an inference tensor has no version counter
+            pass
+        for t, b in zip(tensors, bounds):
+            self.note(t, b)
+
     def max_abs(self, tensors: Sequence[Tensor]) -> list[float] | None:
         """``max |t|`` (or the bound given to :meth:`note`) of each tensor, or None if any
         is non-finite; only the tensors not seen unchanged in this step are scanned."""

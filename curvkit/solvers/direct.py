@@ -81,25 +81,29 @@ class DirectSolver(Solver):
         members = ctx.group_members()
         settings = [self._settings(group) for group, _ in members]
         out = list(direction)
+        n = len(out)
         bufs = self.state["momentum_buffer"]
-        if len(bufs) != len(out):
-            bufs[:] = [None] * len(out)
-        if len(self._bounds) != len(out):
-            self._bounds = [None] * len(out)
+        if len(bufs) != n:
+            bufs[:] = [None] * n
+        if len(self._bounds) != n:
+            self._bounds = [None] * n
         plans = []
         for (_, idx), setting in zip(members, settings):
             plan = self._plan(setting, idx, out, ctx.params, ledger)
             if plan is None:
                 return _nonfinite(direction, ctx.lr)
             plans.append(plan)
-        if not self._bound_buffers(plans, out, ledger):
+        if not self._bound_buffers(plans):
             return _nonfinite(direction, ctx.lr)
-        alphas: list[float] = [0.0] * len(out)
+        alphas: list[float] = [0.0] * n
+        dbound: list[float] = [0.0] * n
         for (group, idx), plan in zip(members, plans):
-            self._apply(plan, out, ledger)
+            for i, t, m in zip(idx, *self._apply(plan)):
+                out[i], dbound[i] = t, m
             a = -group.get("lr", ctx.lr)
             for i in idx:
                 alphas[i] = a
+        ledger.remember(out, dbound)  # the update check reads these bounds, no scan
         if len(members) == 1:
             return StepResult(out, alphas[0] if out else -ctx.lr)
         return StepResult(out, -ctx.lr, alphas=alphas)
@@ -117,51 +121,41 @@ class DirectSolver(Solver):
 
     def _plan(self, setting: tuple[float, float, float, bool], idx: list[int], out: list,
               params: list, ledger: FiniteLedger) -> dict[str, Any] | None:
-        """One group's directions after weight decay (None: a non-finite direction)."""
+        """One group's directions after weight decay and their largest magnitudes (None: a
+        non-finite direction)."""
         momentum, dampening, weight_decay, nesterov = setting
         d = [out[i] for i in idx]
         if weight_decay != 0:
             d = list(torch._foreach_add(d, [params[i].detach() for i in idx],
                                         alpha=weight_decay))
-        plan = {"idx": idx, "d": d, "momentum": momentum, "dampening": dampening,
-                "nesterov": nesterov}
-        if momentum != 0:
-            dmax = ledger.max_abs(d)  # the direction's own scan, or weight decay's result
-            if dmax is None:
-                return None
-            plan["dmax"] = dmax
-        return plan
+        dmax = ledger.max_abs(d)  # the direction's own scan, or weight decay's result
+        if dmax is None:
+            return None
+        return {"idx": idx, "d": d, "dmax": dmax, "momentum": momentum,
+                "dampening": dampening, "nesterov": nesterov}
 
-    def _bound_buffers(self, plans: list[dict[str, Any]], out: list,
-                       ledger: FiniteLedger) -> bool:
+    def _bound_buffers(self, plans: list[dict[str, Any]]) -> bool:
         """Each existing buffer's bound after this step (``plan['bound']``), before any is
         written; a buffer whose bound reaches its dtype's largest value is computed aside
         (``plan['aside']``) and scanned. False if a buffer is or would become non-finite
         (then no buffer has changed)."""
         bufs, bounds = self.state["momentum_buffer"], self._bounds
-        unknown = []
-        for plan in plans:
-            if plan["momentum"] == 0:
-                continue
-            for i in plan["idx"]:
-                b, rec = bufs[i], bounds[i]
-                if b is not None and not (rec is not None and rec[0] is b
-                                          and rec[1] == _version(b)):
-                    unknown.append(i)
+        mine = [i for plan in plans if plan["momentum"] for i in plan["idx"]]
+        unknown = [i for i in mine if bufs[i] is not None and not _carries(bufs[i], bounds[i])]
         if unknown:  # a buffer this solver did not leave as it is: one scan
             found = max_abs([bufs[i] for i in unknown])
             if found is None:
                 return False
             for i, m in zip(unknown, found):
-                bounds[i] = (bufs[i], _version(bufs[i]) or 0, m)
+                bounds[i] = (bufs[i], _version(bufs[i]), m)
         for plan in plans:
             momentum = plan["momentum"]
-            if momentum == 0:
+            if not momentum:
                 continue
             keep = abs(1 - plan["dampening"])
             new, aside = [], {}
-            for j, i in enumerate(plan["idx"]):
-                b, g = bufs[i], plan["dmax"][j]
+            for j, (i, g) in enumerate(zip(plan["idx"], plan["dmax"])):
+                b = bufs[i]
                 if b is None:
                     new.append(g)
                     continue
@@ -179,39 +173,40 @@ class DirectSolver(Solver):
             plan["bound"], plan["aside"] = new, aside
         return True
 
-    def _apply(self, plan: dict[str, Any], out: list, ledger: FiniteLedger) -> None:
-        """torch.optim.SGD's arithmetic (foreach=False, bitwise) on one group, in place in
-        ``out`` and the buffers; the buffers' bounds go to the ledger."""
+    def _apply(self, plan: dict[str, Any]) -> tuple[list[Tensor], list[float]]:
+        """torch.optim.SGD's arithmetic (foreach=False, bitwise) on one group: its new
+        directions (the buffers, or Nesterov's d + momentum·b) and bounds of their largest
+        magnitudes; the buffers are updated in place and carry their bounds."""
         idx, d, momentum = plan["idx"], plan["d"], plan["momentum"]
-        if momentum != 0:
-            bufs, bounds = self.state["momentum_buffer"], self._bounds
-            aside = plan["aside"]
-            # SGD: the first step of a buffer copies d, later steps blend into it
-            old = [j for j, i in enumerate(idx) if bufs[i] is not None and j not in aside]
-            if old:
-                b = [bufs[idx[j]] for j in old]
-                torch._foreach_mul_(b, momentum)
-                torch._foreach_add_(b, [d[j] for j in old], alpha=1 - plan["dampening"])
-            for j, cand in aside.items():
-                bufs[idx[j]].copy_(cand)
-            for j, i in enumerate(idx):
-                if bufs[i] is None:
-                    bufs[i] = torch.clone(d[j]).detach()
-                b, bound = bufs[i], plan["bound"][j]
-                bounds[i] = (b, _version(b) or 0, bound)
-                ledger.note(b, bound)
-            b_all = [bufs[i] for i in idx]
-            if plan["nesterov"]:
-                nd = list(torch._foreach_add(d, b_all, alpha=momentum))
-                for j, t in enumerate(nd):
-                    _, eps = float_limits(t.dtype)
-                    ledger.note(t, (plan["dmax"][j] + momentum * plan["bound"][j])
-                                * (1 + 4 * eps))
-                d = nd
-            else:
-                d = b_all
-        for i, t in zip(idx, d):
-            out[i] = t
+        if not momentum:
+            return d, plan["dmax"]
+        bufs, bounds = self.state["momentum_buffer"], self._bounds
+        aside = plan["aside"]
+        # SGD: the first step of a buffer copies d, later steps blend into it
+        old = [j for j, i in enumerate(idx) if bufs[i] is not None and j not in aside]
+        if old:
+            b = [bufs[idx[j]] for j in old]
+            torch._foreach_mul_(b, momentum)
+            torch._foreach_add_(b, [d[j] for j in old], alpha=1 - plan["dampening"])
+        for j, cand in aside.items():
+            bufs[idx[j]].copy_(cand)
+        for j, i in enumerate(idx):
+            if bufs[i] is None:
+                bufs[i] = torch.clone(d[j]).detach()
+        b_all = [bufs[i] for i in idx]
+        for i, b, bound in zip(idx, b_all, plan["bound"]):
+            bounds[i] = (b, _version(b), bound)
+        if not plan["nesterov"]:
+            return b_all, plan["bound"]
+        nd = list(torch._foreach_add(d, b_all, alpha=momentum))
+        return nd, [(g + momentum * bound) * (1 + 4 * float_limits(t.dtype)[1])
+                    for t, g, bound in zip(nd, plan["dmax"], plan["bound"])]
+
+
+def _carries(b: Tensor, rec: tuple[Tensor, int | None, float] | None) -> bool:
+    """Whether ``rec`` is the bound this solver left on buffer ``b`` (same tensor, not
+    changed since)."""
+    return rec is not None and rec[0] is b and rec[1] is not None and rec[1] == _version(b)
 
 
 def _nonfinite(direction: list[Tensor], lr: float) -> StepResult:
