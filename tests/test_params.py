@@ -59,6 +59,17 @@ def test_finite_ledger_notes_bounds_and_refuses_useless_ones():
     assert ledger.max_abs([w]) == [1.0]
 
 
+def test_finite_ledger_remembers_a_list_of_bounds():
+    ledger = FiniteLedger()
+    a, b = torch.full((2,), 3.0), torch.full((3,), -2.0)
+    ledger.remember([a, b], [4.0, 5.0])
+    assert ledger.max_abs([a, b]) == [4.0, 5.0]        # as a whole
+    assert ledger.max_abs([b]) == [5.0]                 # and one by one
+    c = torch.ones(2)
+    ledger.remember([a, c], [4.0, 1e39])                # 1e39 proves nothing for float32
+    assert ledger.max_abs([a, c]) == [4.0, 1.0]         # c scanned
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [0, 1, 2])
 def test_ledger_finds_every_nonfinite_entry(bad, where):
