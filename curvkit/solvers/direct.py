@@ -141,7 +141,12 @@ class DirectSolver(Solver):
         (then no buffer has changed)."""
         bufs, bounds = self.state["momentum_buffer"], self._bounds
         mine = [i for plan in plans if plan["momentum"] for i in plan["idx"]]
-        unknown = [i for i in mine if bufs[i] is not None and not _carries(bufs[i], bounds[i])]
+        try:  # the bound this solver left on each buffer, if it is unchanged since
+            unknown = [i for i in mine if (b := bufs[i]) is not None
+                       and not ((rec := bounds[i]) is not None and rec[0] is b
+                                and rec[1] == b._version)]
+        except RuntimeError:  # an inference tensor has no version counter
+            unknown = [i for i in mine if bufs[i] is not None]
         if unknown:  # a buffer this solver did not leave as it is: one scan
             found = max_abs([bufs[i] for i in unknown])
             if found is None:
@@ -159,7 +164,7 @@ class DirectSolver(Solver):
                 if b is None:
                     new.append(g)
                     continue
-                top, eps = float_limits(b.dtype)
+                top, eps = _LIMITS.get(b.dtype) or float_limits(b.dtype)
                 bound = (momentum * bounds[i][2] + keep * g) * (1 + 4 * eps)  # type: ignore[index]
                 if not bound <= top:  # might overflow in place: compute aside and look
                     with torch.no_grad():
@@ -203,10 +208,8 @@ class DirectSolver(Solver):
                     for t, g, bound in zip(nd, plan["dmax"], plan["bound"])]
 
 
-def _carries(b: Tensor, rec: tuple[Tensor, int | None, float] | None) -> bool:
-    """Whether ``rec`` is the bound this solver left on buffer ``b`` (same tensor, not
-    changed since)."""
-    return rec is not None and rec[0] is b and rec[1] is not None and rec[1] == _version(b)
+_LIMITS = {dt: float_limits(dt) for dt in (torch.float32, torch.float64, torch.float16,
+                                           torch.bfloat16)}
 
 
 def _nonfinite(direction: list[Tensor], lr: float) -> StepResult:
