@@ -21,6 +21,7 @@ reason (:func:`kfac_exclusions`), reported when the optimizer is built.
 
 from __future__ import annotations
 
+import builtins
 import math
 import weakref
 from dataclasses import dataclass
@@ -120,9 +121,27 @@ def _used_outside_their_module(model: nn.Module, graph: Any) -> dict[int, str]:
         owner = owners.get(node.target)
         # the root module's own forward is traced, not called: its reads are its own use
         if node.op == "get_attr" and node.target in params and isinstance(owner, kinds) \
-                and owner is not model:
+                and owner is not model and not _metadata_only(node):
             out[id(params[node.target])] = node.target
     return out
+
+
+#: what reading a tensor's attribute or calling one of these methods tells: its metadata only
+_METADATA_ATTRS = frozenset({"dtype", "device", "shape", "ndim", "layout", "is_cuda",
+                             "requires_grad"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "get_device"})
+
+
+def _metadata_only(node: Any) -> bool:
+    """True if every use of the fx ``node`` reads only metadata (``w.dtype``, ``w.shape``,
+    ``w.size()``, …, e.g. ``mask(..., dtype=self.head.weight.dtype)``): no value of the
+    parameter reaches the output, so its gradient is the module's alone."""
+    users = list(node.users)
+    return bool(users) and all(
+        (u.op == "call_function" and u.target is builtins.getattr
+         and u.args[0] is node and u.args[1] in _METADATA_ATTRS)
+        or (u.op == "call_method" and u.target in _METADATA_METHODS and u.args[0] is node)
+        for u in users)
 
 
 def _cached(model: nn.Module, strict: bool) -> tuple[list[KFACLayer], dict[str, str]]:
@@ -278,7 +297,8 @@ def _plain_uses(model: nn.Module, graph: Any,
             where = getattr(node.target, "__module__", None) or ""
             if not where.startswith(("torch", "_operator", "operator", "builtins", "math")):
                 return set()  # a wrapped function of the user's
-    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    read = {node.target for node in graph.nodes
+            if node.op == "get_attr" and not _metadata_only(node)}
     out: set[int] = set()
     for path, mod in mods.items():
         if type(mod) not in _STOCK_FORWARD or "forward" in vars(mod) or not path:
