@@ -192,21 +192,23 @@ def test_a_dtype_read_of_the_head_weight_keeps_it_kronecker_covered():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["K-FAC", "SINGD"])
 @pytest.mark.parametrize("pool", [False, True], ids=["lm", "pooled"])
 @pytest.mark.parametrize("layers,seed", [(4, 0), (6, 1)])
-def test_prenorm_encoder_trains_under_the_documented_kfac_settings(layers, seed, pool):
+def test_prenorm_encoder_trains_under_the_documented_settings(layers, seed, pool, method):
     """4 and 6 pre-norm layers (d = 32), a padded LM (ignore_index) and a pooled classifier:
-    the K-FAC snippet of docs/methods.md takes 20 finite steps, none skipped, and at least
-    halves the loss (the former δ = 1e-3, lr = 0.1: LM 2.5 → 210–250, pooled 1.2 → 900–1900
-    in 8 steps; now 0.40–0.64 and ≤ 1.4e-3 in 20)."""
+    the K-FAC and SINGD snippets of docs/methods.md take 20 finite steps, none skipped, never
+    above the first loss, and end below 0.6× it (K-FAC: LM 2.5–2.6 → 0.40–0.64, pooled →
+    ≤ 1.4e-3; the former δ = 1e-3, lr = 0.1: LM → 210–250, pooled 1.2 → 900–1900 in 8 steps.
+    SINGD: LM → 1.2–1.4, pooled → 0.01–0.16)."""
     from test_methods_table import SNIPPETS
 
     torch.set_num_threads(1)
     model, batch, loss_fn = problem(layers, 32, pool, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LayerNorm falls back (diagonal), with a warning
-        opt = curvkit.build_optimizer(model, loss_fn, dict(SNIPPETS)["K-FAC"])
+        opt = curvkit.build_optimizer(model, loss_fn, dict(SNIPPETS)[method])
     losses = [float(opt.step(batch)) for _ in range(20)]
     assert all(math.isfinite(v) for v in losses), losses
     assert opt.counters["nonfinite"] == 0
-    assert max(losses) <= losses[0] * 1.05 and losses[-1] < 0.5 * losses[0], losses
+    assert max(losses) <= losses[0] and losses[-1] < 0.6 * losses[0], losses
