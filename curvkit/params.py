@@ -134,18 +134,51 @@ def max_abs(tensors: Sequence[Tensor]) -> list[float] | None:
     return out
 
 
+_NORMED = (torch.float32, torch.float64)
+# sqrt of float32's smallest normal: what squares lost to underflow can hide of an entry
+_UNDERFLOW = math.sqrt(torch.finfo(torch.float32).tiny)
+
+
+def magnitude_bounds(tensors: Sequence[Tensor]) -> list[float] | None:
+    """An upper bound of ``max |t|`` for each tensor, or None if any entry is NaN or ±inf.
+
+    float32/float64 tensors: their 2-norms, in one ``torch._foreach_norm`` call (cheaper
+    than one ``aminmax`` per tensor: on bench_step's CNN 41 vs 55 µs over SGD's step, on
+    its MLP 232 vs 278 µs, interleaved in one process). A sum of squares only adds
+    non-negative terms, so it is not below any rounded square: ``max |t| <= ‖t‖·(1 + 4ε)``
+    plus what underflowed squares can hide (``_UNDERFLOW``). A NaN or ±inf entry makes its
+    norm NaN or inf; so does a square or sum that overflows, and then :func:`max_abs`
+    decides exactly. Other dtypes (float16's norms overflow at 65504, and a bound that
+    loose would send its update check to the exact path) take :func:`max_abs`.
+    """
+    if not tensors or not all(t.dtype in _NORMED and t.numel() for t in tensors):
+        return max_abs(tensors)
+    norms = torch._foreach_norm(list(tensors))
+    if norms[0].device.type == "cpu":
+        values = [n.item() for n in norms]
+    else:
+        if len({n.dtype for n in norms}) > 1:
+            norms = [n.double() for n in norms]
+        values = torch.stack(norms).tolist()
+    if not all(map(math.isfinite, values)):
+        return max_abs(tensors)  # non-finite, or an overflow of finite entries
+    return [v * (1 + 4 * float_limits(t.dtype)[1]) + _UNDERFLOW
+            for v, t in zip(values, tensors)]
+
+
 class FiniteLedger:
     """:func:`max_abs` that does not scan a tensor twice in one step.
 
     A tensor found finite is remembered with its version counter (bumped by every in-place
-    operation) and its largest magnitude; checked again while it is the same object at the
-    same version, it is not scanned. identity + direct then reads the gradient once per
-    step: its finite check, the preconditioned direction's and the bound on the applied
-    step are one scan. A tensor computed from checked tensors by arithmetic whose result
-    is bounded (SGD's momentum recursion, :mod:`curvkit.solvers.direct`) is recorded with
-    that bound (:meth:`note`) instead of scanned: :meth:`max_abs` returns an upper bound
-    of ``max |t|`` then, exact for every scanned tensor. The ledger holds its tensors, so
-    an id is not reused while it lives: keep one per step.
+    operation) and a bound of its largest magnitude (:func:`magnitude_bounds`: the 2-norm
+    for float32/float64, the exact ends otherwise); checked again while it is the same
+    object at the same version, it is not scanned. identity + direct then reads the
+    gradient once per step: its finite check, the preconditioned direction's and the bound
+    on the applied step are one scan. A tensor computed from checked tensors by arithmetic
+    whose result is bounded (SGD's momentum recursion, :mod:`curvkit.solvers.direct`) is
+    recorded with that bound (:meth:`note`) instead of scanned. :meth:`max_abs` so returns
+    upper bounds of ``max |t|``, never below it. The ledger holds its tensors, so an id is
+    not reused while it lives: keep one per step.
     """
 
     __slots__ = ("_last", "_seen")
@@ -197,12 +230,13 @@ class FiniteLedger:
                     and [t._version for t in tensors] == last[1]:
                 return list(last[2])
             # the step's first check (the gradient): nothing to look up
-            found = self._max_abs(tensors) if last or self._seen else max_abs(tensors)
+            found = self._max_abs(tensors) if last or self._seen \
+                else magnitude_bounds(tensors)
             if found is not None:
                 self._last = (list(tensors), [t._version for t in tensors], found)
                 return list(found)
         except RuntimeError:  # an inference tensor has no version counter: not remembered
-            found = max_abs(tensors)
+            found = magnitude_bounds(tensors)
         return found
 
     def _max_abs(self, tensors: Sequence[Tensor]) -> list[float] | None:
@@ -214,7 +248,7 @@ class FiniteLedger:
         hits = [seen.get(id(t)) for t in tensors]
         todo = [i for i, (h, t) in enumerate(zip(hits, tensors))
                 if h is None or h[0] is not t or h[1] != t._version]
-        found = max_abs([tensors[i] for i in todo]) if todo else []
+        found = magnitude_bounds([tensors[i] for i in todo]) if todo else []
         if found is None:
             return None
         for i, m in zip(todo, found):

@@ -28,8 +28,8 @@ def test_finite_ledger_rescans_only_what_changed(monkeypatch):
     import curvkit.params as P
 
     scanned = []
-    real = P.max_abs
-    monkeypatch.setattr(P, "max_abs", lambda ts: scanned.append(len(ts)) or real(ts))
+    real = P.magnitude_bounds
+    monkeypatch.setattr(P, "magnitude_bounds", lambda ts: scanned.append(len(ts)) or real(ts))
     a, b = torch.ones(3), torch.ones(2)
     ledger = FiniteLedger()
     assert ledger([a, b]) and scanned == [2]
@@ -40,7 +40,8 @@ def test_finite_ledger_rescans_only_what_changed(monkeypatch):
     b.mul_(float("inf"))                               # in place: the version moves
     assert not ledger([a, b])
     assert not FiniteLedger()([torch.tensor([float("nan")])])
-    assert ledger.max_abs([a, torch.tensor([-4.0, 2.0])]) == [1.0, 4.0]
+    got = ledger.max_abs([a, torch.tensor([-4.0, 2.0])])    # a known, the other scanned
+    assert 1.0 <= got[0] <= 3 ** 0.5 * 1.001 and 4.0 <= got[1] <= 20 ** 0.5 * 1.001
 
 
 def test_finite_ledger_notes_bounds_and_refuses_useless_ones():
@@ -49,11 +50,11 @@ def test_finite_ledger_notes_bounds_and_refuses_useless_ones():
     ledger.note(t, 5.0)
     assert ledger.max_abs([t]) == [5.0]                # the bound, not scanned
     t.add_(1.0)                                         # changed since: scanned
-    assert ledger.max_abs([t]) == [3.0]
+    assert ledger.max_abs([t]) == [pytest.approx(27 ** 0.5)]   # its 2-norm bounds it
     u = torch.ones(2)
     ledger.note(u, float("inf"))                        # proves nothing: not recorded
     ledger.note(u, 1e39)                                # above float32's largest value
-    assert ledger.max_abs([u]) == [1.0]
+    assert ledger.max_abs([u]) == [pytest.approx(2 ** 0.5)]
     w = torch.tensor([float("nan")])
     ledger.note(w, 1.0)                                 # a note is trusted as given
     assert ledger.max_abs([w]) == [1.0]
@@ -67,15 +68,18 @@ def test_finite_ledger_remembers_a_list_of_bounds():
     assert ledger.max_abs([b]) == [5.0]                 # and one by one
     c = torch.ones(2)
     ledger.remember([a, c], [4.0, 1e39])                # 1e39 proves nothing for float32
-    assert ledger.max_abs([a, c]) == [4.0, 1.0]         # c scanned
+    assert ledger.max_abs([a, c]) == [4.0, pytest.approx(2 ** 0.5)]   # c scanned
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [0, 1, 2])
 def test_ledger_finds_every_nonfinite_entry(bad, where):
+    from curvkit.params import magnitude_bounds
+
     tensors = [torch.randn(4, 3), torch.randn(7, dtype=torch.float64), torch.randn(70000)]
     tensors[where].view(-1)[-1] = bad
     assert max_abs(tensors) is None
+    assert magnitude_bounds(tensors) is None
     assert FiniteLedger().max_abs(tensors) is None
     # mixed dtypes are compared exactly
     assert max_abs([torch.tensor([0.1], dtype=torch.float64), torch.tensor([0.1])]) == \
@@ -225,3 +229,21 @@ def test_momentum_near_the_limit_still_steps_exactly_as_sgd():
         assert torch.equal(opt.solver.state["momentum_buffer"][0],
                            sgd.state[ref.p]["momentum_buffer"])
     assert opt.solver.state["momentum_buffer"][0].tolist() == pytest.approx([2.7e38, 3e38])
+
+
+@pytest.mark.parametrize("tensors", [
+    [torch.randn(5, 3), torch.randn(3, dtype=torch.float64), torch.randn(70000)],
+    [torch.full((4,), 3e38), torch.full((3,), -3e38)],        # squares overflow: exact ends
+    [torch.tensor([1e-30, -3e-25]), torch.zeros(3)],            # squares underflow
+    [torch.ones(3, dtype=torch.float16), torch.tensor([-2.0])],  # float16: exact ends
+    [torch.zeros(0), torch.ones(2)],
+    [torch.tensor([1, -7]), torch.ones(2)],
+])
+def test_magnitude_bounds_are_never_below_the_largest_entry(tensors):
+    from curvkit.params import magnitude_bounds
+
+    exact = max_abs(tensors)
+    got = magnitude_bounds(tensors)
+    assert all(g >= e for g, e in zip(got, exact)), (got, exact)
+    assert all(g <= (t.numel() ** 0.5 + 1e-3) * e + 1e-18
+               for g, e, t in zip(got, exact, tensors))
