@@ -168,8 +168,9 @@ def main() -> None:
     lines += [
         "",
         "Plumbing: a step checks the gradient for non-finite values in one pass (the "
-        "least and largest entry of each tensor; the loss is checked as the number it is "
-        "read as anyway), which also gives max|d|: the bound on the applied update lr·d "
+        "2-norm of each tensor, one `torch._foreach_norm` call, exact ends where a square "
+        "overflows; the loss is checked as the number it is read as anyway), which also "
+        "bounds max|d|: the bound on the applied update lr·d "
         "then needs no read of the parameters unless |lr|·max|d| comes near the dtype's "
         "largest value. A tensor that passes unchanged to the update (the gradient "
         "through identity + direct) is not scanned again (`curvkit.params.FiniteLedger`). "
