@@ -135,6 +135,9 @@ def max_abs(tensors: Sequence[Tensor]) -> list[float] | None:
 
 
 _NORMED = (torch.float32, torch.float64)
+# the largest finite value of each float dtype (-1: no bound proves another dtype finite)
+_TOP = {dt: torch.finfo(dt).max for dt in (torch.float32, torch.float64, torch.float16,
+                                          torch.bfloat16)}
 # sqrt of float32's smallest normal: what squares lost to underflow can hide of an entry
 _UNDERFLOW = math.sqrt(torch.finfo(torch.float32).tiny)
 
@@ -206,8 +209,7 @@ class FiniteLedger:
         solver's direction, asked for by the update check); a bound that proves nothing
         leaves its tensor to be scanned."""
         try:
-            if all(t.is_floating_point() and b <= float_limits(t.dtype)[0]
-                   for t, b in zip(tensors, bounds)):
+            if all(map(operator.le, bounds, [_TOP.get(t.dtype, -1.0) for t in tensors])):
                 last, self._last = self._last, None
                 if last is not None:  # keep what the last list knew
                     for t, v, m in zip(*last):

@@ -199,8 +199,12 @@ class DirectSolver(Solver):
             if bufs[i] is None:
                 bufs[i] = torch.clone(d[j]).detach()
         b_all = [bufs[i] for i in idx]
-        for i, b, bound in zip(idx, b_all, plan["bound"]):
-            bounds[i] = (b, _version(b), bound)
+        try:
+            versions = [b._version for b in b_all]
+        except RuntimeError:  # an inference tensor has no version counter: rescanned
+            versions = [None] * len(b_all)
+        for i, b, v, bound in zip(idx, b_all, versions, plan["bound"]):
+            bounds[i] = (b, v, bound)
         if not plan["nesterov"]:
             return b_all, plan["bound"]
         nd = list(torch._foreach_add(d, b_all, alpha=momentum))
