@@ -114,8 +114,9 @@ def max_abs(tensors: Sequence[Tensor]) -> list[float] | None:
         ends = [e for t in tensors for e in torch.aminmax(t)]
         if not ends:
             return []
-        if ends[0].device.type == "cpu":
-            # read one by one: half the cost of stacking them (one more operation)
+        if ends[0].device.type == "cpu" or len({e.device for e in ends}) > 1:
+            # read one by one: half the cost of stacking them (one more operation) on the
+            # CPU; across devices (a model split over several) they cannot be stacked
             values = [e.item() for e in ends]
         else:  # one host transfer
             if len({t.dtype for t in tensors}) > 1:
@@ -157,7 +158,7 @@ def magnitude_bounds(tensors: Sequence[Tensor]) -> list[float] | None:
     if not tensors or not all(t.dtype in _NORMED and t.numel() for t in tensors):
         return max_abs(tensors)
     norms = torch._foreach_norm(list(tensors))
-    if norms[0].device.type == "cpu":
+    if norms[0].device.type == "cpu" or len({n.device for n in norms}) > 1:
         values = [n.item() for n in norms]
     else:
         if len({n.dtype for n in norms}) > 1:
