@@ -65,6 +65,10 @@ class DirectSolver(Solver):
         # largest magnitude); a cache beside the state, not part of it
         self._bounds: list[tuple[Tensor, int, float] | None] = []
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._bounds = []  # the loaded buffers are scanned once; the old ones are let go
+
     def step(self, ctx: StepContext) -> StepResult:
         direction = ctx.preconditioner.apply(ctx.grads)
         ledger = ctx.finite if isinstance(ctx.finite, FiniteLedger) else FiniteLedger()
