@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,10 @@ class DirectSolver(Solver):
             plans.append(plan)
         if not self._bound_buffers(plans):
             return _nonfinite(direction, ctx.lr)
+        if len(members) == 1:  # idx is every parameter, in order
+            new, dbound = self._apply(plans[0])
+            ledger.remember(new, dbound)  # the update check reads these bounds, no scan
+            return StepResult(list(new), -members[0][0].get("lr", ctx.lr))
         alphas: list[float] = [0.0] * n
         dbound: list[float] = [0.0] * n
         for (group, idx), plan in zip(members, plans):
@@ -107,9 +113,7 @@ class DirectSolver(Solver):
             a = -group.get("lr", ctx.lr)
             for i in idx:
                 alphas[i] = a
-        ledger.remember(out, dbound)  # the update check reads these bounds, no scan
-        if len(members) == 1:
-            return StepResult(out, alphas[0] if out else -ctx.lr)
+        ledger.remember(out, dbound)
         return StepResult(out, -ctx.lr, alphas=alphas)
 
     def _settings(self, group: dict) -> tuple[float, float, float, bool]:
@@ -191,18 +195,22 @@ class DirectSolver(Solver):
             return d, plan["dmax"]
         bufs, bounds = self.state["momentum_buffer"], self._bounds
         aside = plan["aside"]
-        # SGD: the first step of a buffer copies d, later steps blend into it
-        old = [j for j, i in enumerate(idx) if bufs[i] is not None and j not in aside]
-        if old:
-            b = [bufs[idx[j]] for j in old]
-            torch._foreach_mul_(b, momentum)
-            torch._foreach_add_(b, [d[j] for j in old], alpha=1 - plan["dampening"])
-        for j, cand in aside.items():
-            bufs[idx[j]].copy_(cand)
-        for j, i in enumerate(idx):
-            if bufs[i] is None:
-                bufs[i] = torch.clone(d[j]).detach()
         b_all = [bufs[i] for i in idx]
+        # SGD: the first step of a buffer copies d, later steps blend into it
+        if not aside and not any(map(operator.is_, b_all, itertools.repeat(None))):
+            torch._foreach_mul_(b_all, momentum)  # every buffer in place: the common case
+            torch._foreach_add_(b_all, d, alpha=1 - plan["dampening"])
+        else:
+            old = [j for j, b in enumerate(b_all) if b is not None and j not in aside]
+            if old:
+                b = [b_all[j] for j in old]
+                torch._foreach_mul_(b, momentum)
+                torch._foreach_add_(b, [d[j] for j in old], alpha=1 - plan["dampening"])
+            for j, cand in aside.items():
+                b_all[j].copy_(cand)
+            for j, i in enumerate(idx):
+                if bufs[i] is None:
+                    bufs[i] = b_all[j] = torch.clone(d[j]).detach()
         try:
             versions = [b._version for b in b_all]
         except RuntimeError:  # an inference tensor has no version counter: rescanned
