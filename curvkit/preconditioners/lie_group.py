@@ -9,6 +9,12 @@ damped factors, SINGD keeps two structured factors K (d_K×d_K) and C (d_out×d_
 
 and moves them multiplicatively on a matrix Lie group, so they stay invertible and
 structured without a single inversion or decomposition (it runs in bfloat16).
+
+Over 500 lines because SINGD's update and its state guard are one piece: the update is
+computed layer by layer and each layer's new K, C, m_K, m_C are checked and written into
+the existing tensors before the next layer is computed (no copy of the whole state is
+held, see ``guards_state``), so the per-layer step, the fallback's update and the commit
+share their bookkeeping; the structures themselves live in :mod:`curvkit.structures`.
 """
 
 from __future__ import annotations
