@@ -39,8 +39,11 @@ def _remove(handles: list[Any]) -> None:
         h.remove()
 
 
-class _Suspended:
-    __slots__ = ("_capture", "_taken", "_was")
+class _Paused:
+    """The capture paused inside (nothing recorded): curvkit's own model calls are not the
+    caller's pass. A class, not a generator-based context manager: a step enters it twice."""
+
+    __slots__ = ("_capture", "_was")
 
     def __init__(self, capture: PassCapture) -> None:
         self._capture = capture
@@ -48,6 +51,20 @@ class _Suspended:
     def __enter__(self) -> None:
         cap = self._capture
         self._was, cap.paused = cap.paused, True
+
+    def __exit__(self, *exc: object) -> None:
+        self._capture.paused = self._was
+
+
+class _Suspended(_Paused):
+    """Paused, and each hook alone in its dict taken off for the block (see
+    :meth:`PassCapture.suspended`)."""
+
+    __slots__ = ("_taken",)
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        cap = self._capture
         self._taken = taken = []
         for hooks, key, hook in cap._hooks:
             if len(hooks) == 1 and key in hooks:
@@ -59,7 +76,7 @@ class _Suspended:
             hooks[key] = hook
             if len(hooks) > 1:  # one registered meanwhile: ours came first
                 hooks.move_to_end(key, last=False)
-        self._capture.paused = self._was
+        super().__exit__()
 
 
 class PassCapture:
@@ -155,6 +172,10 @@ class PassCapture:
             h.remove()
         self._handles.clear()
         self._hooks.clear()
+
+    def pausing(self) -> _Paused:
+        """A context in which nothing is recorded (curvkit's own passes)."""
+        return _Paused(self)
 
     def suspended(self) -> _Suspended:
         """A context for curvkit's own pass: paused (nothing recorded), and each hook that

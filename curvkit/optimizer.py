@@ -9,7 +9,6 @@ alone (parameter groups, capture, finite ledger, work) are their own modules.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import operator
@@ -32,7 +31,7 @@ from curvkit.param_groups import (
     groups_from_rules,
     groups_from_user,
 )
-from curvkit.params import FiniteLedger, all_finite, max_abs, trainable
+from curvkit.params import FLOAT_LIMITS, FiniteLedger, all_finite, float_limits, max_abs, trainable
 from curvkit.preconditioners.base import Preconditioner
 from curvkit.solvers.base import StepContext
 
@@ -206,9 +205,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             return self._take_step(batch, loss, grads, start)
 
     # ------------------------------------------------------------------ torch.optim style
-    def _paused(self) -> _Paused:
+    def _paused(self) -> Any:
         """curvkit's own model calls are not the caller's pass."""
-        return _Paused(self._capture)
+        return self._capture.pausing()
 
     def _open_observation(self, X: Any) -> None:
         """At the start of the caller's pass: record the estimator's statistics from it if
@@ -331,12 +330,8 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                           estimator=self.estimator, preconditioner=self.preconditioner,
                           lr=groups[0]["lr"], step=step, finite=finite,
                           groups=groups, group_of=self._group_of)
-        cap = self._capture
-        was, cap.paused = cap.paused, True  # the solver's passes are not the caller's
-        try:
+        with self._paused():  # the solver's passes are not the caller's
             result = self.solver.step(ctx)
-        finally:
-            cap.paused = was
         self.estimator.advance()
         info.update(result.info)
         info["evaluations"] = ctx.evaluations
@@ -450,22 +445,6 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                              "(NaN or inf); refusing to load it")
 
 
-class _Paused:
-    """curvkit's own model calls are not the caller's pass: the capture is paused inside
-    (a class, not a generator-based context manager: it is entered twice per step)."""
-
-    __slots__ = ("_capture", "_was")
-
-    def __init__(self, capture: PassCapture) -> None:
-        self._capture = capture
-
-    def __enter__(self) -> None:
-        self._was, self._capture.paused = self._capture.paused, True
-
-    def __exit__(self, *exc: object) -> None:
-        self._capture.paused = self._was
-
-
 def _construct(choice: PartChoice, **context: Any) -> Any:
     """Instantiate a configured part; a model it cannot handle is reported at its config path."""
     try:
@@ -536,16 +515,14 @@ def _headroom(p: Tensor) -> float:
                                       else math.inf)
 
 
-@functools.cache
 def _limits(dtype: torch.dtype) -> tuple[float, float]:
     """The largest finite value F of ``dtype`` and a step size that cannot carry a finite
     value past it (F·eps/16: an eighth of half the spacing of the floats at F)."""
-    info = torch.finfo(dtype)
-    return info.max, info.max * info.eps / 16
+    top, eps = float_limits(dtype)
+    return top, top * eps / 16
 
 
-_HEADROOM = {dt: _limits(dt)[1] for dt in (torch.float32, torch.float64, torch.float16,
-                                          torch.bfloat16)}
+_HEADROOM = {dt: top * eps / 16 for dt, (top, eps) in FLOAT_LIMITS.items()}
 
 
 def _state_finite(state: Any) -> bool:

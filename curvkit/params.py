@@ -87,9 +87,19 @@ def _version(t: Tensor) -> int | None:
         return None
 
 
-@functools.cache
+#: (largest finite value F, machine epsilon) of the floating dtypes, looked up on the step's
+#: hot path by the finite checks here, the momentum bounds and the update check
+FLOAT_LIMITS = {dt: (torch.finfo(dt).max, torch.finfo(dt).eps)
+                for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
 def float_limits(dtype: torch.dtype) -> tuple[float, float]:
     """The largest finite value F of a floating ``dtype`` and its machine epsilon."""
+    return FLOAT_LIMITS.get(dtype) or _finfo_limits(dtype)
+
+
+@functools.cache
+def _finfo_limits(dtype: torch.dtype) -> tuple[float, float]:
     info = torch.finfo(dtype)
     return info.max, info.eps
 
@@ -137,8 +147,7 @@ def max_abs(tensors: Sequence[Tensor]) -> list[float] | None:
 
 _NORMED = (torch.float32, torch.float64)
 # the largest finite value of each float dtype (-1: no bound proves another dtype finite)
-_TOP = {dt: torch.finfo(dt).max for dt in (torch.float32, torch.float64, torch.float16,
-                                          torch.bfloat16)}
+_TOP = {dt: top for dt, (top, _) in FLOAT_LIMITS.items()}
 # sqrt of float32's smallest normal: what squares lost to underflow can hide of an entry
 _UNDERFLOW = math.sqrt(torch.finfo(torch.float32).tiny)
 

@@ -83,9 +83,7 @@ def psd_inverse(matrix: Tensor, damping: float, method: str, negative: str,
     if check_finite and not bool(torch.isfinite(matrix).all()):
         return nan_like(matrix), False
     if method == "cholesky":
-        damped = matrix.clone()
-        damped.diagonal().add_(damping)  # M + δI without forming an n × n identity
-        L, info = torch.linalg.cholesky_ex(damped)
+        L, info = torch.linalg.cholesky_ex(damped_copy(matrix, damping))
         if int(info) == 0:
             return torch.cholesky_inverse(L), False
     elif method != "eigh":
@@ -93,3 +91,10 @@ def psd_inverse(matrix: Tensor, damping: float, method: str, negative: str,
     evals, evecs = torch.linalg.eigh(matrix)
     scale = 1.0 / (rectify(evals, negative) + damping)
     return (evecs * scale) @ evecs.T, True
+
+
+def damped_copy(matrix: Tensor, damping: float) -> Tensor:
+    """M + δI as a new matrix, δ added on the diagonal of a copy (no n × n identity)."""
+    out = matrix.clone()
+    out.diagonal().add_(damping)
+    return out

@@ -18,6 +18,7 @@ from curvkit.parts import KRONECKER
 from curvkit.preconditioners._layerwise import LayerwiseKronecker
 from curvkit.preconditioners._running import (
     blend,
+    damped_copy,
     ema_weight,
     nan_like,
     psd_inverse,
@@ -252,9 +253,7 @@ class KroneckerPreconditioner(LayerwiseKronecker):
             n = X.shape[0]
             if factor_form and o.inverse == "cholesky" and (
                     solve_all or (n >= 256 and n >= 4 * other.shape[0])):
-                damped = X.clone()
-                damped.diagonal().add_(damp)  # X + damp·I without an n × n identity
-                L, info = torch.linalg.cholesky_ex(damped)
+                L, info = torch.linalg.cholesky_ex(damped_copy(X, damp))
                 if int(info) == 0:
                     res["L" + key] = L
                     continue

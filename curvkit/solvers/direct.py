@@ -172,7 +172,7 @@ class DirectSolver(Solver):
                 if b is None:
                     new.append(g)
                     continue
-                top, eps = _LIMITS.get(b.dtype) or float_limits(b.dtype)
+                top, eps = float_limits(b.dtype)
                 bound = (momentum * bounds[i][2] + keep * g) * (1 + 4 * eps)  # type: ignore[index]
                 if not bound <= top:  # might overflow in place: compute aside and look
                     with torch.no_grad():
@@ -222,10 +222,6 @@ class DirectSolver(Solver):
         nd = list(torch._foreach_add(d, b_all, alpha=momentum))
         return nd, [(g + momentum * bound) * (1 + 4 * float_limits(t.dtype)[1])
                     for t, g, bound in zip(nd, plan["dmax"], plan["bound"])]
-
-
-_LIMITS = {dt: float_limits(dt) for dt in (torch.float32, torch.float64, torch.float16,
-                                           torch.bfloat16)}
 
 
 def _nonfinite(direction: list[Tensor], lr: float) -> StepResult:

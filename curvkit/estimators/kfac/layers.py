@@ -66,7 +66,8 @@ class KFACLayer:
     group: str = ""
     # the model's code shows that the parameters are used by these modules' own stock
     # forward only (:func:`_plain_uses`): the capture's weight-gradient check is skipped for
-    # the layer as long as no forward hook could change the recorded output (``checked``)
+    # the layer as long as no forward hook could change the recorded output
+    # (``capture._needs_check``)
     plain: bool = False
 
     @property
