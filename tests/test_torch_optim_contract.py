@@ -350,3 +350,69 @@ def test_own_pass_sets_the_capture_hooks_aside_and_keeps_the_users():
     loss.backward()
     assert torch.equal(opt.step(), loss.detach())
     assert opt.last_info["loss"] == loss.item()
+
+
+@pytest.mark.parametrize("style", ["batch", "backward", "closure"])
+def test_step_hooks_and_profiler_label_as_torch_optim(style):
+    """The step skips torch.optim's wrapper only where nothing observes it: step pre/post
+    hooks (the optimizer's and the global ones) still run, with torch's arguments (a pre
+    hook may replace them), and a profiler still sees the step's label."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model, loss_fn = make_model(), nn.CrossEntropyLoss()
+    opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
+    (xb, yb), (xb2, yb2) = make_data()[:2]
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        value = loss_fn(model(xb), yb)
+        value.backward()
+        return value
+
+    def call():
+        if style == "batch":
+            return opt.step((xb, yb))
+        if style == "backward":
+            closure()
+            return opt.step()
+        return opt.step(closure=closure)
+
+    handles = [opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o, a, k))),
+               opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o))),
+               register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("gpre", o))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("gpost", o)))]
+    try:
+        call()
+    finally:
+        for h in handles:
+            h.remove()
+    assert [c[0] for c in calls] == ["gpre", "pre", "post", "gpost"]
+    assert all(c[1] is opt for c in calls)
+    assert calls[1][2][0] is opt  # torch's hooks see (optimizer, *args) as args
+    assert opt.counters["steps"] == 1
+
+    # a pre hook may replace the arguments, as with torch.optim
+    if style == "batch":
+        with torch.no_grad():
+            expected, other = loss_fn(model(xb2), yb2), loss_fn(model(xb), yb)
+        assert not torch.equal(expected, other)
+        h = opt.register_step_pre_hook(lambda o, a, k: ((o, (xb2, yb2)), k))
+        try:
+            loss = opt.step((xb, yb))  # the step is taken on the hook's batch
+        finally:
+            h.remove()
+        assert torch.equal(loss, expected)
+
+    # without hooks the step runs as well, and counts the same
+    call()
+    assert opt.counters["steps"] == 2 + (style == "batch")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    names = {e.key for e in prof.key_averages()}
+    assert "Optimizer.step#CurvkitOptimizer.step" in names
