@@ -46,14 +46,16 @@ def hf_models(width: int) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
 def plumbing_row(label: str, model: nn.Module, X: Tensor, y: Tensor, settings: dict,
                  repeats: int, inner: int) -> str:
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
-    loss_fn = nn.CrossEntropyLoss()
+    # one loss module each: the optimizer hooks its own (to see the caller's pass), and
+    # those hooks must not run in SGD's forward
+    loss_fn, ref_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
     opt = curvkit.build_optimizer(ours, loss_fn, {
         "lr": 1e-3, "preconditioner": "identity", "solver": {"name": "direct", **settings}})
     sgd = torch.optim.SGD(ref.parameters(), lr=1e-3, **settings)
 
     def sgd_step() -> None:
         sgd.zero_grad()
-        loss_fn(ref(X), y).backward()
+        ref_loss(ref(X), y).backward()
         sgd.step()
 
     t = interleaved({"curvkit": lambda: opt.step((X, y)), "SGD": sgd_step}, repeats, inner)
@@ -76,14 +78,20 @@ def hf_row(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int,
     est = opt.estimator
     params = [p for p in model.parameters() if p.requires_grad]
     v = [torch.randn_like(p) for p in params]
+    # the reference gradient on a copy without the optimizer's capture hooks (the step's own
+    # gradient pass does not run them either), with its own loss module
+    plain, plain_loss = copy.deepcopy(model), nn.CrossEntropyLoss()
+    plain_params = [p for p in plain.parameters() if p.requires_grad]
 
     def gradient() -> object:
-        return torch.autograd.grad(loss_fn(model(X), y), params)
+        return torch.autograd.grad(plain_loss(plain(X), y), plain_params)
 
     def products_only() -> None:
-        op = est.linearize(batch)
-        for _ in range(products):
-            op.matvec(v)
+        # as inside the step: the capture is paused during the solver's passes
+        with opt._capture.pausing():
+            op = est.linearize(batch)
+            for _ in range(products):
+                op.matvec(v)
 
     def hf_step() -> None:
         opt.step(batch)

@@ -72,11 +72,12 @@ def test_finite_ledger_remembers_a_list_of_bounds():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("where", [0, 1, 2])
+@pytest.mark.parametrize("where", [0, 1, 2, 3])
 def test_ledger_finds_every_nonfinite_entry(bad, where):
     from curvkit.params import magnitude_bounds
 
-    tensors = [torch.randn(4, 3), torch.randn(7, dtype=torch.float64), torch.randn(70000)]
+    tensors = [torch.randn(4, 3), torch.randn(7, dtype=torch.float64), torch.randn(70000),
+               torch.randn(300, 300, dtype=torch.float64)]
     tensors[where].view(-1)[-1] = bad
     assert max_abs(tensors) is None
     assert magnitude_bounds(tensors) is None
@@ -238,6 +239,11 @@ def test_momentum_near_the_limit_still_steps_exactly_as_sgd():
     [torch.ones(3, dtype=torch.float16), torch.tensor([-2.0])],  # float16: exact ends
     [torch.zeros(0), torch.ones(2)],
     [torch.tensor([1, -7]), torch.ones(2)],
+    # large CPU tensors: their sums of squares are BLAS dots (curvkit.params._BLAS_MIN)
+    [torch.randn(300, 300), torch.randn(70000, dtype=torch.float64)],
+    [torch.full((70000,), 3e38), torch.randn(5)],                # squares overflow in BLAS
+    [torch.full((70000,), 1e-25).index_fill_(0, torch.tensor([7]), -3e-20)],  # underflow
+    [torch.randn(400, 300).t(), torch.randn(70000)[::2]],       # strided: torch's norms
 ])
 def test_magnitude_bounds_are_never_below_the_largest_entry(tensors):
     from curvkit.params import magnitude_bounds
