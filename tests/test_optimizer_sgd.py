@@ -140,3 +140,42 @@ def test_parameter_unused_in_forward_gets_zero_gradient():
     opt = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
     opt.step((X, y))
     assert torch.equal(model.unused.weight, before)
+
+
+@pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.3}])
+def test_momentum_buffer_changed_from_outside_is_rescanned(settings):
+    """A buffer changed between steps by someone else (here: scaled up near float32's
+    largest value, then given a NaN) is not trusted to its recorded bound: the step scans
+    it, stays SGD's where SGD's stays finite, and refuses a non-finite buffer."""
+    model, loss_fn, X, y = make_problem()
+    ref = copy.deepcopy(model)
+    opt = curvkit.build_optimizer(model, loss_fn, {
+        "lr": 0.1, "preconditioner": "identity", "solver": {"name": "direct", **settings}})
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, **settings)
+
+    def both(xb, yb):
+        opt.step((xb, yb))
+        sgd.zero_grad()
+        loss_fn(ref(xb), yb).backward()
+        sgd.step()
+
+    data = list(batches(X, y, 6))
+    both(*data[0])
+    both(*data[1])
+    ours = opt.solver.state["momentum_buffer"][0]
+    theirs = sgd.state[ref[0].weight]["momentum_buffer"]
+    with torch.no_grad():  # entries near the limit: the recorded bound no longer holds
+        ours.mul_(1e36)
+        theirs.mul_(1e36)
+    for xb, yb in data[2:4]:
+        both(xb, yb)
+        assert opt.last_info["accepted"] is True
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    with torch.no_grad():  # a NaN put into the buffer: that step is refused
+        ours[0, 0] = float("nan")
+    kept = ours.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(data[4])
+    assert opt.last_info["accepted"] is False and opt.counters["nonfinite"] == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert torch.allclose(ours, kept, rtol=0, atol=0, equal_nan=True)  # buffer unchanged

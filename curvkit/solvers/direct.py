@@ -74,16 +74,23 @@ class DirectSolver(Solver):
     def step(self, ctx: StepContext) -> StepResult:
         direction = ctx.preconditioner.apply(ctx.grads)
         ledger = ctx.finite if isinstance(ctx.finite, FiniteLedger) else FiniteLedger()
-        if ledger.max_abs(direction) is None:
+        dmax = ledger.max_abs(direction)
+        if dmax is None:
             # checked before the momentum buffers absorb it
             return _nonfinite(direction, ctx.lr)
         groups = ctx.groups
         if not groups or len(groups) == 1:
             group = groups[0] if groups else {"lr": ctx.lr}
-            momentum, _, weight_decay, _ = self._settings(group)
-            if not momentum and not weight_decay:
-                # the direction itself, at the group's lr (what SGD then applies)
-                return StepResult(list(direction), -group.get("lr", ctx.lr))
+            momentum, dampening, weight_decay, nesterov = self._settings(group)
+            if not weight_decay:
+                if not momentum:
+                    # the direction itself, at the group's lr (what SGD then applies)
+                    return StepResult(list(direction), -group.get("lr", ctx.lr))
+                if not nesterov:
+                    bufs = self._momentum_in_place(direction, dmax, momentum, dampening,
+                                                   ledger)
+                    if bufs is not None:
+                        return StepResult(bufs, -group.get("lr", ctx.lr))
         members = ctx.group_members()
         settings = [self._settings(group) for group, _ in members]
         out = list(direction)
@@ -115,6 +122,34 @@ class DirectSolver(Solver):
                 alphas[i] = a
         ledger.remember(out, dbound)
         return StepResult(out, -ctx.lr, alphas=alphas)
+
+    def _momentum_in_place(self, direction: list[Tensor], dmax: list[float],
+                           momentum: float, dampening: float,
+                           ledger: FiniteLedger) -> list[Tensor] | None:
+        """The common case of one group in one pass: every buffer exists and is as this
+        solver left it (its bound holds), and no new bound reaches its dtype's largest
+        value; then ``b ← momentum·b + (1 − dampening)·d`` in place, as :meth:`_apply`
+        does, and the new bounds are recorded. None (nothing changed): the general path."""
+        bufs, bounds = self.state["momentum_buffer"], self._bounds
+        if len(bufs) != len(direction) or len(bounds) != len(bufs):
+            return None
+        keep = abs(1 - dampening)
+        new = []
+        try:
+            for b, rec, g in zip(bufs, bounds, dmax):
+                if rec is None or rec[0] is not b or rec[1] != b._version:
+                    return None
+                bound = _next_bound(rec[2], g, momentum, keep, b.dtype)
+                if not bound <= float_limits(b.dtype)[0]:
+                    return None
+                new.append(bound)
+        except RuntimeError:  # an inference tensor has no version counter
+            return None
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, list(direction), alpha=1 - dampening)
+        self._bounds = [(b, b._version, m) for b, m in zip(bufs, new)]
+        ledger.remember(bufs, new)  # the update check reads these bounds, no scan
+        return list(bufs)
 
     def _settings(self, group: dict) -> tuple[float, float, float, bool]:
         """(momentum, dampening, weight_decay, nesterov) of a group; options missing from
@@ -172,9 +207,9 @@ class DirectSolver(Solver):
                 if b is None:
                     new.append(g)
                     continue
-                top, eps = float_limits(b.dtype)
-                bound = (momentum * bounds[i][2] + keep * g) * (1 + 4 * eps)  # type: ignore[index]
-                if not bound <= top:  # might overflow in place: compute aside and look
+                bound = _next_bound(bounds[i][2], g, momentum, keep, b.dtype)  # type: ignore[index]
+                if not bound <= float_limits(b.dtype)[0]:
+                    # might overflow in place: compute aside and look
                     with torch.no_grad():
                         cand = torch.mul(b, momentum).add_(plan["d"][j],
                                                            alpha=1 - plan["dampening"])
@@ -222,6 +257,14 @@ class DirectSolver(Solver):
         nd = list(torch._foreach_add(d, b_all, alpha=momentum))
         return nd, [(g + momentum * bound) * (1 + 4 * float_limits(t.dtype)[1])
                     for t, g, bound in zip(nd, plan["dmax"], plan["bound"])]
+
+
+def _next_bound(bound: float, dmax: float, momentum: float, keep: float,
+                dtype: torch.dtype) -> float:
+    """A bound of ``max |momentum·b + (1 − dampening)·d|`` from bounds of ``max |b|`` and
+    ``max |d|`` (``keep`` = |1 − dampening|), the rounding of the scalars and of the two
+    operations included."""
+    return (momentum * bound + keep * dmax) * (1 + 4 * float_limits(dtype)[1])
 
 
 def _nonfinite(direction: list[Tensor], lr: float) -> StepResult:
