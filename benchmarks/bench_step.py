@@ -1,8 +1,8 @@
 """The cost of curvkit's own step machinery: identity + direct against ``torch.optim.SGD``,
 and a Hessian-free step against the products and gradients it is made of.
 
-Run:  python benchmarks/bench_step.py [--repeats 15] [--threads 1] [--part all|plumbing|hf]
-      [--out FILE]
+Run:  python benchmarks/bench_step.py [--repeats 15] [--plumbing-repeats N] [--blocks 8]
+      [--threads 1] [--part all|plumbing|hf] [--out FILE]
 
 In one process, float32, CPU, contenders interleaved in every round (one round = each
 contender once, ``--inner`` calls averaged), ratios taken within a round and reported as
@@ -11,7 +11,8 @@ the median with the min–max over the rounds:
 - **plumbing**: ``identity`` + ``direct`` (``opt.step(batch)``: forward, backward, the
   non-finite checks, the update) against ``torch.optim.SGD`` (zero_grad, forward,
   backward, ``step``), plain and with momentum 0.9; both move the same parameters bitwise
-  (tests/test_optimizer_sgd.py);
+  (tests/test_optimizer_sgd.py); the rounds run in blocks, each on fresh copies of the
+  model with the two sides' order swapped;
 - **Hessian-free**: ``ggn`` + ``identity`` + ``trust_region`` with exactly 10 CG products
   per step (``max_iters = 10``, ``cg_tol = 0``, a radius CG never reaches) against what the
   step must compute anyway: ``linearize(batch)`` and 10 products ``op.matvec(v)``, plus 2
@@ -44,26 +45,40 @@ def hf_models(width: int) -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
 
 
 def plumbing_row(label: str, model: nn.Module, X: Tensor, y: Tensor, settings: dict,
-                 repeats: int, inner: int) -> str:
-    ours, ref = copy.deepcopy(model), copy.deepcopy(model)
-    # one loss module each: the optimizer hooks its own (to see the caller's pass), and
-    # those hooks must not run in SGD's forward
-    loss_fn, ref_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
-    opt = curvkit.build_optimizer(ours, loss_fn, {
-        "lr": 1e-3, "preconditioner": "identity", "solver": {"name": "direct", **settings}})
-    sgd = torch.optim.SGD(ref.parameters(), lr=1e-3, **settings)
+                 repeats: int, inner: int, blocks: int) -> str:
+    """``repeats`` interleaved rounds in ``blocks`` blocks, each on fresh copies of the model
+    for both sides (where the copies land in memory moved one whole run's ratio by up to
+    ±0.4 %: over several placements it averages out) and with the order of the two sides
+    swapped from block to block."""
+    times: dict[str, list[float]] = {"curvkit": [], "SGD": []}
+    per = max(1, -(-repeats // blocks))
+    for block in range(blocks):
+        ours, ref = copy.deepcopy(model), copy.deepcopy(model)
+        # one loss module each: the optimizer hooks its own (to see the caller's pass), and
+        # those hooks must not run in SGD's forward
+        loss_fn, ref_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+        opt = curvkit.build_optimizer(ours, loss_fn, {
+            "lr": 1e-3, "preconditioner": "identity",
+            "solver": {"name": "direct", **settings}})
+        sgd = torch.optim.SGD(ref.parameters(), lr=1e-3, **settings)
 
-    def sgd_step() -> None:
-        sgd.zero_grad()
-        ref_loss(ref(X), y).backward()
-        sgd.step()
+        def sgd_step(sgd: torch.optim.SGD = sgd, ref: nn.Module = ref,
+                     ref_loss: nn.Module = ref_loss) -> None:
+            sgd.zero_grad()
+            ref_loss(ref(X), y).backward()
+            sgd.step()
 
-    t = interleaved({"curvkit": lambda: opt.step((X, y)), "SGD": sgd_step}, repeats, inner)
-    for p, q in zip(ours.parameters(), ref.parameters()):
-        assert torch.equal(p, q), "identity + direct left torch.optim.SGD"
+        sides = {"curvkit": lambda opt=opt: opt.step((X, y)), "SGD": sgd_step}
+        if block % 2:
+            sides = dict(reversed(sides.items()))
+        t = interleaved(sides, per, inner)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert torch.equal(p, q), "identity + direct left torch.optim.SGD"
+        for k in times:
+            times[k] += t[k]
     name = "SGD" + (" (momentum 0.9)" if settings else "")
-    return (f"| {label} | identity + direct vs {name} | {ms(t['curvkit'])} | {ms(t['SGD'])} | "
-            f"{fmt(ratio(t, 'curvkit', 'SGD'), 3)} | ≤ 1.02× |")
+    return (f"| {label} | identity + direct vs {name} | {ms(times['curvkit'])} | "
+            f"{ms(times['SGD'])} | {fmt(ratio(times, 'curvkit', 'SGD'), 3)} | ≤ 1.02× |")
 
 
 def hf_row(label: str, model: nn.Module, X: Tensor, y: Tensor, repeats: int,
@@ -125,11 +140,11 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def plumbing(repeats: int, inner: int) -> list[str]:
+def plumbing(repeats: int, inner: int, blocks: int) -> list[str]:
     rows = []
     for label, (model, X, y) in models((784, 1024, 1024), nn.ReLU).items():
         for settings in ({}, {"momentum": 0.9}):
-            rows.append(plumbing_row(label, model, X, y, settings, repeats, inner))
+            rows.append(plumbing_row(label, model, X, y, settings, repeats, inner, blocks))
             print(rows[-1], flush=True)
     return rows
 
@@ -146,6 +161,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--inner", type=int, default=5, help="plumbing steps per round")
+    ap.add_argument("--plumbing-repeats", type=int, default=0,
+                    help="plumbing rounds (default: 4 × --repeats; a plumbing round is "
+                         "cheap and its ratio is a few tenths of a percent from the target)")
+    ap.add_argument("--blocks", type=int, default=8,
+                    help="plumbing: fresh model copies this many times over the rounds")
     ap.add_argument("--width", type=int, default=2048, help="Hessian-free MLP width")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--part", choices=("all", "plumbing", "hf"), default="all",
@@ -157,8 +177,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kept = not args.system_allocator and keep_freed_memory()
     lines = header("Benchmark: the step's own cost", "bench_step.py",
-                   f"{args.repeats} interleaved rounds (plumbing: {args.inner} steps per "
-                   "round, averaged), float32, CrossEntropyLoss (mean); the ratio is taken "
+                   f"{args.repeats} interleaved rounds (plumbing: "
+                   f"{args.plumbing_repeats or 4 * args.repeats} rounds of {args.inner} "
+                   f"steps, averaged, in {args.blocks} blocks on fresh model copies with "
+                   "the two sides' order swapped between blocks), float32, "
+                   "CrossEntropyLoss (mean); the ratio is taken "
                    "within each round: median (min–max over the rounds). Times in ms, "
                    "median (min–max). " + (
                        "glibc's malloc keeps the memory it frees (mallopt: no trimming, no "
@@ -170,7 +193,7 @@ def main() -> None:
     lines += ["| model | comparison | curvkit (ms) | reference (ms) | ratio | target |",
               "|---|---|---:|---:|---:|---|"]
     if args.part in ("all", "plumbing"):
-        lines += plumbing(args.repeats, args.inner)
+        lines += plumbing(args.plumbing_repeats or 4 * args.repeats, args.inner, args.blocks)
     if args.part in ("all", "hf"):
         lines += hessian_free(args.repeats, args.width)
     lines += [
