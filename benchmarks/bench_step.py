@@ -198,20 +198,24 @@ def main() -> None:
         lines += hessian_free(args.repeats, args.width)
     lines += [
         "",
-        "Plumbing: a step checks the gradient for non-finite values in one pass (the "
-        "2-norm of each tensor, one `torch._foreach_norm` call, exact ends where a square "
-        "overflows; the loss is checked as the number it is read as anyway), which also "
-        "bounds max|d|: the bound on the applied update lr·d "
-        "then needs no read of the parameters unless |lr|·max|d| comes near the dtype's "
-        "largest value. A tensor that passes unchanged to the update (the gradient "
-        "through identity + direct) is not scanned again (`curvkit.params.FiniteLedger`). "
-        "With momentum the buffer is not scanned either: it carries a bound of its "
-        "largest magnitude, momentum·B + (1 − dampening)·max|d| (rounding included), and "
-        "is only computed aside and scanned when that bound reaches the dtype's largest "
-        "value (`curvkit/solvers/direct.py`). The update is one `torch._foreach_add_` "
-        "over all parameters; the optimizer's own forward takes torch's hook-free call "
-        "path (the capture hooks for `loss.backward(); opt.step()` are set aside during "
-        "it).",
+        "Plumbing: a step checks the gradient for non-finite values in one read (its sum "
+        "of squares per tensor: BLAS's dot for large CPU tensors, one "
+        "`torch._foreach_norm` call for the rest; exact ends where a square overflows; "
+        "the loss is checked as the number it is read as anyway), which also bounds "
+        "max|d|: the bound on the applied update lr·d then needs no read of the "
+        "parameters unless |lr|·max|d| comes near the dtype's largest value. A tensor "
+        "that passes unchanged to the update (the gradient through identity + direct) is "
+        "not scanned again (`curvkit.params.FiniteLedger`). With momentum the buffer is "
+        "not scanned either: it carries a bound of its largest magnitude, "
+        "momentum·B + (1 − dampening)·max|d| (rounding included), and is only computed "
+        "aside and scanned when that bound reaches the dtype's largest value "
+        "(`curvkit/solvers/direct.py`). The update is one `torch._foreach_add_` over all "
+        "parameters; the optimizer's own forward takes torch's hook-free call path (the "
+        "capture hooks for `loss.backward(); opt.step()` are set aside during it); "
+        "torch.optim's step wrapper (a `record_function` scope for the profiler, step "
+        "hooks) is taken only while a profiler records or a step hook is registered. SGD "
+        "reads the gradient once (in its update), curvkit twice: that read is most of "
+        "what the ratio shows on the MLP.",
         "",
         "Hessian-free: reference = `linearize(batch)` + 10 × `op.matvec(v)` + 2 gradients, "
         "timed in the same round. Per CG iteration the solver adds two dots and three "
