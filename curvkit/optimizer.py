@@ -166,9 +166,9 @@ class CurvkitOptimizer(torch.optim.Optimizer):
 
         torch.optim's step wrapper (profiler label, step pre/post hooks) is taken whenever
         it can be seen: while a profiler records, or with a hook registered; otherwise the
-        step runs without it. Its ``record_function`` scope costs an SGD-sized step ~1 %
-        when nothing records (measured in ``benchmarks/bench_step.py``), and
-        torch.optim.SGD opens two per step (``zero_grad`` and ``step``)."""
+        step runs without it. Its ``record_function`` scope costs time even when nothing
+        records (a measurable share of a small model's step: ``benchmarks/bench_step.py``),
+        and torch.optim.SGD opens two per step (``zero_grad`` and ``step``)."""
         if (_profiler_enabled() or self._optimizer_step_pre_hooks
                 or self._optimizer_step_post_hooks or _GLOBAL_STEP_HOOKS[0]
                 or _GLOBAL_STEP_HOOKS[1]):

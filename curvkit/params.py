@@ -154,9 +154,9 @@ _ROUNDING = {dt: 1 + 4 * FLOAT_LIMITS[dt][1] for dt in _NORMED}
 # sqrt of float32's smallest normal: what squares lost to underflow can hide of an entry
 _UNDERFLOW = math.sqrt(torch.finfo(torch.float32).tiny)
 # from this many entries on, a CPU tensor's sum of squares is BLAS's dot (numpy's) rather
-# than torch's norm kernel: 1.2 vs 1.7 % of an SGD step on bench_step's MLP right after
-# the backward (the same read of the gradient; torch's kernel does more per entry); below
-# it the conversion costs more than it saves
+# than torch's norm kernel: the same one read of the gradient, with less work per entry
+# (the figures: docs/benchmarks.md, the plumbing rows); below it the conversion to a numpy
+# view costs more than it saves
 _BLAS_MIN = 1 << 15
 
 
