@@ -463,9 +463,13 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                              "(NaN or inf); refusing to load it")
 
 
+def _plain_step(self: CurvkitOptimizer, *args: Any, **kwargs: Any) -> Tensor | None:
+    return self._step(*args, **kwargs)  # looked up on the instance: a subclass's _step
+
+
 # torch.optim's step wrapper around the plain step, and the registries of the global
 # step hooks it calls (register_optimizer_step_pre_hook / _post_hook)
-_TORCH_STEP = torch.optim.Optimizer.profile_hook_step(CurvkitOptimizer._step)
+_TORCH_STEP = torch.optim.Optimizer.profile_hook_step(_plain_step)
 _GLOBAL_STEP_HOOKS = (_torch_optimizer._global_optimizer_pre_hooks,
                       _torch_optimizer._global_optimizer_post_hooks)
 _profiler_enabled = torch._C._autograd._profiler_enabled

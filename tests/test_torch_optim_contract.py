@@ -416,3 +416,26 @@ def test_step_hooks_and_profiler_label_as_torch_optim(style):
         call()
     names = {e.key for e in prof.key_averages()}
     assert "Optimizer.step#CurvkitOptimizer.step" in names
+
+
+def test_a_subclass_step_is_the_same_with_and_without_hooks():
+    """A subclass overriding ``_step`` gets it called on both paths (with a step hook, where
+    torch.optim's wrapper is taken, and without)."""
+    from curvkit.optimizer import CurvkitOptimizer
+
+    calls = []
+
+    class Counting(CurvkitOptimizer):
+        def _step(self, *args, **kwargs):
+            calls.append(len(args))
+            return super()._step(*args, **kwargs)
+
+    model, loss_fn = make_model(), nn.CrossEntropyLoss()
+    ref = curvkit.build_optimizer(model, loss_fn, {"lr": 0.1})
+    opt = Counting(model, loss_fn, ref.config)
+    batch = make_data()[0]
+    opt.step(batch)
+    h = opt.register_step_post_hook(lambda o, a, k: None)
+    opt.step(batch)
+    h.remove()
+    assert calls == [1, 1] and opt.counters["steps"] == 2
