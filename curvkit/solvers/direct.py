@@ -254,16 +254,17 @@ class DirectSolver(Solver):
             bounds[i] = (b, v, bound)
         if not plan["nesterov"]:
             return b_all, plan["bound"]
+        # d + momentum·b: the same bound as the buffer's recursion, with the weight 1 on d
         nd = list(torch._foreach_add(d, b_all, alpha=momentum))
-        return nd, [(g + momentum * bound) * (1 + 4 * float_limits(t.dtype)[1])
+        return nd, [_next_bound(bound, g, momentum, 1.0, t.dtype)
                     for t, g, bound in zip(nd, plan["dmax"], plan["bound"])]
 
 
 def _next_bound(bound: float, dmax: float, momentum: float, keep: float,
                 dtype: torch.dtype) -> float:
-    """A bound of ``max |momentum·b + (1 − dampening)·d|`` from bounds of ``max |b|`` and
-    ``max |d|`` (``keep`` = |1 − dampening|), the rounding of the scalars and of the two
-    operations included."""
+    """A bound of ``max |momentum·b + keep·d|`` from bounds of ``max |b|`` and ``max |d|``
+    (the buffer's recursion: ``keep`` = |1 − dampening|; Nesterov's d + momentum·b:
+    ``keep`` = 1), the rounding of the scalars and of the two operations included."""
     return (momentum * bound + keep * dmax) * (1 + 4 * float_limits(dtype)[1])
 
 
