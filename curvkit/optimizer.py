@@ -2,8 +2,9 @@
 
 Over 500 lines because the step's guarantees live in one place: the non-finite checks of
 the loss, gradient, direction and applied update, the rollback of every part's state, the
-work count and the torch.optim call styles all wrap the same step; the pieces that stand
-alone (parameter groups, capture, finite ledger, work) are their own modules.
+work count and the torch.optim call styles (and hooks) all wrap the same step; the pieces
+that stand alone (parameter groups, capture, the finite checks in :mod:`curvkit.params`,
+work) are their own modules.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from curvkit.param_groups import (
     groups_from_rules,
     groups_from_user,
 )
-from curvkit.params import FLOAT_LIMITS, FiniteLedger, all_finite, float_limits, max_abs, trainable
+from curvkit.params import FiniteLedger, state_finite, trainable, update_finite
 from curvkit.preconditioners.base import Preconditioner
 from curvkit.solvers.base import StepContext
 
@@ -331,7 +332,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             snapshot = None if guarded else self.preconditioner.state_dict()
             with self._paused():
                 kept = self.preconditioner.update(self.estimator, batch, grads)
-            if kept if guarded else not _state_finite(self.preconditioner.state):
+            if kept if guarded else not state_finite(self.preconditioner.state):
                 if snapshot is not None:
                     self.preconditioner.load_state_dict(snapshot)
                 self.estimator.advance()
@@ -359,7 +360,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
             dmax = finite.max_abs(result.direction)
             if dmax is None:
                 return self._skip(loss, info, "step")
-            if not _update_finite(dmax, result.alpha, result.alphas, self._params,
+            if not update_finite(dmax, result.alpha, result.alphas, self._params,
                                   result.direction):
                 # a finite direction times a NaN or huge lr (set through param_groups,
                 # which no config check sees) must not reach the parameters either
@@ -457,7 +458,7 @@ class CurvkitOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"checkpoint: parameter {name!r} is {dtype2} "
                                      f"{list(shape2)} in the checkpoint but {dtype} "
                                      f"{list(shape)} in the model")
-        if not _state_finite({k: parts[k] for k in ("estimator", "preconditioner",
+        if not state_finite({k: parts[k] for k in ("estimator", "preconditioner",
                                                        "solver", "counters")}):
             raise ValueError("checkpoint: the curvkit state holds a non-finite number "
                              "(NaN or inf); refusing to load it")
@@ -492,92 +493,6 @@ def _param_signature(names: list[str], params: list[Tensor]) -> list[tuple[str, 
     """(name, shape, dtype) of each parameter: what a checkpoint must match."""
     return [(n, list(p.shape), str(p.dtype).removeprefix("torch.")) for n, p in
             zip(names, params)]
-
-
-def _update_finite(dmax: list[float], alpha: float, alphas: list[float] | None,
-                   params: list[Tensor], direction: list[Tensor]) -> bool:
-    """True if θ + α·d stays finite in each parameter's dtype, given ``dmax >= max|d|`` of
-    a finite direction (from the step's ledger: the direction's own finite check, or the
-    bound the momentum recursion carries); α is ``alpha``, or ``alphas[i]`` per parameter.
-
-    Round to nearest cannot carry a finite θ past the dtype's largest value F when
-    |α|·max|d| is below half the spacing of the floats at F (≈ F·eps/4): then the bound
-    needs no read of θ (identity + direct reads the gradient once per step, as SGD does
-    for its update). Larger steps take the exact bound max|θ| + |α|·max|d| ≤ F (a read of
-    those parameters, and of their directions where ``dmax`` is only a bound). θ itself
-    is not rechecked on the fast path: a parameter that is already NaN or inf was made so
-    by someone else, and its loss is non-finite.
-    """
-    if not dmax:
-        return True
-    if alphas is None:
-        if not math.isfinite(alpha):
-            return False
-        biggest = abs(alpha)
-    else:
-        if not all(map(math.isfinite, alphas)):
-            return False
-        biggest = max(map(abs, alphas))
-    # the common case in one comparison: the largest step against the smallest headroom
-    if biggest * max(dmax) <= min(map(_headroom, params)):
-        return True
-    slow = []
-    for i, (p, m) in enumerate(zip(params, dmax)):
-        size = abs(alpha if alphas is None else alphas[i]) * m
-        if size > _headroom(p):
-            slow.append(i)
-    if not slow:
-        return True
-    exact = max_abs([direction[i] for i in slow])
-    if exact is None:
-        return False
-    pmax = torch.stack([params[i].detach().abs().amax().double() for i in slow]).tolist()
-    return all(math.isfinite(m)
-               and m + abs(alpha if alphas is None else alphas[i]) * e
-               <= _limits(params[i].dtype)[0]
-               for i, m, e in zip(slow, pmax, exact))
-
-
-def _headroom(p: Tensor) -> float:
-    """The step size that cannot carry a finite entry of ``p`` past its largest value
-    (infinite for a non-floating parameter, which no step changes)."""
-    return _HEADROOM.get(p.dtype) or (_limits(p.dtype)[1] if p.is_floating_point()
-                                      else math.inf)
-
-
-def _limits(dtype: torch.dtype) -> tuple[float, float]:
-    """The largest finite value F of ``dtype`` and a step size that cannot carry a finite
-    value past it (F·eps/16: an eighth of half the spacing of the floats at F)."""
-    top, eps = float_limits(dtype)
-    return top, top * eps / 16
-
-
-_HEADROOM = {dt: top * eps / 16 for dt, (top, eps) in FLOAT_LIMITS.items()}
-
-
-def _state_finite(state: Any) -> bool:
-    """True if every float and floating-point tensor in a nested state is finite (the
-    tensors checked together by :func:`all_finite`: one fused check instead of one
-    element-wise scan and host sync per tensor).
-
-    An explicit stack, not a recursive closure: a nested function that calls itself holds
-    its own cell, and that cycle kept the collected tensors (every replaced statistic of the
-    update) alive until the cycle collector ran, so memory grew with the step count.
-    """
-    tensors: list[Tensor] = []
-    stack = [state]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Tensor):
-            if x.is_floating_point():
-                tensors.append(x)
-        elif isinstance(x, Mapping):
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-        elif isinstance(x, float) and not math.isfinite(x):
-            return False
-    return all_finite(tensors)
 
 
 def _initial_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]],

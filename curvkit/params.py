@@ -1,4 +1,8 @@
-"""Trainable parameters as ordered lists, and conversions between list, flat and module form.
+"""Trainable parameters as ordered lists, and conversions between list, flat and module form;
+and the non-finite checks on them that the step relies on: bounds of each tensor's largest
+magnitude (:func:`max_abs`, :func:`magnitude_bounds`, one :class:`FiniteLedger` per step),
+whether θ + α·d stays finite (:func:`update_finite`), whether a part's state is finite
+(:func:`state_finite`).
 
 Order everywhere in curvkit: ``[p for p in model.parameters() if p.requires_grad]``.
 """
@@ -8,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,7 +116,7 @@ def max_abs(tensors: Sequence[Tensor]) -> list[float] | None:
 
     The least and largest entry of each tensor: exact (no sum that may overflow), and the
     largest magnitude bounds the update ``θ + α·d`` without reading θ
-    (:func:`curvkit.optimizer._update_finite`); NaN propagates through both. One
+    (:func:`update_finite`); NaN propagates through both. One
     ``aminmax`` per tensor (one read): right after the backward pass, on the MLP of
     bench_step, it cost half of ``amin`` + ``amax`` (two reads of gradients that are no
     longer in cache). A float32 sum costs about half but bounds no entry (entries of
@@ -209,9 +214,9 @@ class FiniteLedger:
     """:func:`max_abs` that does not scan a tensor twice in one step.
 
     A tensor found finite is remembered with its version counter (bumped by every in-place
-    operation) and a bound of its largest magnitude (:func:`magnitude_bounds`: the 2-norm
-    for float32/float64, the exact ends otherwise); checked again while it is the same
-    object at the same version, it is not scanned. identity + direct then reads the
+    operation) and a bound of its largest magnitude (:func:`magnitude_bounds`: the root of
+    the sum of squares for float32/float64, the exact ends otherwise); checked again while
+    it is the same object at the same version, it is not scanned. identity + direct then reads the
     gradient once per step: its finite check, the preconditioned direction's and the bound
     on the applied step are one scan. A tensor computed from checked tensors by arithmetic
     whose result is bounded (SGD's momentum recursion, :mod:`curvkit.solvers.direct`) is
@@ -296,3 +301,89 @@ class FiniteLedger:
         for i, m in zip(todo, found):
             out[i] = m
         return out
+
+
+def update_finite(dmax: list[float], alpha: float, alphas: list[float] | None,
+                  params: list[Tensor], direction: list[Tensor]) -> bool:
+    """True if θ + α·d stays finite in each parameter's dtype, given ``dmax >= max|d|`` of
+    a finite direction (from the step's ledger: the direction's own finite check, or the
+    bound the momentum recursion carries); α is ``alpha``, or ``alphas[i]`` per parameter.
+
+    Round to nearest cannot carry a finite θ past the dtype's largest value F when
+    |α|·max|d| is below half the spacing of the floats at F (≈ F·eps/4): then the bound
+    needs no read of θ (identity + direct reads the gradient once per step, as SGD does
+    for its update). Larger steps take the exact bound max|θ| + |α|·max|d| ≤ F (a read of
+    those parameters, and of their directions where ``dmax`` is only a bound). θ itself
+    is not rechecked on the fast path: a parameter that is already NaN or inf was made so
+    by someone else, and its loss is non-finite.
+    """
+    if not dmax:
+        return True
+    if alphas is None:
+        if not math.isfinite(alpha):
+            return False
+        biggest = abs(alpha)
+    else:
+        if not all(map(math.isfinite, alphas)):
+            return False
+        biggest = max(map(abs, alphas))
+    # the common case in one comparison: the largest step against the smallest headroom
+    if biggest * max(dmax) <= min(map(_headroom, params)):
+        return True
+    slow = []
+    for i, (p, m) in enumerate(zip(params, dmax)):
+        size = abs(alpha if alphas is None else alphas[i]) * m
+        if size > _headroom(p):
+            slow.append(i)
+    if not slow:
+        return True
+    exact = max_abs([direction[i] for i in slow])
+    if exact is None:
+        return False
+    pmax = torch.stack([params[i].detach().abs().amax().double() for i in slow]).tolist()
+    return all(math.isfinite(m)
+               and m + abs(alpha if alphas is None else alphas[i]) * e
+               <= _step_limits(params[i].dtype)[0]
+               for i, m, e in zip(slow, pmax, exact))
+
+
+def _headroom(p: Tensor) -> float:
+    """The step size that cannot carry a finite entry of ``p`` past its largest value
+    (infinite for a non-floating parameter, which no step changes)."""
+    return _HEADROOM.get(p.dtype) or (_step_limits(p.dtype)[1] if p.is_floating_point()
+                                      else math.inf)
+
+
+def _step_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """The largest finite value F of ``dtype`` and a step size that cannot carry a finite
+    value past it (F·eps/16: an eighth of half the spacing of the floats at F)."""
+    top, eps = float_limits(dtype)
+    return top, top * eps / 16
+
+
+_HEADROOM = {dt: top * eps / 16 for dt, (top, eps) in FLOAT_LIMITS.items()}
+
+
+def state_finite(state: Any) -> bool:
+    """True if every float and floating-point tensor in a nested state is finite (the
+    tensors checked together by :func:`all_finite`: one fused check instead of one
+    element-wise scan and host sync per tensor).
+
+    An explicit stack, not a recursive closure: a nested function that calls itself holds
+    its own cell, and that cycle kept the collected tensors (every replaced statistic of the
+    update) alive until the cycle collector ran, so memory grew with the step count.
+    """
+    tensors: list[Tensor] = []
+    stack = [state]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Tensor):
+            if x.is_floating_point():
+                tensors.append(x)
+        elif isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, float) and not math.isfinite(x):
+            return False
+    return all_finite(tensors)
