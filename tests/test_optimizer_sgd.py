@@ -144,9 +144,9 @@ def test_parameter_unused_in_forward_gets_zero_gradient():
 
 @pytest.mark.parametrize("settings", [{"momentum": 0.9}, {"momentum": 0.5, "dampening": 0.3}])
 def test_momentum_buffer_changed_from_outside_is_rescanned(settings):
-    """A buffer changed between steps by someone else (here: scaled up near float32's
-    largest value, then given a NaN) is not trusted to its recorded bound: the step scans
-    it, stays SGD's where SGD's stays finite, and refuses a non-finite buffer."""
+    """A buffer changed between steps by someone else (scaled up near float32's largest
+    value) is not trusted to its recorded bound: the step scans it and stays SGD's, bitwise
+    (a NaN put into a buffer: tests/test_params.py)."""
     model, loss_fn, X, y = make_problem()
     ref = copy.deepcopy(model)
     opt = curvkit.build_optimizer(model, loss_fn, {
@@ -171,11 +171,3 @@ def test_momentum_buffer_changed_from_outside_is_rescanned(settings):
         both(xb, yb)
         assert opt.last_info["accepted"] is True
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
-    with torch.no_grad():  # a NaN put into the buffer: that step is refused
-        ours[0, 0] = float("nan")
-    kept = ours.clone()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step(data[4])
-    assert opt.last_info["accepted"] is False and opt.counters["nonfinite"] == 1
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert torch.allclose(ours, kept, rtol=0, atol=0, equal_nan=True)  # buffer unchanged

@@ -105,24 +105,33 @@ def test_max_abs(tensors, expected):
         assert got == pytest.approx(expected, rel=1e-3)
 
 
-def test_momentum_overflow_of_finite_gradients_never_reaches_the_parameters():
-    """The gradient is checked once; a momentum buffer that overflows from finite gradients
-    is a new value and is checked before the update."""
+def _big_gradient_problem(second_parameter: bool = False):
+    """A model whose gradient is 3e38 (float32's largest value is 3.4e38), optimized by
+    identity + direct with momentum 0.9 at a tiny lr: the second step's buffer
+    0.9·3e38 + 3e38 overflows from finite gradients."""
     import curvkit
 
     class Big(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
+            self.q = torch.nn.Parameter(torch.zeros(2)) if second_parameter else None
 
         def forward(self, x):
-            return 3e38 * torch.tanh(self.p + 0 * x.sum())
+            out = 3e38 * torch.tanh(self.p + 0 * x.sum())
+            return out + self.q.sum() if self.q is not None else out
 
     model = Big()
     opt = curvkit.build_optimizer(model, lambda out, y: out.sum(), {
         "lr": 1e-39, "preconditioner": "identity",
         "solver": {"name": "direct", "momentum": 0.9}})
-    batch = (torch.zeros(1), torch.zeros(1))
+    return model, opt, (torch.zeros(1), torch.zeros(1))
+
+
+def test_momentum_overflow_of_finite_gradients_never_reaches_the_parameters():
+    """The gradient is checked once; a momentum buffer that overflows from finite gradients
+    is a new value and is checked before the update."""
+    model, opt, batch = _big_gradient_problem()
     opt.step(batch)
     assert opt.counters["nonfinite"] == 0
     before = model.p.detach().clone()
@@ -176,22 +185,7 @@ def test_momentum_buffer_changed_from_outside_is_scanned_again():
 def test_momentum_buffer_that_would_overflow_is_left_as_it_was():
     """The new buffer's bound reaches float32's largest value: it is computed aside and
     scanned; the step is refused and no buffer (state) holds a non-finite value."""
-    import curvkit
-
-    class Big(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.p = torch.nn.Parameter(torch.zeros(1))
-            self.q = torch.nn.Parameter(torch.zeros(2))
-
-        def forward(self, x):
-            return 3e38 * torch.tanh(self.p + 0 * x.sum()) + self.q.sum()
-
-    model = Big()
-    opt = curvkit.build_optimizer(model, lambda out, y: out.sum(), {
-        "lr": 1e-39, "preconditioner": "identity",
-        "solver": {"name": "direct", "momentum": 0.9}})
-    batch = (torch.zeros(1), torch.zeros(1))
+    _, opt, batch = _big_gradient_problem(second_parameter=True)
     opt.step(batch)
     bufs = [b.clone() for b in opt.solver.state["momentum_buffer"]]
     opt.step(batch)                                    # 0.9·3e38 + 3e38 overflows
